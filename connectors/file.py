@@ -1,0 +1,135 @@
+"""file — append each message as one JSON line to a local file, rotated by size.
+
+Features: outbound only; one line per envelope (``format: envelope``, the default: id, source,
+subject, headers, attributes, time, body as UTF-8 or base64) or the raw body alone
+(``format: body``); rotation at ``max_bytes`` keeping ``keep`` old files (``x.jsonl.1`` …).
+Delivery guarantee: ``send`` returns only after the line is written and fsync'd; concurrent
+sends share one fsync (group commit). Address form: ``path: var/out/messages.jsonl``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Literal
+
+from gateway.config.models import ByteSize
+from gateway.contract import (
+    Connector,
+    ConnectorConfig,
+    ConnectorContext,
+    Health,
+    Reply,
+    Target,
+    TargetOptions,
+    TransientError,
+)
+from gateway.envelope import Envelope
+
+
+class FileConfig(ConnectorConfig):
+    type: Literal["file"] = "file"
+    path: str
+    max_bytes: ByteSize = 100 * 1024 * 1024
+    keep: int = 5
+    fsync: bool = True
+
+
+class FileTarget(TargetOptions):
+    format: Literal["envelope", "body"] = "envelope"
+
+
+class FileConnector(Connector):
+    kind = "file"
+    Config = FileConfig
+    Options = FileTarget
+    supports_outbound = True
+
+    def __init__(self, config: ConnectorConfig, ctx: ConnectorContext) -> None:
+        super().__init__(config, ctx)
+        assert isinstance(config, FileConfig)
+        self.cfg = config
+        self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._error = ""
+
+    async def open(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.cfg.path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise TransientError(f"cannot create {directory}: {exc.strerror}") from exc
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_loop(), name=f"file-{self.name}")
+
+    async def send(self, env: Envelope, target: Target) -> Reply | None:
+        opts = target.options
+        assert isinstance(opts, FileTarget)
+        if opts.format == "body":
+            line = env.body.rstrip(b"\n") + b"\n"
+        else:
+            line = json.dumps(env.as_dict(), ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+        if self._writer is None:
+            await self.open()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((line, fut))
+        self._wake.set()
+        await fut
+        return None
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            if not batch:
+                continue
+            try:
+                await asyncio.to_thread(self._write, b"".join(line for line, _ in batch))
+                self._error = ""
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+            except OSError as exc:
+                self._error = f"write failed: {exc.strerror}"
+                err = TransientError(f"cannot write {self.cfg.path}: {exc.strerror}")
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(err)
+
+    def _write(self, data: bytes) -> None:
+        path = self.cfg.path
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            size = 0
+        if size and size + len(data) > self.cfg.max_bytes:
+            self._rotate()
+        with open(path, "ab") as fh:
+            fh.write(data)
+            fh.flush()
+            if self.cfg.fsync:
+                os.fsync(fh.fileno())
+
+    def _rotate(self) -> None:
+        path, keep = self.cfg.path, self.cfg.keep
+        if keep <= 0:
+            os.remove(path)
+            return
+        for i in range(keep - 1, 0, -1):
+            if os.path.exists(f"{path}.{i}"):
+                os.replace(f"{path}.{i}", f"{path}.{i + 1}")
+        os.replace(path, f"{path}.1")
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            while self._pending:
+                self._wake.set()
+                await asyncio.sleep(0.01)
+            self._writer.cancel()
+            self._writer = None
+
+    def health(self) -> Health:
+        return Health(not self._error, self._error)

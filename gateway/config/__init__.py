@@ -1,0 +1,1 @@
+"""routes.yaml: schema (models), loading with line-accurate errors (loader, yamlsrc)."""

@@ -1,0 +1,89 @@
+"""Load and validate routes.yaml: the one validator behind `gateway validate`, `gateway run`,
+hot reload, the admin API and the web editor."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from gateway.config.models import FileModel
+from gateway.config.yamlsrc import ConfigError, Issue, Source, load_file, load_text
+from gateway.contract import Connector, ConnectorConfig
+from gateway.registry import Registry, UnknownKind
+from gateway.routing.router import Router, compile_routes, pydantic_issues
+
+
+@dataclass
+class LoadedConfig:
+    model: FileModel
+    connectors: dict[str, ConnectorConfig]
+    kinds: dict[str, type[Connector]]
+    router: Router
+    source: Source
+    #: Content hash of the file: the config version reported by /api/config and the metrics.
+    version: str
+    base_dir: str
+
+
+def validate_source(src: Source, registry: Registry, base_dir: str) -> LoadedConfig:
+    """Validate parsed YAML completely; raises :class:`ConfigError` listing every problem."""
+    issues: list[Issue] = []
+    if not isinstance(src.data, dict):
+        raise ConfigError([src.issue((), "the top level must be a mapping with 'connectors' and 'routes'")])
+    try:
+        model = FileModel.model_validate(src.data)
+    except ValidationError as exc:
+        issues.extend(pydantic_issues(src, exc))
+        # Validate what we can of the rest so one run reports as much as possible.
+        model = FileModel.model_construct(connectors=_connector_dicts(src.data), routes=[])
+    connectors: dict[str, ConnectorConfig] = {}
+    kinds: dict[str, type[Connector]] = {}
+    for name, raw in model.connectors.items():
+        path = ("connectors", name)
+        kind = raw.get("type")
+        if not isinstance(kind, str):
+            issues.append(src.issue(path, f"connector needs a 'type' (one of: {', '.join(registry.kinds())})"))
+            continue
+        try:
+            cls = registry.get(kind)
+        except UnknownKind as exc:
+            issues.append(src.issue((*path, "type"), str(exc)))
+            continue
+        try:
+            connectors[name] = cls.Config.model_validate(raw)
+            kinds[name] = cls
+        except ValidationError as exc:
+            issues.extend(pydantic_issues(src, exc, path, list(cls.Config.model_fields)))
+            kinds[name] = cls  # still lets routes referencing it be checked
+    router, route_issues = compile_routes(model, kinds, src, base_dir)
+    issues.extend(route_issues)
+    if issues:
+        issues.sort(key=lambda i: (i.line or 0))
+        raise ConfigError(issues)
+    version = hashlib.sha256(src.text.encode("utf-8")).hexdigest()[:12]
+    return LoadedConfig(model, connectors, kinds, router, src, version, base_dir)
+
+
+def _connector_dicts(data: Mapping[str, object]) -> dict[str, dict[str, object]]:
+    raw = data.get("connectors")
+    if not isinstance(raw, dict):
+        return {}
+    return {str(k): v for k, v in raw.items() if isinstance(v, dict)}
+
+
+def load_config(path: str, registry: Registry | None = None, env: Mapping[str, str] | None = None) -> LoadedConfig:
+    """Read and validate a config file. Template files resolve relative to its directory."""
+    src = load_file(path, env=env)
+    return validate_source(src, registry or Registry(), os.path.dirname(os.path.abspath(path)))
+
+
+def load_config_text(
+    text: str, *, file: str = "routes.yaml", base_dir: str = ".", registry: Registry | None = None,
+    env: Mapping[str, str] | None = None,
+) -> LoadedConfig:
+    src = load_text(text, file=file, env=env)
+    return validate_source(src, registry or Registry(), base_dir)

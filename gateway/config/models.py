@@ -1,0 +1,207 @@
+"""The schema of routes.yaml: pydantic v2 models, unknown keys rejected everywhere.
+
+Connector sections are validated by each connector kind's own ``Config`` model (see
+:mod:`gateway.config.loader`); the models here cover the gateway's own settings and routes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
+
+from gateway.config.yamlsrc import FromEnv
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """``5m`` → 300.0; bare numbers are seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '500ms', '10s', '5m', '1h'")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"invalid duration {value!r}: use a number of seconds or '500ms', '10s', '5m', '1h', '1d'")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 10**6, "mib": 1024**2, "gb": 10**9, "gib": 1024**3}
+
+
+def parse_size(value: Any) -> int:
+    """``10MiB`` → 10485760; bare numbers are bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()]
+    raise ValueError(f"invalid size {value!r}: use bytes or '64KiB', '10MiB', '1GB'")
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+
+
+def _secret_by_reference(value: Any) -> Any:
+    """Secrets may only come from the environment (``${VAR}``) or a file (``{file: path}``)."""
+    if isinstance(value, dict) and set(value) == {"file"}:
+        path = str(value["file"])
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return fh.read().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read secret file {path!r}: {exc.strerror}") from None
+    if isinstance(value, FromEnv):
+        return str(value)
+    if value is None:
+        return value
+    raise ValueError("secrets are never written inline: use \"${ENV_VAR}\" or {file: /path/to/secret}")
+
+
+#: A secret field: resolved from ``${VAR}`` or ``{file: path}``, never shown in logs or reprs.
+Secret = Annotated[SecretStr, BeforeValidator(_secret_by_reference)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AdminToken(Strict):
+    name: str
+    #: sha256 hex digest of the token (``gateway token hash``), or the token itself by reference.
+    sha256: str | None = None
+    token: Secret | None = None
+    role: Literal["viewer", "editor"] = "viewer"
+
+
+class AdminSettings(Strict):
+    listen: str = "127.0.0.1:8081"
+    #: Bearer tokens for /api; /metrics, /healthz and /readyz stay open for probes and scrapers.
+    tokens: list[AdminToken] = Field(default_factory=list)
+
+
+class SpoolSettings(Strict):
+    path: str = "var/spool.db"
+    #: Refuse new messages (temporary error) when the spool's disk has less free space than this.
+    min_free_bytes: ByteSize = 64 * 1024 * 1024
+
+
+class LogSettings(Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "text"] = "auto"
+
+
+class GatewaySettings(Strict):
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    #: What happens to a message no route matches: refuse it, keep it as a dead letter, or drop it
+    #: (counted in gateway_messages_routed_total{outcome="dropped"}).
+    unmatched: Literal["reject", "dead_letter", "drop"] = "reject"
+    #: How long SIGTERM waits for in-flight messages before exiting.
+    drain: Duration = 10.0
+    #: Directory for connectors' durable state (sessions, checkpoints).
+    state_dir: str = "var/state"
+
+
+class RetryPolicy(Strict):
+    attempts: int = Field(default=8, ge=1, le=1000)
+    backoff: Literal["exponential", "fixed"] = "exponential"
+    initial: Duration = 1.0
+    max: Duration = 600.0
+    max_age: Duration = 86400.0
+
+
+class FailurePolicy(Strict):
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    dead_letter: bool = True
+
+
+class Match(Strict):
+    #: Pattern(s) on the envelope subject: MQTT ``+``/``#`` for MQTT sources, AMQP ``*``/``#``
+    #: for AMQP sources, shell globs (``/orders/*``) otherwise. Omitted: every subject.
+    subject: str | list[str] | None = None
+    #: A condition in the gateway's expression language, e.g. ``data.temperature > 90``.
+    when: str | None = None
+
+    def subjects(self) -> list[str]:
+        if self.subject is None:
+            return []
+        return [self.subject] if isinstance(self.subject, str) else list(self.subject)
+
+
+class TargetSpec(BaseModel):
+    """One ``to:`` entry. The keys here belong to the core; all others to the connector."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    connector: str
+    #: Template for the new body, or ``{file: templates/x.j2}``. Omitted: the body passes unchanged.
+    body: str | dict[str, str] | None = None
+    content_type: str | None = None
+    #: Headers to set (templates). Existing headers pass unchanged.
+    headers: dict[str, str] = Field(default_factory=dict)
+    #: This target's answer is the reply to a request/reply caller.
+    reply: bool = False
+
+    @field_validator("body")
+    @classmethod
+    def _body_file(cls, v: Any) -> Any:
+        if isinstance(v, dict) and set(v) != {"file"}:
+            raise ValueError("body is a template string or {file: path/to/template}")
+        return v
+
+
+class RouteConfig(Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    from_: str | list[str] = Field(alias="from")
+    match: Match = Field(default_factory=Match)
+    to: list[TargetSpec] = Field(min_length=1)
+    #: ``spooled`` writes to the durable spool and acknowledges; ``direct`` holds the
+    #: acknowledgement until every target answered. Request/reply routes are always direct.
+    mode: Literal["spooled", "direct"] | None = None
+    #: Direct mode and request/reply: how long the caller waits for the targets.
+    timeout: Duration = 30.0
+    #: Keep evaluating later routes after this one matched (default: the first match wins).
+    continue_: bool = Field(default=False, alias="continue")
+    on_failure: FailurePolicy = Field(default_factory=FailurePolicy)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def sources(self) -> list[str]:
+        return [self.from_] if isinstance(self.from_, str) else list(self.from_)
+
+    @property
+    def wants_reply(self) -> bool:
+        return any(t.reply for t in self.to)
+
+    @property
+    def effective_mode(self) -> str:
+        if self.wants_reply:
+            return "direct"
+        return self.mode or "spooled"
+
+
+class FileModel(Strict):
+    """The whole routes.yaml. ``connectors`` values are checked by each kind's own model."""
+
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    connectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    routes: list[RouteConfig] = Field(default_factory=list)
+
+    @field_validator("connectors")
+    @classmethod
+    def _names(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(f"connector name {name!r} may only use letters, digits, '_', '.', '-'")
+        return v

@@ -1,0 +1,350 @@
+"""The one internal message shape every connector produces and consumes.
+
+An :class:`Envelope` is frozen: routes never mutate one, they derive a new one with
+:meth:`Envelope.evolve`. ``body`` is the raw bytes as they arrived and is never re-encoded
+behind the user's back; ``data`` is a lazily parsed, cached view of it (JSON → dict/list,
+XML → dict, text → str) that routes match and template on.
+
+The CloudEvents mapping (:func:`to_cloudevent` / :func:`from_cloudevent`) follows the
+CloudEvents 1.0 JSON format; protocol bindings (HTTP binary mode, AMQP ``cloudEvents:*``
+properties, MQTT 5 user properties) build on :data:`CE_ATTRIBUTES`.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+from types import MappingProxyType
+from typing import Any
+
+from ulid import ULID
+
+#: Largest body the lazy parser will turn into ``data``; larger bodies stay raw bytes.
+MAX_PARSE_BYTES = 16 * 1024 * 1024
+#: Deepest JSON/XML nesting the parser accepts before giving up (hostile input guard).
+MAX_PARSE_DEPTH = 64
+
+CE_ATTRIBUTES = ("id", "source", "type", "specversion", "subject", "time", "datacontenttype")
+
+
+def new_id() -> str:
+    """A unique, time-sortable id (ULID, 26 Crockford base32 characters)."""
+    return str(ULID())
+
+
+def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping or {}))
+
+
+class ParseError(ValueError):
+    """The body could not be parsed as its content type says."""
+
+
+@dataclass(frozen=True, slots=False, eq=False)
+class Envelope:
+    """One message inside the gateway. Ids are kept across retries and replays."""
+
+    source: str
+    protocol: str
+    subject: str
+    body: bytes = b""
+    content_type: str = "application/octet-stream"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=new_id)
+    time: datetime = field(default_factory=lambda: datetime.now(UTC))
+    correlation_id: str | None = None
+    reply_to: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.body, bytes | bytearray | memoryview):
+            raise TypeError("Envelope.body must be bytes")
+        object.__setattr__(self, "body", bytes(self.body))
+        object.__setattr__(self, "headers", _frozen({str(k): str(v) for k, v in self.headers.items()}))
+        object.__setattr__(self, "attributes", _frozen(self.attributes))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Envelope):
+            return NotImplemented
+        return self.as_dict() == other.as_dict()
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def evolve(self, **changes: Any) -> Envelope:
+        """A copy with ``changes`` applied; the id stays unless given."""
+        return dataclasses.replace(self, **changes)
+
+    @cached_property
+    def data(self) -> Any:
+        """The parsed view of ``body``, computed once. Raises :class:`ParseError`."""
+        return parse_body(self.body, self.content_type)
+
+    def data_or_none(self) -> Any:
+        """``data``, or ``None`` when the body does not parse."""
+        try:
+            return self.data
+        except ParseError:
+            return None
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with every field; the body is base64 unless it is UTF-8 text."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "source": self.source,
+            "protocol": self.protocol,
+            "subject": self.subject,
+            "content_type": self.content_type,
+            "headers": dict(self.headers),
+            "attributes": _jsonable(dict(self.attributes)),
+            "time": self.time.isoformat(),
+            "correlation_id": self.correlation_id,
+            "reply_to": self.reply_to,
+        }
+        try:
+            out["body"] = self.body.decode("utf-8")
+            out["body_encoding"] = "utf-8"
+        except UnicodeDecodeError:
+            out["body"] = base64.b64encode(self.body).decode("ascii")
+            out["body_encoding"] = "base64"
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Envelope:
+        """Inverse of :meth:`as_dict`."""
+        body_text = raw.get("body", "")
+        if raw.get("body_encoding") == "base64":
+            body = base64.b64decode(body_text)
+        else:
+            body = str(body_text).encode("utf-8")
+        return cls(
+            id=str(raw["id"]),
+            source=str(raw["source"]),
+            protocol=str(raw["protocol"]),
+            subject=str(raw.get("subject", "")),
+            body=body,
+            content_type=str(raw.get("content_type", "application/octet-stream")),
+            headers=dict(raw.get("headers") or {}),
+            attributes=dict(raw.get("attributes") or {}),
+            time=datetime.fromisoformat(str(raw["time"])),
+            correlation_id=raw.get("correlation_id"),
+            reply_to=raw.get("reply_to"),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Envelope:
+        return cls.from_dict(json.loads(text))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+# --- the parsed view -------------------------------------------------------------------
+
+
+def media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def is_json_type(content_type: str) -> bool:
+    mt = media_type(content_type)
+    return mt == "application/json" or mt.endswith("+json") or mt == "text/json"
+
+
+def is_xml_type(content_type: str) -> bool:
+    mt = media_type(content_type)
+    return mt in ("application/xml", "text/xml") or mt.endswith("+xml")
+
+
+def parse_body(body: bytes, content_type: str) -> Any:
+    """Parse ``body`` by its content type: JSON, XML or text; anything else is bytes."""
+    if len(body) > MAX_PARSE_BYTES:
+        raise ParseError(f"body of {len(body)} bytes is larger than the parse limit {MAX_PARSE_BYTES}")
+    if is_json_type(content_type):
+        return parse_json(body)
+    if is_xml_type(content_type):
+        return parse_xml(body)
+    mt = media_type(content_type)
+    if mt.startswith("text/"):
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ParseError(f"text body is not valid UTF-8: {exc}") from None
+    if mt == "application/octet-stream":
+        # Sniff: sensors often publish JSON without saying so.
+        stripped = body.lstrip()[:1]
+        if stripped in (b"{", b"["):
+            try:
+                return parse_json(body)
+            except ParseError:
+                pass
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError:
+            return body
+    return body
+
+
+def parse_json(body: bytes) -> Any:
+    if _json_depth_exceeds(body, MAX_PARSE_DEPTH):
+        raise ParseError(f"JSON nested deeper than {MAX_PARSE_DEPTH} levels")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise ParseError(f"invalid JSON: {exc}") from None
+
+
+def _json_depth_exceeds(body: bytes, limit: int) -> bool:
+    """Cheap pre-scan so hostile nesting never reaches the recursive parser."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    depth = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
+def parse_xml(body: bytes) -> Any:
+    """XML → dict with a hardened parser: no DTD, no entities, no network, bounded depth."""
+    try:
+        from defusedxml import ElementTree as SafeET  # the soap extra brings it
+    except ImportError:  # pragma: no cover - only without the soap extra
+        raise ParseError("XML parsing needs the 'soap' extra (defusedxml)") from None
+    try:
+        root = SafeET.fromstring(body, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except Exception as exc:  # defusedxml raises several unrelated types
+        raise ParseError(f"invalid or forbidden XML: {type(exc).__name__}: {exc}") from None
+    return {_local(root.tag): _xml_to_obj(root, 1)}
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _xml_to_obj(elem: Any, depth: int) -> Any:
+    if depth > MAX_PARSE_DEPTH:
+        raise ParseError(f"XML nested deeper than {MAX_PARSE_DEPTH} levels")
+    children = list(elem)
+    if not children and not elem.attrib:
+        return (elem.text or "").strip()
+    out: dict[str, Any] = {f"@{_local(k)}": v for k, v in elem.attrib.items()}
+    for child in children:
+        key = _local(child.tag)
+        value = _xml_to_obj(child, depth + 1)
+        if key in out:
+            existing = out[key]
+            if not isinstance(existing, list):
+                out[key] = [existing]
+            out[key].append(value)
+        else:
+            out[key] = value
+    text = (elem.text or "").strip()
+    if text:
+        out["#text"] = text
+    return out
+
+
+# --- CloudEvents -----------------------------------------------------------------------
+
+
+def to_cloudevent(env: Envelope, ce_type: str | None = None) -> dict[str, Any]:
+    """The CloudEvents 1.0 structured (JSON) form of ``env``."""
+    event: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": env.id,
+        "source": env.attributes.get("ce_source", f"/gateway/{env.source}"),
+        "type": ce_type or str(env.attributes.get("ce_type", f"gateway.{env.protocol}.message")),
+        "time": env.time.isoformat().replace("+00:00", "Z"),
+        "datacontenttype": env.content_type,
+    }
+    if env.subject:
+        event["subject"] = env.subject
+    for key, value in env.headers.items():
+        ext = key.lower()
+        if ext.startswith("ce-") and ext[3:].isalnum():
+            event[ext[3:]] = value
+    if is_json_type(env.content_type):
+        try:
+            event["data"] = env.data
+            return event
+        except ParseError:
+            pass
+    try:
+        event["data"] = env.body.decode("utf-8")
+    except UnicodeDecodeError:
+        event["data_base64"] = base64.b64encode(env.body).decode("ascii")
+    return event
+
+
+def from_cloudevent(event: Mapping[str, Any], *, source: str, protocol: str) -> Envelope:
+    """Build an envelope from a structured CloudEvent; raises ``ValueError`` if it is not one."""
+    missing = [k for k in ("specversion", "id", "source", "type") if not event.get(k)]
+    if missing:
+        raise ValueError(f"not a CloudEvent: missing {', '.join(missing)}")
+    if str(event["specversion"]) != "1.0":
+        raise ValueError(f"unsupported CloudEvents specversion {event['specversion']!r}")
+    content_type = str(event.get("datacontenttype") or "application/json")
+    if "data_base64" in event:
+        body = base64.b64decode(str(event["data_base64"]))
+    elif "data" in event:
+        data = event["data"]
+        if isinstance(data, str) and not is_json_type(content_type):
+            body = data.encode("utf-8")
+        else:
+            body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    else:
+        body = b""
+    known = {"specversion", "id", "source", "type", "subject", "time", "datacontenttype", "data", "data_base64"}
+    headers = {f"ce-{k}": str(v) for k, v in event.items() if k not in known}
+    time = datetime.now(UTC)
+    if event.get("time"):
+        time = datetime.fromisoformat(str(event["time"]).replace("Z", "+00:00"))
+    return Envelope(
+        id=str(event["id"]),
+        source=source,
+        protocol=protocol,
+        subject=str(event.get("subject") or ""),
+        body=body,
+        content_type=content_type,
+        headers=headers,
+        attributes={"ce_source": str(event["source"]), "ce_type": str(event["type"])},
+        time=time,
+    )

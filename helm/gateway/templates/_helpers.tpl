@@ -1,0 +1,106 @@
+{{/* Names, labels and the checks the chart makes on its values. */}}
+
+{{- define "gateway.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: release-chart, or the release name alone when it already contains the chart name. */}}
+{{- define "gateway.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "gateway.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "gateway.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "gateway.labels" -}}
+helm.sh/chart: {{ include "gateway.chart" . }}
+{{ include "gateway.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: gateway
+{{- end }}
+
+{{- define "gateway.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "gateway.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "gateway.configMapName" -}}
+{{- default (printf "%s-config" (include "gateway.fullname" .)) .Values.config.existingConfigMap }}
+{{- end }}
+
+{{- define "gateway.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/* StatefulSet when the spool is persistent, Deployment otherwise. */}}
+{{- define "gateway.workloadKind" -}}
+{{- if .Values.spool.persistence.enabled }}StatefulSet{{ else }}Deployment{{ end }}
+{{- end }}
+
+{{/* The whole grace period: preStop sleep, then SIGTERM and the drain, then the margin. */}}
+{{- define "gateway.terminationGracePeriodSeconds" -}}
+{{- add .Values.preStopSleepSeconds .Values.drainSeconds .Values.terminationGraceMarginSeconds }}
+{{- end }}
+
+{{/* A routes.yaml duration (10, "10s", "500ms", "5m", "1h") in seconds, as a float. */}}
+{{- define "gateway.durationSeconds" -}}
+{{- $v := toString . | trim }}
+{{- $num := regexFind "^[0-9]+(\\.[0-9]+)?" $v }}
+{{- $unit := trimPrefix $num $v | trim }}
+{{- $factor := dict "" 1.0 "s" 1.0 "ms" 0.001 "m" 60.0 "h" 3600.0 "d" 86400.0 }}
+{{- if or (eq $num "") (not (hasKey $factor $unit)) }}
+{{- fail (printf "config.routes: gateway.drain %q is not a duration like 10, \"10s\" or \"1m\"" $v) }}
+{{- end }}
+{{- mulf (float64 $num) (get $factor $unit) }}
+{{- end }}
+
+{{/*
+Checks a pod needs from routes.yaml, made only when the chart renders routes.yaml itself
+(config.existingConfigMap is the user's responsibility).
+*/}}
+{{- define "gateway.validateRoutes" -}}
+{{- if not .Values.config.existingConfigMap }}
+{{- $routes := fromYaml .Values.config.routes }}
+{{- if hasKey $routes "Error" }}
+{{- fail (printf "config.routes is not valid YAML: %s" (get $routes "Error")) }}
+{{- end }}
+{{- $gw := default (dict) (get $routes "gateway") }}
+{{- $admin := default (dict) (get $gw "admin") }}
+{{- $listen := toString (default "127.0.0.1:8081" (get $admin "listen")) }}
+{{- $host := regexReplaceAll ":[0-9]+$" $listen "" }}
+{{- $port := regexFind "[0-9]+$" $listen }}
+{{- if or (has $host (list "127.0.0.1" "localhost" "[::1]" "::1")) (ne $port (toString .Values.ports.admin)) }}
+{{- fail (printf "config.routes: gateway.admin.listen is %q; in a pod it must be \"0.0.0.0:%v\" (ports.admin) so that probes and Prometheus can reach it" $listen .Values.ports.admin) }}
+{{- end }}
+{{- if hasKey $gw "drain" }}
+{{- $drain := include "gateway.durationSeconds" (get $gw "drain") | float64 }}
+{{- if gt $drain (float64 .Values.drainSeconds) }}
+{{- fail (printf "config.routes: gateway.drain (%v s) is longer than drainSeconds (%v): the kubelet would kill the pod mid-drain; raise drainSeconds" $drain .Values.drainSeconds) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
