@@ -29,8 +29,8 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Iterable
-from typing import Any, Literal
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import aiohttp
@@ -127,6 +127,9 @@ class RestTarget(TargetOptions):
     path: str = "/"
     query: dict[str, str] = Field(default_factory=dict)
     headers: dict[str, str] = Field(default_factory=dict)
+
+    # A value from a message is one path segment, never a new segment, query or host.
+    substitution_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {"path": lambda v: quote(str(v), safe="")}
 
 
 class RestConnector(Connector):
@@ -483,7 +486,7 @@ def _safe_path(path: str) -> str:
     segments = path.split("/")
     if any(s in ("..", ".") for s in segments):
         raise PermanentError(f"rendered path {path!r} contains '.' or '..' segments")
-    return "/".join(quote(s, safe="@:!$&'()*+,;=-._~") for s in segments)
+    return "/".join(quote(s, safe="@:!$&'()*+,;=-._~%") for s in segments)
 
 
 def _redact(url: str) -> str:

@@ -136,6 +136,12 @@ class TargetOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    #: Per option field: a function applied to every value a template substitutes into it
+    #: (Jinja's ``finalize``). It returns the value to insert (escaped) or raises ``ValueError``
+    #: to refuse the message, e.g. URL-quoting a path segment or refusing ``+``/``#`` in an
+    #: MQTT topic, so a value from a message can never change the shape of an address.
+    substitution_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {}
+
 
 @dataclass(frozen=True)
 class Target:

@@ -427,7 +427,9 @@ def _compile_target(
         return None
     templated: dict[str, Any] = {}
     for key, value in raw_options.items():
-        tree, has = _compile_tree(value, jenv, (*tp, key), issues, src)
+        check = cls.Options.substitution_checks.get(key)
+        field_env = make_environment(base_dir, finalize=check) if check else jenv
+        tree, has = _compile_tree(value, field_env, (*tp, key), issues, src)
         if has:
             templated[key] = tree
     return CompiledTarget(

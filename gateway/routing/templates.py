@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jinja2
@@ -28,12 +28,16 @@ def _tojson(value: Any, indent: int | None = None) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent, default=str)
 
 
-def make_environment(base_dir: str = ".") -> ImmutableSandboxedEnvironment:
+def make_environment(
+    base_dir: str = ".", finalize: Callable[[Any], Any] | None = None
+) -> ImmutableSandboxedEnvironment:
+    """The sandbox; ``finalize`` (if given) checks or escapes every substituted value."""
     env = ImmutableSandboxedEnvironment(
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
         loader=jinja2.FileSystemLoader(base_dir),
+        finalize=finalize,
     )
     env.filters["tojson"] = _tojson
     env.filters["json"] = _tojson

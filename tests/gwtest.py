@@ -1,0 +1,76 @@
+"""Test helpers: run a real gateway runtime in-process on free ports, with a config you write."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from gateway.config.loader import load_config
+from gateway.registry import Registry
+from gateway.runtime import Runtime
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(tmp_path: Path, yaml_text: str, *, admin_port: int | None = None) -> Path:
+    """Write routes.yaml into tmp_path; adds a gateway: section (spool, state, admin port) if absent."""
+    text = textwrap.dedent(yaml_text)
+    if "gateway:" not in text:
+        admin = admin_port or free_port()
+        text = (
+            "gateway:\n"
+            f"  admin: {{listen: \"127.0.0.1:{admin}\"}}\n"
+            f"  spool: {{path: \"{tmp_path / 'spool.db'}\", min_free_bytes: 0}}\n"
+            f"  state_dir: \"{tmp_path / 'state'}\"\n"
+            "  drain: 5s\n" + text
+        )
+    path = tmp_path / "routes.yaml"
+    path.write_text(text)
+    return path
+
+
+@asynccontextmanager
+async def running_gateway(
+    tmp_path: Path, yaml_text: str, *, registry: Registry | None = None, wait_ready: bool = True,
+    ready_timeout: float = 15.0,
+) -> AsyncIterator[Runtime]:
+    """Start a Runtime on the config; yield it; stop it (draining) afterwards."""
+    path = write_config(tmp_path, yaml_text)
+    registry = registry or Registry()
+    config = load_config(str(path), registry)
+    rt = Runtime(config, registry=registry, config_path=str(path))
+    await rt.start()
+    try:
+        if wait_ready:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + ready_timeout
+            while not rt.readiness()[0]:
+                if loop.time() > end:
+                    raise AssertionError(f"gateway not ready: {rt.readiness()[1]}")
+                await asyncio.sleep(0.05)
+        yield rt
+    finally:
+        await rt.stop()
+
+
+async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    """Poll ``predicate()`` (sync or async) until true."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if loop.time() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
