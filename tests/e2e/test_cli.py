@@ -48,7 +48,8 @@ def test_schema_is_json_schema_with_every_connector_kind() -> None:
     assert r.returncode == 0
     schema = json.loads(r.stdout)
     assert schema["$schema"].endswith("2020-12/schema")
-    kinds = {ref["$ref"].rsplit("_", 1)[-1] for ref in schema["properties"]["connectors"]["additionalProperties"]["oneOf"]}
+    refs = schema["properties"]["connectors"]["additionalProperties"]["oneOf"]
+    kinds = {ref["$ref"].rsplit("_", 1)[-1] for ref in refs}
     assert {"rest", "file", "log"} <= kinds
     assert "path" in schema["$defs"]["connector_file"]["properties"]
 
