@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,18 +49,32 @@ def is_template(text: str) -> bool:
     return "{{" in text or "{%" in text
 
 
+_compiled: weakref.WeakKeyDictionary[ImmutableSandboxedEnvironment, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
 class Template:
-    """A compiled template; ``render(scope)`` raises :class:`TemplateError`."""
+    """A compiled template; ``render(scope)`` raises :class:`TemplateError`.
+
+    Compiled templates are cached per environment and source, so 10,000 routes sharing one
+    template compile it once.
+    """
 
     __slots__ = ("_tpl", "source")
 
     def __init__(self, env: ImmutableSandboxedEnvironment, source: str, *, name: str | None = None):
         self.source = source
+        cache = _compiled.setdefault(env, {})
+        key = f"file:{name}" if name is not None else source
+        cached = cache.get(key)
+        if cached is not None:
+            self._tpl = cached
+            return
         try:
             if name is not None:
                 self._tpl = env.get_template(name)
             else:
                 self._tpl = env.from_string(source)
+            cache[key] = self._tpl
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"template syntax error: {exc.message}", exc.lineno) from None
         except jinja2.TemplateNotFound as exc:
