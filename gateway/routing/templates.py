@@ -89,7 +89,7 @@ class Template:
 
     def render(self, scope: Mapping[str, Any]) -> str:
         try:
-            return self._tpl.render(scope)
+            return str(self._tpl.render(scope))
         except jinja2.UndefinedError as exc:
             raise TemplateError(f"template reads a missing value: {exc.message}") from None
         except jinja2.exceptions.SecurityError as exc:
