@@ -161,6 +161,37 @@ class TargetSpec(BaseModel):
         return v
 
 
+class DedupeSpec(Strict):
+    """The same key within the window passes once."""
+
+    key: str = "{{ subject }}"
+    window: Duration = 300.0
+
+
+class ThrottleSpec(Strict):
+    """At most ``limit`` per key per window; the rest are dropped or folded into the digest."""
+
+    key: str = "{{ subject }}"
+    limit: int = Field(default=1, ge=1)
+    window: Duration = 300.0
+    then: Literal["drop", "digest"] = "drop"
+
+
+class DigestSpec(Strict):
+    """Collect a window's messages per key into one message."""
+
+    key: str = "{{ subject }}"
+    window: Duration = 300.0
+
+
+class AlarmSpec(Strict):
+    """Fire once when ``raise_when`` becomes true and once when ``clear_when`` does."""
+
+    key: str = "{{ subject }}"
+    raise_when: str
+    clear_when: str
+
+
 class RouteConfig(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     from_: str | list[str] = Field(alias="from")
@@ -174,6 +205,12 @@ class RouteConfig(Strict):
     #: Keep evaluating later routes after this one matched (default: the first match wins).
     continue_: bool = Field(default=False, alias="continue")
     on_failure: FailurePolicy = Field(default_factory=FailurePolicy)
+    #: Alert-storm control (see gateway/routing/storm.py), applied in the order alarm, dedupe,
+    #: throttle, digest.
+    alarm: AlarmSpec | None = None
+    dedupe: DedupeSpec | None = None
+    throttle: ThrottleSpec | None = None
+    digest: DigestSpec | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

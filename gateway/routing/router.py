@@ -108,6 +108,7 @@ class CompiledRoute:
     dead_letter: bool
     wants_reply: bool
     config: RouteConfig
+    storm: Any = None  # gateway.routing.storm compiled controls, or None
 
 
 @dataclass
@@ -358,11 +359,19 @@ def compile_routes(
             issues.append(src.issue((*path, "to"), "only one target can be the reply (reply: true)"))
         if rc.wants_reply and rc.mode == "spooled":
             issues.append(src.issue((*path, "mode"), "a request/reply route is always direct; remove mode: spooled"))
+        storm = None
+        try:
+            from gateway.routing.storm import compile_storm
+
+            storm = compile_storm(rc.name, rc.dedupe, rc.throttle, rc.digest, rc.alarm)
+        except (ExpressionError, TemplateError) as exc:
+            which = next(k for k in ("alarm", "dedupe", "throttle", "digest") if getattr(rc, k) is not None)
+            issues.append(src.issue((*path, which), str(exc)))
         route = CompiledRoute(
             index=i, name=rc.name, sources=ok_sources, subjects=subjects, when=when, when_reads_data=reads_data,
             targets=targets, mode=rc.effective_mode, timeout=rc.timeout, continue_=rc.continue_,
             retry=rc.on_failure.retry, dead_letter=rc.on_failure.dead_letter, wants_reply=rc.wants_reply,
-            config=rc,
+            config=rc, storm=storm,
         )
         routes.append(route)
         for s in ok_sources:
