@@ -79,6 +79,15 @@ def test_token_hash() -> None:
     assert r.returncode == 0 and len(r.stdout.strip()) == 64
 
 
+def readme_first_curl() -> str:
+    text = (ROOT / "README.md").read_text()
+    walkthrough = text[text.index("## Walkthrough"):]
+    block = walkthrough[walkthrough.index("```sh") + 5:]
+    block = block[: block.index("```")].strip()
+    assert block.startswith("curl "), block
+    return block
+
+
 def test_run_serves_the_readme_walkthrough_and_exits_0_on_sigterm(tmp_path: Path) -> None:
     """The README's first steps, on free ports: POST → 202 → file line → counted in /metrics."""
     api, admin = free_port(), free_port()
@@ -99,9 +108,12 @@ def test_run_serves_the_readme_walkthrough_and_exits_0_on_sigterm(tmp_path: Path
             assert time.monotonic() < deadline, "gateway did not become ready"
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             time.sleep(0.1)
-        r = httpx.post(f"http://127.0.0.1:{api}/events/demo", json={"hello": "world"})
-        assert r.status_code == 202
-        env_id = r.json()["id"]
+        # The README's first curl, as written, on this test's port.
+        curl = readme_first_curl().replace("localhost:8080", f"127.0.0.1:{api}")
+        done = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=30, check=True)
+        head, _, body = done.stdout.replace("\r\n", "\n").partition("\n\n")
+        assert head.startswith("HTTP/1.1 202"), done.stdout
+        env_id = json.loads(body)["id"]
         out = tmp_path / "var" / "out" / "events.jsonl"
         deadline = time.monotonic() + 10
         while not (out.exists() and env_id in out.read_text()):
