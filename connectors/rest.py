@@ -62,6 +62,8 @@ _DROP_HEADERS = {"authorization", "cookie", "x-api-key", "proxy-authorization"}
 class Endpoint(Strict):
     path: str = "/**"
     methods: list[str] = Field(default_factory=lambda: ["POST"])
+    #: Media types accepted (``application/json``, ``text/*``); omitted: any. Others get 415.
+    content_types: list[str] | None = None
 
     @field_validator("methods")
     @classmethod
@@ -148,8 +150,11 @@ class RestConnector(Connector):
         self._session: aiohttp.ClientSession | None = None
         self._accepting = False
         self._inflight = 0
-        self._endpoints = [(re.compile(_glob_to_regex(e.path)), set(e.methods)) for e in config.endpoints]
+        self._endpoints = [(re.compile(_glob_to_regex(e.path)), set(e.methods), e.content_types)
+                           for e in config.endpoints]
         self._tokens = [t.get_secret_value().encode() for t in (config.auth.tokens if config.auth else [])]
+        # Credentials never travel on in the envelope, whatever header carries them.
+        self._secret_headers = _DROP_HEADERS | ({config.auth.header.lower()} if config.auth else set())
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -210,16 +215,24 @@ class RestConnector(Connector):
             await send_problem(send, 503, "Service Unavailable", "the gateway is not accepting messages",
                                [(b"retry-after", b"5")])
             return
-        allowed = [methods for rx, methods in self._endpoints if rx.match(path)]
-        if not allowed:
+        matching = [(methods, types) for rx, methods, types in self._endpoints if rx.match(path)]
+        if not matching:
             await send_problem(send, 404, "Not Found", f"no endpoint is configured for {path}")
             return
-        if not any(method in m for m in allowed):
-            allow = ", ".join(sorted(set().union(*allowed))).encode()
+        accepting = [types for methods, types in matching if method in methods]
+        if not accepting:
+            allow = ", ".join(sorted(set().union(*(m for m, _ in matching)))).encode()
             await send_problem(send, 405, "Method Not Allowed", f"{method} is not accepted on {path}",
                                [(b"allow", allow)])
             return
         headers = _headers(scope["headers"])
+        if all(types is not None for types in accepting):
+            mt = media_type(headers.get("content-type", ""))
+            if not any(fnmatch.fnmatch(mt, t) for types in accepting for t in types or []):
+                wanted = ", ".join(sorted({t for types in accepting for t in types or []}))
+                await send_problem(send, 415, "Unsupported Media Type",
+                                   f"{mt or 'no content type'} is not accepted on {path}; send {wanted}")
+                return
         denied = self._check_auth(headers)
         if denied:
             await send_problem(send, denied[0], denied[1], denied[2], [(b"www-authenticate", b"Bearer")]
@@ -284,7 +297,7 @@ class RestConnector(Connector):
                 raise ValueError("Idempotency-Key is longer than 200 characters")
             attributes["idempotency_key"] = idem
         kept = {k: v for k, v in headers.items() if (k.startswith("x-") or k.startswith("ce-"))
-                and k not in _DROP_HEADERS}
+                and k not in self._secret_headers}
         mt = media_type(content_type)
         if mt == "application/cloudevents+json":
             try:

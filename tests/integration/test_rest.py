@@ -72,6 +72,7 @@ connectors:
       - {{path: "/events/**", methods: [POST]}}
       - {{path: "/orders/**", methods: [POST, PUT]}}
       - {{path: "/rpc/**", methods: [POST]}}
+      - {{path: "/typed/**", methods: [POST], content_types: ["application/json", "text/*"]}}
   backend:
     type: rest
     base_url: "http://127.0.0.1:{peer_port}"
@@ -220,6 +221,7 @@ async def test_error_paths_answer_problem_json(tmp_path: Path, peer: Peer) -> No
             (await http.post(f"{base}/events/a", content=b"[1]",
                              headers={"content-type": "application/cloudevents+json"}), 400),
             (await http.post(f"{base}/events/a", json={"kind": "ignored"}), 404),  # no route → reject policy
+            (await http.post(f"{base}/typed/a", content=b"x", headers={"content-type": "image/png"}), 415),
         ]
         for response, status in cases:
             assert response.status_code == status, (response.status_code, response.text)
@@ -256,6 +258,20 @@ async def test_bearer_auth(tmp_path: Path, peer: Peer, monkeypatch: pytest.Monke
         spec = (await http.get(f"http://127.0.0.1:{port}/openapi.json")).json()
         assert spec["components"]["securitySchemes"]["auth"]["scheme"] == "bearer"
         assert "/events/{rest}" in spec["paths"]
+
+
+async def test_api_key_auth(tmp_path: Path, peer: Peer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GW_TEST_KEY", "k3y")
+    port, out = free_port(), tmp_path / "out.jsonl"
+    cfg = config(port, peer.port, out, auth='{type: api_key, header: X-Gw-Key, tokens: ["${GW_TEST_KEY}"]}')
+    async with running_gateway(tmp_path, cfg), httpx.AsyncClient() as http:
+        url = f"http://127.0.0.1:{port}/events/a"
+        assert (await http.post(url, json={})).status_code == 401
+        assert (await http.post(url, json={}, headers={"x-gw-key": "nope"})).status_code == 403
+        ok = await http.post(url, json={}, headers={"x-gw-key": "k3y"})
+        assert ok.status_code == 202
+        await wait_for(lambda: lines(out), what="the accepted message")
+    assert all("k3y" not in json.dumps(line) for line in lines(out))  # the key is not carried along
 
 
 async def test_cloudevents_binary_and_structured_keep_the_event_id(tmp_path: Path, peer: Peer) -> None:
