@@ -24,6 +24,7 @@ run: $(STAMP)
 
 ## make test: install, start the peers the tests need, run the whole suite
 test: $(STAMP) peers
+	@bash scripts/get-helm.sh >/dev/null
 	$(BIN)/pytest -q
 
 peers:

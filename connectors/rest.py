@@ -119,8 +119,11 @@ class RestConfig(ConnectorConfig):
     def model_post_init(self, _: Any) -> None:
         if self.listen is not None and self.auth is None:
             raise ValueError("an inbound REST connector needs 'auth' (type: bearer, api_key, or an explicit none)")
-        if self.auth and self.auth.type in ("bearer", "api_key") and not self.auth.tokens:
-            raise ValueError("auth needs at least one token (tokens: [\"${API_TOKEN}\"])")
+        if self.auth and self.auth.type in ("bearer", "api_key"):
+            if not self.auth.tokens:
+                raise ValueError("auth needs at least one token (tokens: [\"${API_TOKEN}\"])")
+            if any(len(t.get_secret_value().strip()) < 8 for t in self.auth.tokens):
+                raise ValueError("an auth token is empty or shorter than 8 characters (is its variable set?)")
 
 
 class RestTarget(TargetOptions):
@@ -152,7 +155,7 @@ class RestConnector(Connector):
         self._inflight = 0
         self._endpoints = [(re.compile(_glob_to_regex(e.path)), set(e.methods), e.content_types)
                            for e in config.endpoints]
-        self._tokens = [t.get_secret_value().encode() for t in (config.auth.tokens if config.auth else [])]
+        self._tokens = [t.get_secret_value().strip().encode() for t in (config.auth.tokens if config.auth else [])]
         # Credentials never travel on in the envelope, whatever header carries them.
         self._secret_headers = _DROP_HEADERS | ({config.auth.header.lower()} if config.auth else set())
 
@@ -272,13 +275,14 @@ class RestConnector(Connector):
             return None
         if auth.type == "bearer":
             scheme, _, presented = headers.get("authorization", "").partition(" ")
+            presented = presented.strip()
             if scheme.lower() != "bearer" or not presented:
                 return 401, "Unauthorized", "a bearer token is required"
         else:
-            presented = headers.get(auth.header.lower(), "")
+            presented = headers.get(auth.header.lower(), "").strip()
             if not presented:
                 return 401, "Unauthorized", f"the {auth.header} header is required"
-        candidate = presented.strip().encode()
+        candidate = presented.encode()
         if any(hmac.compare_digest(candidate, t) for t in self._tokens):
             return None
         return 403, "Forbidden", "the credentials are not valid"

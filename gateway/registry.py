@@ -46,6 +46,8 @@ class Registry:
                 f"connector type {kind!r} needs a package that is not installed ({exc.name}); "
                 f"install the matching extra, e.g. pip install 'gateway[all]'"
             ) from exc
+        except AttributeError as exc:
+            raise UnknownKind(f"connector type {kind!r}: entry point {ep.value!r} is broken ({exc})") from exc
         if not (isinstance(cls, type) and issubclass(cls, Connector)):
             raise UnknownKind(f"entry point {ep.value!r} for {kind!r} is not a Connector class")
         self._loaded[kind] = cls

@@ -247,28 +247,28 @@ async def test_slow_body_times_out_with_408_and_others_are_served(tmp_path: Path
 
 
 async def test_bearer_auth(tmp_path: Path, peer: Peer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GW_TEST_TOKEN", "t0ken")
+    monkeypatch.setenv("GW_TEST_TOKEN", "t0ken-long-enough")
     port, out = free_port(), tmp_path / "out.jsonl"
     cfg = config(port, peer.port, out, auth='{type: bearer, tokens: ["${GW_TEST_TOKEN}"]}')
     async with running_gateway(tmp_path, cfg), httpx.AsyncClient() as http:
         url = f"http://127.0.0.1:{port}/events/a"
         assert (await http.post(url, json={})).status_code == 401
         assert (await http.post(url, json={}, headers={"authorization": "Bearer nope"})).status_code == 403
-        assert (await http.post(url, json={}, headers={"authorization": "Bearer t0ken"})).status_code == 202
+        assert (await http.post(url, json={}, headers={"authorization": "Bearer t0ken-long-enough"})).status_code == 202
         spec = (await http.get(f"http://127.0.0.1:{port}/openapi.json")).json()
         assert spec["components"]["securitySchemes"]["auth"]["scheme"] == "bearer"
         assert "/events/{rest}" in spec["paths"]
 
 
 async def test_api_key_auth(tmp_path: Path, peer: Peer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GW_TEST_KEY", "k3y")
+    monkeypatch.setenv("GW_TEST_KEY", "k3y-long-enough")
     port, out = free_port(), tmp_path / "out.jsonl"
     cfg = config(port, peer.port, out, auth='{type: api_key, header: X-Gw-Key, tokens: ["${GW_TEST_KEY}"]}')
     async with running_gateway(tmp_path, cfg), httpx.AsyncClient() as http:
         url = f"http://127.0.0.1:{port}/events/a"
         assert (await http.post(url, json={})).status_code == 401
         assert (await http.post(url, json={}, headers={"x-gw-key": "nope"})).status_code == 403
-        ok = await http.post(url, json={}, headers={"x-gw-key": "k3y"})
+        ok = await http.post(url, json={}, headers={"x-gw-key": "k3y-long-enough"})
         assert ok.status_code == 202
         await wait_for(lambda: lines(out), what="the accepted message")
     assert all("k3y" not in json.dumps(line) for line in lines(out))  # the key is not carried along

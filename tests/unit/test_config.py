@@ -26,8 +26,8 @@ def test_valid_full_config_loads_with_defaults_and_env_default() -> None:
     assert [r.name for r in cfg.router.routes] == ["orders", "everything-else"]
     api = cfg.connectors["api"]
     token = api.auth.tokens[0]  # type: ignore[attr-defined]
-    assert isinstance(token, SecretStr) and token.get_secret_value() == "dev-token"
-    assert "dev-token" not in repr(api)
+    assert isinstance(token, SecretStr) and token.get_secret_value() == "dev-token-123"
+    assert "dev-token-123" not in repr(api)
     assert cfg.model.gateway.drain == 5.0
     assert cfg.model.gateway.unmatched == "dead_letter"
     assert cfg.connectors["sink"].max_bytes == 10 * 1024 * 1024  # type: ignore[attr-defined]
@@ -38,8 +38,8 @@ def test_valid_full_config_loads_with_defaults_and_env_default() -> None:
 
 
 def test_env_interpolation_reads_the_environment() -> None:
-    cfg = load_config(str(SAMPLES / "valid_full.yaml"), env={"API_TOKEN": "from-env"})
-    assert cfg.connectors["api"].auth.tokens[0].get_secret_value() == "from-env"  # type: ignore[attr-defined]
+    cfg = load_config(str(SAMPLES / "valid_full.yaml"), env={"API_TOKEN": "from-env-token"})
+    assert cfg.connectors["api"].auth.tokens[0].get_secret_value() == "from-env-token"  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
@@ -108,14 +108,14 @@ routes: []
 
 def test_secret_from_file_reference(tmp_path: Path) -> None:
     secret = tmp_path / "token"
-    secret.write_text("s3cret\n")
+    secret.write_text("s3cret-file-token\n")
     text = f"""
 connectors:
   api: {{type: rest, listen: "127.0.0.1:1", auth: {{type: bearer, tokens: [{{file: "{secret}"}}]}}}}
 routes: []
 """
     cfg = load_config_text(text, env={})
-    assert cfg.connectors["api"].auth.tokens[0].get_secret_value() == "s3cret"  # type: ignore[attr-defined]
+    assert cfg.connectors["api"].auth.tokens[0].get_secret_value() == "s3cret-file-token"  # type: ignore[attr-defined]
 
 
 def test_empty_file_is_an_empty_config() -> None:
@@ -164,3 +164,14 @@ def test_bad_durations(value: object) -> None:
 @pytest.mark.parametrize(("value", "size"), [("64KiB", 65536), ("10MB", 10**7), (12, 12), ("1GiB", 1024**3)])
 def test_sizes(value: object, size: int) -> None:
     assert parse_size(value) == size
+
+
+def test_empty_or_short_auth_tokens_are_refused() -> None:
+    text = """
+connectors:
+  api: {type: rest, listen: "127.0.0.1:1", auth: {type: bearer, tokens: ["${API_TOKEN:-}"]}}
+routes: []
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, env={})
+    assert "empty or shorter than 8 characters" in str(info.value)

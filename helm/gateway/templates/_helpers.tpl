@@ -96,11 +96,176 @@ Checks a pod needs from routes.yaml, made only when the chart renders routes.yam
 {{- if or (has $host (list "127.0.0.1" "localhost" "[::1]" "::1")) (ne $port (toString .Values.ports.admin)) }}
 {{- fail (printf "config.routes: gateway.admin.listen is %q; in a pod it must be \"0.0.0.0:%v\" (ports.admin) so that probes and Prometheus can reach it" $listen .Values.ports.admin) }}
 {{- end }}
-{{- if hasKey $gw "drain" }}
-{{- $drain := include "gateway.durationSeconds" (get $gw "drain") | float64 }}
+{{- /* The gateway's own default drain is 10 s. */}}
+{{- $drain := include "gateway.durationSeconds" (default 10 (get $gw "drain")) | float64 }}
 {{- if gt $drain (float64 .Values.drainSeconds) }}
 {{- fail (printf "config.routes: gateway.drain (%v s) is longer than drainSeconds (%v): the kubelet would kill the pod mid-drain; raise drainSeconds" $drain .Values.drainSeconds) }}
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* The pod template shared by the Deployment and the StatefulSet. */}}
+{{- define "gateway.podTemplate" -}}
+metadata:
+  labels:
+    {{- include "gateway.labels" . | nindent 4 }}
+    {{- with .Values.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- /*
+  No checksum/config annotation on purpose: routes.yaml is mounted as a directory and the
+  gateway reloads it live, so a config change must not roll the pods.
+  */}}
+  {{- if or .Values.metrics.podAnnotations .Values.podAnnotations }}
+  annotations:
+    {{- if .Values.metrics.podAnnotations }}
+    prometheus.io/scrape: "true"
+    prometheus.io/port: {{ .Values.ports.admin | quote }}
+    prometheus.io/path: /metrics
+    {{- end }}
+    {{- with .Values.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- end }}
+spec:
+  serviceAccountName: {{ include "gateway.serviceAccountName" . }}
+  automountServiceAccountToken: {{ .Values.serviceAccount.automountServiceAccountToken }}
+  terminationGracePeriodSeconds: {{ include "gateway.terminationGracePeriodSeconds" . }}
+  # Service links would inject variables like GATEWAY_PORT into the environment, where routes.yaml
+  # reads "${...}" references and the gateway its GATEWAY_* settings.
+  enableServiceLinks: false
+  {{- with .Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  securityContext:
+    {{- toYaml .Values.podSecurityContext | nindent 4 }}
+  containers:
+    - name: gateway
+      image: {{ include "gateway.image" . | quote }}
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      command: ["gateway"]
+      args:
+        - run
+        - --config
+        - /etc/gateway/{{ .Values.config.fileName }}
+      workingDir: /var/lib/gateway
+      env:
+        - name: GATEWAY_CONFIG
+          value: /etc/gateway/{{ .Values.config.fileName }}
+        - name: HOME
+          value: /var/lib/gateway
+        - name: TMPDIR
+          value: /tmp
+        # For routes.yaml: per-replica identities, e.g. an MQTT client_id "gw-${POD_NAME}".
+        - name: POD_NAME
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.name
+        - name: POD_NAMESPACE
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.namespace
+        {{- with .Values.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- if or .Values.envFromSecrets .Values.envFromConfigMaps }}
+      envFrom:
+        {{- range .Values.envFromConfigMaps }}
+        - configMapRef:
+            name: {{ . }}
+        {{- end }}
+        {{- range .Values.envFromSecrets }}
+        - secretRef:
+            name: {{ . }}
+        {{- end }}
+      {{- end }}
+      ports:
+        - name: http
+          containerPort: {{ .Values.ports.http }}
+          protocol: TCP
+        - name: admin
+          containerPort: {{ .Values.ports.admin }}
+          protocol: TCP
+        - name: smtp
+          containerPort: {{ .Values.ports.smtp }}
+          protocol: TCP
+      startupProbe:
+        httpGet:
+          path: /healthz
+          port: admin
+        {{- toYaml .Values.startupProbe | nindent 8 }}
+      livenessProbe:
+        httpGet:
+          path: /healthz
+          port: admin
+        {{- toYaml .Values.livenessProbe | nindent 8 }}
+      readinessProbe:
+        httpGet:
+          path: /readyz
+          port: admin
+        {{- toYaml .Values.readinessProbe | nindent 8 }}
+      {{- if gt (int .Values.preStopSleepSeconds) 0 }}
+      lifecycle:
+        preStop:
+          # Keep serving until endpoints and load balancers have dropped this pod; SIGTERM
+          # (readiness false, listeners stop, drain) follows when the hook returns.
+          exec:
+            command: ["sleep", "{{ .Values.preStopSleepSeconds }}"]
+      {{- end }}
+      resources:
+        {{- toYaml .Values.resources | nindent 8 }}
+      securityContext:
+        {{- toYaml .Values.securityContext | nindent 8 }}
+      volumeMounts:
+        # A directory mount, never subPath: subPath mounts do not receive ConfigMap updates.
+        - name: config
+          mountPath: /etc/gateway
+          readOnly: true
+        # The working directory: spool (var/spool.db) and connector state (var/state).
+        - name: data
+          mountPath: /var/lib/gateway
+        - name: tmp
+          mountPath: /tmp
+        {{- with .Values.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+  volumes:
+    - name: config
+      configMap:
+        name: {{ include "gateway.configMapName" . }}
+    {{- if not .Values.spool.persistence.enabled }}
+    - name: data
+      {{- if .Values.spool.emptyDirSizeLimit }}
+      emptyDir:
+        sizeLimit: {{ .Values.spool.emptyDirSizeLimit }}
+      {{- else }}
+      emptyDir: {}
+      {{- end }}
+    {{- end }}
+    - name: tmp
+      emptyDir:
+        sizeLimit: 64Mi
+    {{- with .Values.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with .Values.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
 {{- end }}
