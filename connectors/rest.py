@@ -336,18 +336,21 @@ class RestConnector(Connector):
                 payload["reason"] = outcome.reason
             await _respond(send, 202, json.dumps(payload).encode(), b"application/json",
                            [(b"x-envelope-id", env.id.encode())])
-        elif st is Status.RETRY:
-            code = outcome.code if outcome.code in (502, 503, 504) else 503
-            retry_after = str(int(max(1, outcome.retry_after or 5))).encode()
-            await send_problem(send, code, _TITLES.get(code, "Service Unavailable"), outcome.reason,
-                               [(b"retry-after", retry_after), (b"x-envelope-id", env.id.encode())])
         else:
-            code = outcome.code if outcome.code and 400 <= outcome.code < 600 else 422
-            detail = outcome.reason
-            if outcome.detail:
-                detail = f"{detail} ({json.dumps(dict(outcome.detail), default=str)})"
-            await send_problem(send, code, _TITLES.get(code, "Unprocessable Content"), detail,
-                               [(b"x-envelope-id", env.id.encode())])
+            # A target's failure speaks through its own client-facing message (never the
+            # reason, which may name internal hosts); its other details go in "upstream".
+            detail = dict(outcome.detail or {})
+            message = str(detail.pop("message", "") or outcome.reason)
+            extra: dict[str, Any] = {"envelope_id": env.id}
+            if detail:
+                extra["upstream"] = detail
+            headers = [(b"x-envelope-id", env.id.encode())]
+            if st is Status.RETRY:
+                code = outcome.code if outcome.code in (502, 503, 504) else 503
+                headers.append((b"retry-after", str(int(max(1, outcome.retry_after or 5))).encode()))
+            else:
+                code = outcome.code if outcome.code and 400 <= outcome.code < 600 else 422
+            await send_problem(send, code, _TITLES.get(code, "Unprocessable Content"), message, headers, extra)
 
     def openapi(self) -> dict[str, Any]:
         paths: dict[str, Any] = {}
@@ -412,15 +415,17 @@ class RestConnector(Connector):
                 status = resp.status
                 ctype = resp.headers.get("content-type", "application/octet-stream")
         except TimeoutError as exc:
-            raise TransientError(f"{opts.method} {_redact(url)}: timed out", code=504) from exc
+            raise TransientError(f"{opts.method} {_redact(url)}: timed out", code=504,
+                                 detail={"message": "the upstream service did not answer in time"}) from exc
         except aiohttp.ClientError as exc:
-            raise TransientError(f"{opts.method} {_redact(url)}: {type(exc).__name__}: {exc}") from exc
+            raise TransientError(f"{opts.method} {_redact(url)}: {type(exc).__name__}: {exc}", code=503,
+                                 detail={"message": "the upstream service cannot be reached"}) from exc
         if len(data) > 16 * 1024 * 1024:
             raise PermanentError(f"{opts.method} {_redact(url)}: reply larger than 16 MiB")
         if 200 <= status < 300:
             return Reply(body=data, content_type=ctype, status=status)
         snippet = data[:300].decode("utf-8", errors="replace")
-        detail = {"status": status, "body": snippet}
+        detail = {"status": status, "body": snippet, "message": f"the upstream service answered HTTP {status}"}
         if status in (408, 429) or status >= 500:
             raise TransientError(f"{opts.method} {_redact(url)}: HTTP {status}", detail=detail,
                                  code=502 if status >= 500 else 503)

@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Generator, MutableMapping
+from collections.abc import Awaitable, Callable, Generator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +37,11 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 async def send_problem(send: Send, status: int, title: str, detail: str = "",
-                       headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    """An RFC 9457 problem+json response."""
-    body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail}).encode()
+                       headers: list[tuple[bytes, bytes]] | None = None,
+                       extra: Mapping[str, Any] | None = None) -> None:
+    """An RFC 9457 problem+json response; ``extra`` adds extension members."""
+    problem = {"type": "about:blank", "title": title, "status": status, "detail": detail, **(extra or {})}
+    body = json.dumps(problem, default=str, ensure_ascii=False).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode()),
         *(headers or [])]})

@@ -190,7 +190,11 @@ async def test_request_reply_failures_map_to_http_status(tmp_path: Path, peer: P
         r = await http.post(f"http://127.0.0.1:{port}/rpc/x", json={})
         assert r.status_code == expected
         assert r.headers["content-type"] == "application/problem+json"
-        assert f"HTTP {status}" in r.json()["detail"]
+        problem = r.json()
+        assert problem["detail"] == f"the upstream service answered HTTP {status}"
+        assert problem["upstream"]["status"] == status and problem["upstream"]["body"] == f'{{"error": {status}}}'
+        assert problem["envelope_id"] == r.headers["x-envelope-id"]
+        assert "127.0.0.1" not in r.text  # internal hosts never reach the caller
 
 
 async def test_request_reply_timeout_is_504_not_a_hang(tmp_path: Path, peer: Peer) -> None:
@@ -207,6 +211,7 @@ async def test_request_reply_with_peer_down_is_503(tmp_path: Path) -> None:
     async with running_gateway(tmp_path, config(port, free_port(), out)), httpx.AsyncClient() as http:
         r = await http.post(f"http://127.0.0.1:{port}/rpc/x", json={})
         assert r.status_code == 503 and r.headers["retry-after"]
+        assert r.json()["detail"] == "the upstream service cannot be reached" and "127.0.0.1" not in r.text
 
 
 async def test_error_paths_answer_problem_json(tmp_path: Path, peer: Peer) -> None:
