@@ -326,16 +326,18 @@ class RestConnector(Connector):
 
     async def _answer(self, send: Send, env: Envelope, outcome: Outcome) -> None:
         st = outcome.status
+        # A repeated Idempotency-Key is answered with the first message's id.
+        env_id = outcome.envelope_id or env.id
         if st is Status.ACCEPTED and outcome.reply is not None:
             r = outcome.reply
             await _respond(send, r.status if 200 <= r.status < 300 else 200, r.body, r.content_type.encode(),
-                           [(b"x-envelope-id", env.id.encode())])
+                           [(b"x-envelope-id", env_id.encode())])
         elif outcome.acknowledge:
-            payload = {"id": env.id, "status": st.value}
+            payload = {"id": env_id, "status": st.value}
             if outcome.reason:
                 payload["reason"] = outcome.reason
             await _respond(send, 202, json.dumps(payload).encode(), b"application/json",
-                           [(b"x-envelope-id", env.id.encode())])
+                           [(b"x-envelope-id", env_id.encode())])
         else:
             # A target's failure speaks through its own client-facing message (never the
             # reason, which may name internal hosts); its other details go in "upstream".

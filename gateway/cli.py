@@ -4,7 +4,7 @@
     gateway validate FILE [--json]
     gateway schema
     gateway routes test FILE (--message SAMPLE | --tests TESTS)
-    gateway dead-letters list|show|replay|purge [--config FILE | --spool PATH]
+    gateway dead-letters list|show|replay|purge [--config FILE | --spool PATH]  (filters, --to, --all)
     gateway token hash            (reads a token on stdin, prints its sha256 for gateway.admin.tokens)
 
 Exit codes: 0 success, 1 failure (invalid config, failed route tests), 2 usage error.
@@ -113,41 +113,67 @@ def cmd_routes_test(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _spool_path(args: argparse.Namespace) -> str:
-    if args.spool:
-        return str(args.spool)
+def _ago(value: str) -> float:
+    """``--since 1h`` → the epoch time one hour ago (a number alone is seconds)."""
+    from gateway.config.models import parse_duration
+
     try:
-        cfg: LoadedConfig = load_config(args.config)
-    except ConfigError as exc:
-        _print_issues(exc, False)
-        raise SystemExit(1) from None
-    return cfg.model.gateway.spool.path
+        return time.time() - parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
-    from gateway.delivery.spool import Spool
+    from gateway.delivery import deadletters as dl
+    from gateway.delivery.spool import Spool, make_spool
+    from gateway.delivery.store import DeadLetterFilter, SpoolBackend, SpoolError
 
-    path = _spool_path(args)
-    if not os.path.exists(path):
-        print(f"error: no spool at {path}", file=sys.stderr)
-        return 1
+    cfg: LoadedConfig | None = None
+    if not args.spool:
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as exc:
+            _print_issues(exc, False)
+            return 1
+    spool: SpoolBackend
+    if cfg is not None and getattr(cfg.model.gateway.spool, "type", "sqlite") != "sqlite":
+        spool = make_spool(cfg.model.gateway.spool)
+    else:
+        path = str(args.spool) if args.spool else cfg.model.gateway.spool.path if cfg else ""
+        if not os.path.exists(path):
+            print(f"error: no spool at {path}", file=sys.stderr)
+            return 1
+        spool = Spool(path, min_free_bytes=0)  # purging must work on a full disk too
+    flt = DeadLetterFilter(route=getattr(args, "route", None), connector=getattr(args, "connector", None),
+                           reason=getattr(args, "reason", None), envelope_id=getattr(args, "envelope_id", None),
+                           since=getattr(args, "since", None), until=getattr(args, "until", None))
+    if args.action in ("replay", "purge"):
+        if not args.ids and flt.empty and not args.all:
+            print("error: give ids, a filter (--route, --connector, --reason, --envelope-id, --since, --until) "
+                  "or --all", file=sys.stderr)
+            return 2
+        ids = args.ids or None
+        selected = None if ids else flt
+    if args.action == "replay" and args.to and cfg is not None:
+        kind = cfg.kinds.get(args.to)
+        if kind is None or not kind.supports_outbound:
+            print(f"error: {args.to!r} is not an outbound connector in {args.config}", file=sys.stderr)
+            return 1
 
     async def go() -> int:
-        spool = Spool(path, min_free_bytes=0)
         await spool.open()
         try:
             if args.action == "list":
-                since = time.time() - args.since if args.since else None
-                items = await spool.dead_letters(route=args.route, connector=args.connector, reason=args.reason,
-                                                 since=since, limit=args.limit)
+                items = await spool.dead_letters(flt, args.limit)
+                total = await spool.count_dead_letters(flt)
                 if args.json:
-                    print(json.dumps([_dl_summary(d.as_dict()) for d in items], indent=2))
-                else:
-                    for d in items:
-                        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.dead_at))
-                        print(f"{d.id:>6}  {when}  {d.route or '-':<24} {d.connector or '-':<14} "
-                              f"{d.reason:<16} {d.envelope_id}  {d.last_error[:80]}")
-                    print(f"{len(items)} dead letter(s)")
+                    print(json.dumps([dl.summary(d) for d in items], indent=2, ensure_ascii=False))
+                    return 0
+                for d in items:
+                    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.dead_at))
+                    print(f"{d.id:>6}  {when}  {d.route or '-':<24} {d.connector or '-':<14} "
+                          f"{d.reason:<17} {d.attempts:>3}  {d.envelope_id}  {d.last_error[:80]}")
+                print(f"{len(items)} of {total} dead letter(s)")
             elif args.action == "show":
                 item = await spool.dead_letter_by_id(args.id)
                 if item is None:
@@ -155,27 +181,28 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
                     return 1
                 print(json.dumps(item.as_dict(), indent=2, ensure_ascii=False))
             elif args.action == "replay":
-                n = await spool.replay(args.ids, connector=args.to)
-                print(f"replayed {n} dead letter(s)")
+                targets = await spool.replay(ids, selected, connector=args.to)
+                print(f"replayed {len(targets)} dead letter(s)"
+                      + ("" if args.to else " (unmatched ones need --to CONNECTOR)"))
             elif args.action == "purge":
-                if not args.ids and not args.all and not (args.route or args.reason):
-                    print("error: give ids, --route/--reason, or --all", file=sys.stderr)
-                    return 2
-                filters = {k: v for k, v in (("route", args.route), ("reason", args.reason)) if v}
-                n = await spool.purge(args.ids or None, **filters)
-                print(f"purged {n} dead letter(s)")
+                print(f"purged {await spool.purge(ids, selected)} dead letter(s)")
             return 0
+        except SpoolError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         finally:
             await spool.close()
 
     return asyncio.run(go())
 
 
-def _dl_summary(d: dict[str, Any]) -> dict[str, Any]:
-    env = d.pop("envelope")
-    d.pop("options", None)
-    d["subject"] = env.get("subject")
-    return d
+def _dead_letter_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--route")
+    p.add_argument("--connector", help="the target connector the dead letter was for")
+    p.add_argument("--reason", help="permanent, attempts, max_age, template, parse, unmatched, corrupt, ...")
+    p.add_argument("--envelope-id", dest="envelope_id")
+    p.add_argument("--since", type=_ago, help="dead-lettered in the last DURATION (3600, 30m, 1h, 2d)")
+    p.add_argument("--until", type=_ago, help="dead-lettered more than DURATION ago")
 
 
 def cmd_token_hash(args: argparse.Namespace) -> int:
@@ -219,22 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--config", "-c", default=_default_config())
     dl.add_argument("--spool", help="the spool file (default: from the config)")
     dsub = dl.add_subparsers(dest="action", required=True)
-    ls = dsub.add_parser("list")
-    ls.add_argument("--route")
-    ls.add_argument("--connector")
-    ls.add_argument("--reason")
-    ls.add_argument("--since", type=float, help="only the last N seconds")
+    ls = dsub.add_parser("list", help="newest first")
+    _dead_letter_filters(ls)
     ls.add_argument("--limit", type=int, default=100)
     ls.add_argument("--json", action="store_true")
-    sh = dsub.add_parser("show")
+    sh = dsub.add_parser("show", help="one dead letter with its envelope and options")
     sh.add_argument("id", type=int)
-    rp = dsub.add_parser("replay")
-    rp.add_argument("ids", type=int, nargs="+")
-    rp.add_argument("--to", help="send to this connector instead of the original one")
-    pg = dsub.add_parser("purge")
+    rp = dsub.add_parser("replay", help="put dead letters back for delivery (the same envelope id)")
+    rp.add_argument("ids", type=int, nargs="*")
+    _dead_letter_filters(rp)
+    rp.add_argument("--all", action="store_true")
+    rp.add_argument("--to", help="send to this connector (its default options) instead of the original target")
+    pg = dsub.add_parser("purge", help="delete dead letters for good")
     pg.add_argument("ids", type=int, nargs="*")
-    pg.add_argument("--route")
-    pg.add_argument("--reason")
+    _dead_letter_filters(pg)
     pg.add_argument("--all", action="store_true")
     dl.set_defaults(fn=cmd_dead_letters)
 

@@ -23,12 +23,13 @@ from typing import Any
 from gateway.config.loader import LoadedConfig, load_config
 from gateway.config.yamlsrc import ConfigError
 from gateway.contract import Connector, ConnectorContext, Health
-from gateway.delivery.engine import Delivery, RoutingState
-from gateway.delivery.spool import Spool
+from gateway.delivery.engine import Delivery, DeliveryOptions, RoutingState
+from gateway.delivery.spool import make_spool
 from gateway.http import HttpHub
 from gateway.logs import event
 from gateway.metrics import Metrics
 from gateway.registry import Registry
+from gateway.reload import Reloader, ReloadFailed, ReloadRefused, watch
 
 
 @dataclass
@@ -59,20 +60,21 @@ class Runtime:
         self.log = log or logging.getLogger("gateway")
         self.metrics = Metrics()
         settings = config.model.gateway
-        self.spool = Spool(settings.spool.path, min_free_bytes=settings.spool.min_free_bytes)
+        self.spool = make_spool(settings.spool)
         self.http = HttpHub(logging.getLogger("gateway.http"))
         self.slots: dict[str, ConnectorSlot] = {}
         self.delivery = Delivery(
             state=RoutingState(config.router, settings.unmatched, config.version),
             connector=self._connector_for_send, spool=self.spool, metrics=self.metrics,
-            log=logging.getLogger("gateway.delivery"),
+            log=logging.getLogger("gateway.delivery"), options=DeliveryOptions.from_settings(settings.spool),
         )
         self.started_at = time.time()
         self.stopping = False
         self._stop_event = asyncio.Event()
         self._gauge_task: asyncio.Task[None] | None = None
+        self.storm: Any = None
         self._rng = random.Random()
-        self.config_history: list[dict[str, Any]] = []
+        self.reloader = Reloader(self)
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -101,9 +103,10 @@ class Runtime:
             self.metrics.connector_up.labels(name).set(1 if h.up else 0)
             ready = ready and h.up
         spool_ok = self.spool.healthy and self.spool.has_space
-        ready = ready and spool_ok
+        pressure = self.delivery.pressure
+        ready = ready and spool_ok and not pressure
         self.metrics.ready.set(1 if ready else 0)
-        return ready, {"ready": ready, "stopping": self.stopping, "spool": {"ok": spool_ok},
+        return ready, {"ready": ready, "stopping": self.stopping, "spool": {"ok": spool_ok, "backpressure": pressure},
                        "connectors": connectors, "config_version": self.config.version}
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -112,6 +115,13 @@ class Runtime:
         from gateway.admin import mount_admin
 
         await self.spool.open()
+        from gateway.routing.storm import StormControl, StormState
+
+        self.storm = StormControl(StormState(os.path.join(self.config.model.gateway.state_dir, "storm.db")),
+                                  self.delivery.emit_digest)
+        await self.storm.state.open()
+        self.delivery.storm = self.storm
+        self.storm.start()
         self._apply_metrics(self.config)
         for name in self.config.connectors:
             self.slots[name] = ConnectorSlot(name, self._make(name, self.config),
@@ -131,7 +141,7 @@ class Runtime:
             await asyncio.sleep(0.02)
         await self.http.start()
         self._gauge_task = asyncio.create_task(self._gauges(), name="gauges")
-        self.config_history.append({"version": self.config.version, "applied_at": time.time(), "by": "startup"})
+        await self.reloader.started()
         event(self.log, "gateway.started", config=self.config.version, routes=len(self.config.router),
               connectors=",".join(self.slots))
 
@@ -199,6 +209,8 @@ class Runtime:
                 slot.task.cancel()
         inbound = [s for s in self.slots.values() if s.inbound]
         await asyncio.gather(*(self._stop_listening(s, deadline) for s in inbound))
+        if self.storm is not None:
+            await self.storm.stop()
         await self.delivery.drain(deadline)
         await self.http.stop()
         for slot in self.slots.values():
@@ -208,6 +220,8 @@ class Runtime:
         if self._gauge_task:
             self._gauge_task.cancel()
         await self.spool.close()
+        if self.storm is not None:
+            await self.storm.state.close()
         event(self.log, "gateway.stopped")
 
     async def _stop_listening(self, slot: ConnectorSlot, deadline: float) -> None:
@@ -217,63 +231,15 @@ class Runtime:
         except Exception as exc:
             event(self.log, "connector.stop_failed", logging.WARNING, connector=slot.name, error=str(exc))
 
-    # --- reload ----------------------------------------------------------------------------
+    # --- reload (see gateway.reload) -------------------------------------------------------
 
     async def reload(self, new: LoadedConfig, *, by: str = "file") -> dict[str, Any]:
         """Apply a validated config: swap routes atomically, restart only changed connectors."""
-        old = self.config
-        changed = {n for n in new.connectors if n in old.connectors and new.connectors[n] != old.connectors[n]}
-        added = set(new.connectors) - set(old.connectors)
-        removed = set(old.connectors) - set(new.connectors)
-        new_inbound = self._inbound_names(new)
-        restart = changed | {n for n in set(new.connectors) & set(old.connectors)
-                             if (n in new_inbound) != self.slots[n].inbound}
-        deadline = time.monotonic() + new.model.gateway.drain
-        # 1. stop inbound of what changes, so nothing new arrives on the old settings
-        for name in restart | removed:
-            slot = self.slots[name]
-            if slot.task and not slot.task.done():
-                slot.task.cancel()
-            if slot.inbound:
-                await self._stop_listening(slot, deadline)
-        # 2. new routes take effect for every message from now on; in-flight ones keep theirs
-        self.config = new
-        self.delivery.state = RoutingState(new.router, new.model.gateway.unmatched, new.version)
-        # 3. replace changed connectors, add new ones, close removed ones
-        for name in restart | removed:
-            old_slot = self.slots.pop(name)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(old_slot.connector.close(), timeout=5)
-        for name in restart | added:
-            slot = self.slots[name] = ConnectorSlot(name, self._make(name, new), inbound=name in new_inbound)
-            await self._open(slot)
-            if slot.inbound and slot.state != "down":
-                slot.task = asyncio.create_task(self._supervise(slot), name=f"connector-{name}")
-        await self.delivery.start([n for n in restart | added if type(self.slots[n].connector).supports_outbound])
-        await self.http.start()
-        self._apply_metrics(new)
-        self.metrics.reloads.labels("applied").inc()
-        self.config_history.append({"version": new.version, "applied_at": time.time(), "by": by})
-        del self.config_history[:-20]
-        result = {"version": new.version, "restarted": sorted(restart), "added": sorted(added),
-                  "removed": sorted(removed)}
-        event(self.log, "config.applied", by=by, version=new.version, restarted=",".join(sorted(restart)),
-              added=",".join(sorted(added)), removed=",".join(sorted(removed)))
-        return result
+        return await self.reloader.apply(new, by=by)
 
     async def reload_from_file(self, by: str = "file") -> dict[str, Any]:
-        if not self.config_path:
-            raise ConfigError([])
-        try:
-            new = load_config(self.config_path, self.registry)
-        except ConfigError as exc:
-            self.metrics.reloads.labels("invalid").inc()
-            event(self.log, "config.invalid", logging.ERROR, by=by, errors=len(exc.issues),
-                  first=str(exc.issues[0]) if exc.issues else "")
-            raise
-        if new.version == self.config.version:
-            return {"version": new.version, "unchanged": True}
-        return await self.reload(new, by=by)
+        """Re-read the config file; apply it if it changed. Raises ConfigError when invalid."""
+        return await self.reloader.from_file(by)
 
 
 async def serve(config_path: str, registry: Registry | None = None) -> int:
@@ -287,7 +253,8 @@ async def serve(config_path: str, registry: Registry | None = None) -> int:
 
     def on_hup() -> None:
         async def go() -> None:
-            with contextlib.suppress(ConfigError):
+            # The outcome is logged and counted either way; the running routes stay on failure.
+            with contextlib.suppress(ConfigError, ReloadFailed, ReloadRefused):
                 await runtime.reload_from_file(by="sighup")
         asyncio.ensure_future(go())  # noqa: RUF006 - fire and forget, outcome is logged
 
@@ -306,12 +273,5 @@ async def serve(config_path: str, registry: Registry | None = None) -> int:
 
 
 async def _watch(runtime: Runtime, path: str) -> None:
-    """Reload when the file changes; watches the directory so a ConfigMap symlink swap counts."""
-    try:
-        from watchfiles import awatch
-    except ImportError:  # pragma: no cover
-        return
-    directory = os.path.dirname(os.path.abspath(path))
-    async for _changes in awatch(directory, debounce=300, recursive=False, force_polling=False):
-        with contextlib.suppress(ConfigError):
-            await runtime.reload_from_file(by="file")
+    """Reload when the config's contents change on disk (see :func:`gateway.reload.watch`)."""
+    await watch(runtime.reloader, path)

@@ -82,6 +82,8 @@ class AdminToken(Strict):
     sha256: str | None = None
     token: Secret | None = None
     role: Literal["viewer", "editor"] = "viewer"
+    #: Base32 TOTP secret (RFC 6238) by reference: editors then also give a 6-digit code.
+    totp: Secret | None = None
 
 
 class AdminSettings(Strict):
@@ -91,9 +93,24 @@ class AdminSettings(Strict):
 
 
 class SpoolSettings(Strict):
+    #: ``sqlite`` (one file, per replica) or ``rabbitmq`` (quorum queues shared by replicas).
+    type: Literal["sqlite", "rabbitmq"] = "sqlite"
     path: str = "var/spool.db"
     #: Refuse new messages (temporary error) when the spool's disk has less free space than this.
     min_free_bytes: ByteSize = 64 * 1024 * 1024
+    #: ``type: rabbitmq``: the broker (``amqp://user:pass@host:5672/vhost``, by reference).
+    url: Secret | None = None
+    queue_prefix: str = "gateway"
+    #: Back pressure: refuse new messages for a connector with this many deliveries waiting.
+    max_pending: int = Field(default=100_000, ge=1)
+    #: Deliveries in flight per connector.
+    concurrency: int = Field(default=16, ge=1, le=1024)
+    #: How long an ``Idempotency-Key`` is remembered.
+    idempotency_window: Duration = 86400.0
+
+    def model_post_init(self, _: Any) -> None:
+        if self.type == "rabbitmq" and self.url is None:
+            raise ValueError("spool type rabbitmq needs url: \"${SPOOL_AMQP_URL}\"")
 
 
 class LogSettings(Strict):

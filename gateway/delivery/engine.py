@@ -7,10 +7,21 @@ raises: whatever happens becomes an :class:`~gateway.contract.Outcome`.
   request/reply route returns the reply target's answer). A transient failure answers RETRY
   so the sender retries; a permanent one dead-letters the target (or, for request/reply,
   returns the failure to the caller).
-* ``spooled`` routes render each target, write one job per target to the spool in one durable
-  transaction, and answer ACCEPTED. Per-connector workers then deliver with exponential
-  backoff and jitter, a circuit breaker per connector, and dead-letter after the route's
-  attempts or maximum age.
+* ``spooled`` routes render each target and write one job per target — together with any dead
+  letters and the message's idempotency record — in one durable write, then answer ACCEPTED.
+  Per-connector workers (:mod:`gateway.delivery.workers`) deliver with exponential backoff and
+  jitter, a circuit breaker per
+  connector, a timeout per attempt, and dead-letter after the route's attempts or maximum age
+  (or at once on a permanent failure). A failing message is rescheduled behind the others, so
+  it never blocks them.
+
+Back pressure: a message is refused with RETRY (never ACCEPTED) while one of its spooled target
+connectors already has ``max_pending`` jobs waiting, while ``max_inflight`` direct sends are
+out, or while the spool has no room; :attr:`Delivery.pressure` feeds readiness.
+
+Idempotency: a message with ``attributes["idempotency_key"]`` (REST's ``Idempotency-Key``) that
+repeats a key its source used within ``idempotency_window`` gets the first answer again — same
+envelope id, same status — and is not delivered twice. Request/reply answers are not replayed.
 """
 
 from __future__ import annotations
@@ -18,77 +29,32 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.config.models import RetryPolicy
-from gateway.contract import Connector, Outcome, PermanentError, Reply, Status, Target, TransientError
-from gateway.delivery.spool import Job, Spool, SpoolError
+from gateway.contract import Connector, Outcome, PermanentError, Reply, Status, TransientError
+from gateway.delivery.options import DeliveryMetrics, DeliveryOptions, RoutingState
+from gateway.delivery.store import Job, Remembered, SpoolBackend, SpoolError, SpoolFull
+from gateway.delivery.workers import Dispatcher, Worker, count_dead, count_failure
 from gateway.envelope import Envelope
 from gateway.logs import event
 from gateway.metrics import Metrics
-from gateway.routing.router import CompiledRoute, Planned, Router
+from gateway.routing.router import CompiledRoute, MessageScope, Planned
+from gateway.routing.templates import TemplateError
+
+__all__ = ["Delivery", "DeliveryMetrics", "DeliveryOptions", "RoutingState"]
 
 
 @dataclass
-class RoutingState:
-    """What one message is routed under; swapped atomically on reload."""
-
-    router: Router
-    unmatched: str
-    version: str
-
-
-@dataclass
-class _Breaker:
-    """Per-connector circuit breaker: after ``threshold`` consecutive transient failures stop
-    sending for a cool-down that doubles up to ``max_open``; then let one probe through."""
-
-    threshold: int = 5
-    base_open: float = 1.0
-    max_open: float = 60.0
-    failures: int = 0
-    open_until: float = 0.0
-    opened: int = 0
-
-    def allow(self, now: float) -> bool:
-        return now >= self.open_until
-
-    def success(self) -> None:
-        self.failures = 0
-        self.opened = 0
-        self.open_until = 0.0
-
-    def failure(self, now: float) -> None:
-        self.failures += 1
-        if self.failures >= self.threshold:
-            self.open_until = now + min(self.max_open, self.base_open * (2 ** self.opened))
-            self.opened += 1
-
-    @property
-    def state(self) -> str:
-        return "open" if time.time() < self.open_until else ("half-open" if self.opened else "closed")
-
-
-def backoff(policy: RetryPolicy, attempts: int, rng: random.Random) -> float:
-    """Delay before attempt ``attempts + 1``: exponential (or fixed) with 50–100 % jitter."""
-    if policy.backoff == "fixed":
-        base = policy.initial
-    else:
-        base = min(policy.max, policy.initial * (2 ** max(0, attempts - 1)))
-    return float(base * (0.5 + rng.random() * 0.5))
-
-
-@dataclass
-class _Worker:
+class _Dead:
+    route: CompiledRoute | None
     connector: str
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    inflight: set[int] = field(default_factory=set)
-    task: asyncio.Task[None] | None = None
-    breaker: _Breaker = field(default_factory=_Breaker)
+    reason: str
+    envelope: Envelope
+    error: str
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 class Delivery:
@@ -97,82 +63,228 @@ class Delivery:
         *,
         state: RoutingState,
         connector: Callable[[str], Connector | None],
-        spool: Spool,
+        spool: SpoolBackend,
         metrics: Metrics,
         log: logging.Logger,
-        concurrency: int = 16,
+        concurrency: int | None = None,
+        options: DeliveryOptions | None = None,
     ):
         self.state = state
         self._connector = connector
         self.spool = spool
         self.metrics = metrics
+        self.extra = DeliveryMetrics.of(metrics)
         self.log = log
-        self.concurrency = concurrency
-        self._workers: dict[str, _Worker] = {}
+        opts = options or DeliveryOptions()
+        self.options = opts if concurrency is None else opts.but(concurrency=concurrency)
+        self.dispatcher = Dispatcher(spool=lambda: self.spool, connector=connector, state=lambda: self.state,
+                                     options=lambda: self.options, metrics=metrics, log=log)
         self._inflight_direct = 0
-        self._rng = random.Random()
+        self._direct_tasks: set[asyncio.Future[Reply | None]] = set()
+        self._claims: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._closing = False
+        self._forgot_at = 0.0
+        #: Alert-storm control (gateway.routing.storm.StormControl), set by the runtime.
+        self.storm: Any = None
+        self._observers: list[Callable[[Envelope, RoutingState, Outcome], None]] = []
+
+    def add_observer(self, fn: Callable[[Envelope, RoutingState, Outcome], None]) -> None:
+        """Call ``fn(envelope, routing state it was routed under, outcome)`` after every message.
+        Observers run on the hot path: they must be quick and must not raise."""
+        self._observers.append(fn)
+
+    @property
+    def concurrency(self) -> int:
+        return self.options.concurrency
+
+    @property
+    def _workers(self) -> dict[str, Worker]:
+        # gateway.reload reads this (and _inflight_direct); prefer sending().
+        return self.dispatcher.workers
 
     # --- the Deliver callable ----------------------------------------------------------
 
     async def deliver(self, env: Envelope) -> Outcome:
+        state = self.state  # one snapshot: this message finishes on the routes it started with
         try:
-            return await self._deliver(env)
+            outcome = await self._deliver(env, state)
         except Exception as exc:  # never let a bug become a protocol-level 500 with internals
             self.log.exception("delivery.bug", extra={"fields": {"envelope_id": env.id}})
-            return Outcome.retry(env.id, f"internal error ({type(exc).__name__})")
+            outcome = self._answer(env, Outcome.retry(env.id, f"internal error ({type(exc).__name__})"))
+        for observe in self._observers:
+            try:
+                observe(env, state, outcome)
+            except Exception:
+                self.log.exception("delivery.observer_failed", extra={"fields": {"envelope_id": env.id}})
+        return outcome
 
-    async def _deliver(self, env: Envelope) -> Outcome:
-        state = self.state  # one snapshot: this message finishes on the routes it started with
+    async def _deliver(self, env: Envelope, state: RoutingState) -> Outcome:
         self.metrics.received.labels(env.source).inc()
         if self._closing:
-            return self._answer(env, Outcome.retry(env.id, "gateway is shutting down", retry_after=5))
+            return self._answer(env, self._refuse(env, "shutdown", "gateway is shutting down"))
+        key = env.attributes.get("idempotency_key")
+        if isinstance(key, str) and key:
+            return self._answer(env, await self._deliver_once(env, state, key))
+        return self._answer(env, await self._route(env, state, None))
+
+    async def _deliver_once(self, env: Envelope, state: RoutingState, key: str) -> Outcome:
+        ident = (env.source, key)
+        # A concurrent message with the same key finishes first; then its record answers this one.
+        while (running := self._claims.get(ident)) is not None:
+            await asyncio.shield(running)
+        claim: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._claims[ident] = claim  # no await since the loop above: the claim is ours alone
+        try:
+            try:
+                record = await self.spool.recall(env.source, key, time.time() - self.options.idempotency_window)
+            except SpoolError as exc:
+                return self._refuse(env, "spool_error", "cannot check the idempotency key now", error=str(exc))
+            if record is None:
+                return await self._route(env, state, key)
+            try:
+                status = Status(record.status)
+            except ValueError:
+                status = Status.ACCEPTED
+            self.extra.duplicates.labels(env.source).inc()
+            event(self.log, "envelope.duplicate", envelope_id=record.envelope_id, connector=env.source,
+                  duplicate_id=env.id)
+            return Outcome(status, record.envelope_id, reason="duplicate: answered from the Idempotency-Key record")
+        finally:
+            del self._claims[ident]
+            claim.set_result(None)
+
+    async def _route(self, env: Envelope, state: RoutingState, key: str | None) -> Outcome:
         selected = state.router.select(env)
         if not selected:
-            return self._answer(env, await self._unmatched(env, state))
+            return await self._unmatched(env, state, key)
         direct: list[Planned] = []
         spooled: list[Planned] = []
-        dead: list[tuple[CompiledRoute, str, str, Envelope, str]] = []  # route, connector, reason, env, text
-        reply_route: CompiledRoute | None = None
+        dead: list[_Dead] = []
+        folds: list[tuple[CompiledRoute, str]] = []
+        undos: list[Callable[[], None]] = []
+        suppressed = ""
+        wants_reply = False
         for sel in selected:
             route = sel.route
             if sel.error is not None:
-                dead.append((route, "", "parse", env, sel.error))
+                dead.append(_Dead(route, "", "parse", env, sel.error))
                 continue
             self.metrics.routed.labels(route.name, "matched").inc()
-            if route.wants_reply:
-                reply_route = route
-            for plan in state.router.reshape(env, route):
+            wants_reply = wants_reply or route.wants_reply
+            renv = env
+            if route.storm is not None and self.storm is not None:
+                try:
+                    decision = self.storm.admit(route.storm, env, dict(MessageScope(env)))
+                except TemplateError as exc:
+                    dead.append(_Dead(route, "", "template", env, f"route {route.name!r}: storm control key: {exc}"))
+                    continue
+                if decision.action == "suppress":
+                    self.metrics.routed.labels(route.name, "suppressed").inc()
+                    suppressed = decision.reason
+                    continue
+                if decision.action == "digest":
+                    folds.append((route, decision.key))
+                    continue
+                renv = decision.envelope or env
+                if decision.undo is not None:
+                    undos.append(decision.undo)
+            for plan in state.router.reshape(renv, route):
                 if isinstance(plan, Planned):
                     (direct if route.mode == "direct" else spooled).append(plan)
                 else:
                     target, reason = plan
-                    dead.append((route, target.connector, "template", env, reason))
+                    dead.append(_Dead(route, target.connector, "template", env, reason))
         event(self.log, "envelope.routed", logging.DEBUG, envelope_id=env.id, source=env.source,
               routes=",".join(s.route.name for s in selected), config=state.version)
+        for d in dead:
+            if d.route is not None and not d.route.dead_letter:
+                self.metrics.routed.labels(d.route.name, "rejected").inc()
+                for undo in undos:
+                    undo()
+                return Outcome.rejected(env.id, d.error, code=422)
+        outcome = await self._deliver_plans(env, key, direct, spooled, dead, wants_reply)
+        if outcome.acknowledge and folds:
+            try:
+                for route, fold_key in folds:
+                    await self.storm.fold(route.storm, fold_key, env)
+                    self.metrics.routed.labels(route.name, "digested").inc()
+            except Exception as exc:  # the digest store failed: the sender must retry
+                outcome = self._refuse(env, "storm_state", "cannot store the message now", error=str(exc))
+        if not outcome.acknowledge:
+            for undo in undos:
+                undo()
+            return outcome
+        if not direct and not spooled and not dead:
+            if folds:
+                return Outcome.accepted(env.id)
+            return Outcome(Status.DROPPED, env.id, reason=suppressed or "suppressed")
+        return outcome
 
+    async def _deliver_plans(self, env: Envelope, key: str | None, direct: list[Planned], spooled: list[Planned],
+                             dead: list[_Dead], wants_reply: bool) -> Outcome:
+
+        if spooled or dead:
+            refused = self._check_room(env, {p.spec.connector for p in spooled})
+            if refused is not None:
+                return refused
         reply: Reply | None = None
+        sent = 0
         if direct:
-            outcome = await self._send_direct(env, direct)
+            if self._inflight_direct >= self.options.max_inflight:
+                return self._refuse(env, "inflight", "too many messages in flight", retry_after=1)
+            before = len(dead)
+            outcome = await self._send_direct(env, direct, dead)
             if outcome.status is not Status.ACCEPTED:
-                if reply_route is not None or outcome.status is Status.RETRY:
-                    return self._answer(env, outcome)
+                return outcome
             reply = outcome.reply
-        # Dead letters and spool jobs are one durable write each; only then do we acknowledge.
+            sent = len(direct) - (len(dead) - before)
+        remember = None
+        status = Status.DEAD_LETTERED if dead and not sent and not spooled else Status.ACCEPTED
+        if key is not None and not wants_reply:
+            remember = Remembered(env.source, key, env.id, status.value)
+        if spooled or dead or remember:
+            refused = await self._store(env, spooled, dead, remember)
+            if refused is not None:
+                return refused
+        if status is Status.DEAD_LETTERED:
+            return Outcome(Status.DEAD_LETTERED, env.id, reason=dead[0].error)
+        return Outcome.accepted(env.id, reply)
+
+    def _check_room(self, env: Envelope, connectors: Iterable[str]) -> Outcome | None:
+        for name in connectors:
+            if self.dispatcher.pending.get(name, 0) >= self.options.max_pending:
+                return self._refuse(env, "pending", f"too many messages waiting for {name!r}", retry_after=5)
         try:
-            if dead:
-                for route, connector, reason, denv, text in dead:
-                    if not route.dead_letter:
-                        return self._answer(env, Outcome.rejected(env.id, text, code=422))
-                    await self._dead_letter(denv, route.name, connector, reason, text, {})
-            if spooled:
-                await self._spool(spooled)
+            self.spool.check_space()
+        except SpoolFull as exc:
+            return self._refuse(env, "disk", "the spool is full", error=str(exc), retry_after=30)
+        return None
+
+    async def _store(self, env: Envelope, spooled: list[Planned], dead: list[_Dead],
+                     remember: Remembered | None) -> Outcome | None:
+        """One durable write for the whole message; only then may it be acknowledged."""
+        jobs = [_job(p.envelope, p.route, p.spec.connector, json.dumps(p.spec.options.model_dump(mode="json")),
+                     p.route.timeout) for p in spooled]
+        dead_jobs = [(_job(d.envelope, d.route, d.connector, json.dumps(d.options),
+                           d.route.timeout if d.route else 30.0), d.reason, d.error) for d in dead]
+        try:
+            await self.spool.put(jobs, dead=dead_jobs, remember=remember)
+        except SpoolFull as exc:
+            return self._refuse(env, "disk", "the spool is full", error=str(exc), retry_after=30)
         except SpoolError as exc:
-            event(self.log, "spool.refused", logging.WARNING, envelope_id=env.id, error=str(exc))
-            return self._answer(env, Outcome.retry(env.id, "cannot store the message now", retry_after=5))
-        if dead and not direct and not spooled:
-            return self._answer(env, Outcome(Status.DEAD_LETTERED, env.id, reason=dead[0][4]))
-        return self._answer(env, Outcome.accepted(env.id, reply))
+            return self._refuse(env, "spool_error", "cannot store the message now", error=str(exc))
+        self.dispatcher.added(job.connector for job in jobs)
+        for d in dead:
+            count_dead(self.metrics, self.log, d.envelope.id, d.route.name if d.route else "", d.connector,
+                       d.reason, d.error)
+        return None
+
+    def _refuse(self, env: Envelope, reason: str, text: str, *, error: str = "", retry_after: float = 5) -> Outcome:
+        self.extra.refused.labels(env.source, reason).inc()
+        if error:
+            event(self.log, "spool.refused", logging.WARNING, envelope_id=env.id, connector=env.source,
+                  reason=reason, error=error)
+        return Outcome.retry(env.id, text, retry_after=retry_after)
 
     def _answer(self, env: Envelope, outcome: Outcome) -> Outcome:
         self.metrics.inbound_outcomes.labels(env.source, outcome.status.value).inc()
@@ -181,30 +293,37 @@ class Delivery:
                   connector=env.source, reason=outcome.reason)
         return outcome
 
-    async def _unmatched(self, env: Envelope, state: RoutingState) -> Outcome:
+    async def _unmatched(self, env: Envelope, state: RoutingState, key: str | None) -> Outcome:
         self.metrics.routed.labels("", "unmatched").inc()
         event(self.log, "route.unmatched", envelope_id=env.id, connector=env.source, policy=state.unmatched)
         if state.unmatched == "drop":
             self.metrics.routed.labels("", "dropped").inc()
             return Outcome(Status.DROPPED, env.id, reason="no route matches; dropped by policy")
         if state.unmatched == "dead_letter":
-            try:
-                await self._dead_letter(env, "", "", "unmatched", "no route matches", {})
-            except SpoolError:
-                return Outcome.retry(env.id, "cannot store the message now", retry_after=5)
-            return Outcome(Status.DEAD_LETTERED, env.id, reason="no route matches")
+            refused = self._check_room(env, ())
+            if refused is None:
+                remember = Remembered(env.source, key, env.id, Status.DEAD_LETTERED.value) if key else None
+                refused = await self._store(env, [], [_Dead(None, "", "unmatched", env, "no route matches")],
+                                            remember)
+            return refused or Outcome(Status.DEAD_LETTERED, env.id, reason="no route matches")
         return Outcome.rejected(env.id, "no route matches this message", code=404)
 
     # --- direct ------------------------------------------------------------------------
 
-    async def _send_direct(self, env: Envelope, plans: list[Planned]) -> Outcome:
+    async def _send_direct(self, env: Envelope, plans: list[Planned], dead: list[_Dead]) -> Outcome:
+        """Send now. Permanent failures of targets that are not the reply join ``dead``."""
         self._inflight_direct += 1
+        tasks = [asyncio.ensure_future(self._send_one(p)) for p in plans]
+        self._direct_tasks.update(tasks)
         try:
-            results = await asyncio.gather(*(self._send_one(p) for p in plans), return_exceptions=True)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             self._inflight_direct -= 1
+            self._direct_tasks.difference_update(tasks)
         reply: Reply | None = None
         for plan, result in zip(plans, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                return Outcome.retry(env.id, "gateway is shutting down", retry_after=5)
             if isinstance(result, TransientError):
                 if plan.target.reply:
                     return Outcome(Status.RETRY, env.id, reason=str(result), detail=result.detail,
@@ -213,11 +332,11 @@ class Delivery:
             if isinstance(result, PermanentError):
                 if plan.target.reply:
                     return Outcome.rejected(env.id, str(result), code=result.code or 502, detail=result.detail)
-                try:
-                    await self._dead_letter(plan.envelope, plan.route.name, plan.spec.connector, "permanent",
-                                            str(result), plan.spec.options.model_dump(mode="json"))
-                except SpoolError:
-                    return Outcome.retry(env.id, "cannot store the dead letter now", retry_after=5)
+                if not plan.route.dead_letter:
+                    self.metrics.routed.labels(plan.route.name, "rejected").inc()
+                    return Outcome.rejected(env.id, f"{plan.spec.connector}: {result}", code=502)
+                dead.append(_Dead(plan.route, plan.spec.connector, "permanent", plan.envelope, str(result),
+                                  plan.spec.options.model_dump(mode="json")))
                 continue
             if isinstance(result, BaseException):
                 raise result
@@ -233,16 +352,16 @@ class Delivery:
         try:
             reply = await asyncio.wait_for(conn.send(plan.envelope, plan.spec), timeout=plan.spec.timeout)
         except TimeoutError:
-            self._count_failure(plan.spec, "transient", started)
+            count_failure(self.metrics, plan.spec, "transient", started)
             raise TransientError(f"{plan.spec.connector}: no answer within {plan.spec.timeout:g}s", code=504) from None
         except PermanentError:
-            self._count_failure(plan.spec, "permanent", started)
+            count_failure(self.metrics, plan.spec, "permanent", started)
             raise
         except TransientError:
-            self._count_failure(plan.spec, "transient", started)
+            count_failure(self.metrics, plan.spec, "transient", started)
             raise
         except Exception as exc:
-            self._count_failure(plan.spec, "transient", started)
+            count_failure(self.metrics, plan.spec, "transient", started)
             self.log.exception("connector.bug", extra={"fields": {"connector": plan.spec.connector,
                                                                    "envelope_id": plan.envelope.id}})
             raise TransientError(f"{plan.spec.connector}: unexpected {type(exc).__name__}") from exc
@@ -250,171 +369,103 @@ class Delivery:
         self.metrics.delivered.labels(plan.spec.connector, plan.route.name).inc()
         return reply
 
-    def _count_failure(self, spec: Target, kind: str, started: float) -> None:
-        self.metrics.duration.labels(spec.connector).observe(time.perf_counter() - started)
-        self.metrics.failures.labels(spec.connector, spec.route, kind).inc()
-
-    # --- spool and dead letters ----------------------------------------------------------
-
-    async def _spool(self, plans: list[Planned]) -> None:
-        jobs = [
-            Job(envelope_id=p.envelope.id, route=p.route.name, connector=p.spec.connector,
-                envelope=p.envelope.to_json(), options=json.dumps(p.spec.options.model_dump(mode="json")),
-                policy=p.route.retry.model_dump_json())
-            for p in plans
-        ]
-        await self.spool.put(jobs)
-        for p in plans:
-            self._worker(p.spec.connector).wake.set()
-
-    async def _dead_letter(
-        self, env: Envelope, route: str, connector: str, reason: str, error: str, options: dict[str, Any],
-        job: Job | None = None,
-    ) -> None:
-        if job is None:
-            job = Job(envelope_id=env.id, route=route, connector=connector, envelope=env.to_json(),
-                      options=json.dumps(options), policy="{}")
-        await self.spool.dead_letter(job, reason, error)
-        self.metrics.dead_lettered.labels(route, reason).inc()
-        self.metrics.routed.labels(route, "dead_lettered").inc()
-        event(self.log, "delivery.dead_lettered", logging.WARNING, envelope_id=env.id, route=route,
-              connector=connector, reason=reason, error=error)
-
-    # --- workers -------------------------------------------------------------------------
-
-    def _worker(self, connector: str) -> _Worker:
-        w = self._workers.get(connector)
-        if w is None:
-            w = self._workers[connector] = _Worker(connector)
-            w.task = asyncio.create_task(self._work(w), name=f"deliver-{connector}")
-        return w
+    # --- workers (gateway.delivery.workers) ----------------------------------------------------
 
     async def start(self, connectors: list[str]) -> None:
-        """Start workers for these connectors and for any that still has spooled jobs."""
-        for name in set(connectors) | set(await self.spool.connectors_with_jobs()):
-            self._worker(name).wake.set()
+        """Start workers for those of these connectors that routes send to, and for any that
+        still has spooled jobs (more appear as jobs for them do: a replay, another replica)."""
+        try:
+            depth = await self.spool.depth()
+        except SpoolError as exc:
+            event(self.log, "spool.read_failed", logging.ERROR, error=str(exc))
+            depth = {}
+        for name, (count, _) in depth.items():
+            self.dispatcher.pending[name] = count
+        for name in {n for n in connectors if self.dispatcher.referenced(n)} | set(depth):
+            self.dispatcher.worker(name).wake.set()
 
     def circuit(self, connector: str) -> str:
-        w = self._workers.get(connector)
-        return w.breaker.state if w else "closed"
+        return self.dispatcher.circuit(connector)
 
-    async def _work(self, w: _Worker) -> None:
-        sending: set[asyncio.Task[None]] = set()
-        while not self._closing:
-            try:
-                room = self.concurrency - len(w.inflight)
-                now = time.time()
-                jobs = await self.spool.due(w.connector, room, w.inflight) if room > 0 and w.breaker.allow(now) \
-                    else []
-                if w.breaker.opened and jobs:
-                    jobs = jobs[:1]  # half-open: one probe
-                for job in jobs:
-                    assert job.id is not None
-                    w.inflight.add(job.id)
-                    t = asyncio.create_task(self._attempt(w, job))
-                    sending.add(t)
-                    t.add_done_callback(sending.discard)
-                if jobs and len(w.inflight) < self.concurrency:
-                    continue
-                w.wake.clear()
-                delay = 1.0
-                nxt = await self.spool.next_due_at(w.connector, w.inflight)
-                if nxt is not None:
-                    delay = max(0.0, min(delay, nxt - time.time()))
-                if not w.breaker.allow(time.time()):
-                    delay = max(delay, w.breaker.open_until - time.time())
-                try:
-                    await asyncio.wait_for(w.wake.wait(), timeout=max(0.01, delay))
-                except TimeoutError:
-                    pass
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                event(self.log, "spool.read_failed", logging.ERROR, connector=w.connector, error=str(exc))
-                await asyncio.sleep(1.0)
+    @property
+    def pressure(self) -> list[str]:
+        """What is at its bound right now (connector names, or ``"inflight"``); empty when none."""
+        full = self.dispatcher.full()
+        if self._inflight_direct >= self.options.max_inflight:
+            full.append("inflight")
+        return full
 
-    async def _attempt(self, w: _Worker, job: Job) -> None:
-        assert job.id is not None
-        try:
-            env = Envelope.from_json(job.envelope)
-            policy = RetryPolicy.model_validate_json(job.policy) if job.policy not in ("", "{}") \
-                else RetryPolicy()
-            conn = self._connector(job.connector)
-            if conn is None:
-                await self._dead_letter(env, job.route, job.connector, "connector_missing",
-                                        f"connector {job.connector!r} is not configured", {}, job)
-                return
-            try:
-                options = type(conn).Options.model_validate(json.loads(job.options))
-            except ValueError as exc:
-                await self._dead_letter(env, job.route, job.connector, "permanent", f"invalid options: {exc}",
-                                        {}, job)
-                return
-            spec = Target(route=job.route, connector=job.connector, options=options)
-            started = time.perf_counter()
-            try:
-                await conn.send(env, spec)
-            except PermanentError as exc:
-                self._count_failure(spec, "permanent", started)
-                await self._dead_letter(env, job.route, job.connector, "permanent", str(exc), {}, job)
-                return
-            except Exception as exc:
-                transient = exc if isinstance(exc, TransientError) else TransientError(
-                    f"unexpected {type(exc).__name__}")
-                if not isinstance(exc, TransientError):
-                    self.log.exception("connector.bug", extra={"fields": {"connector": job.connector}})
-                self._count_failure(spec, "transient", started)
-                w.breaker.failure(time.time())
-                await self._retry_later(env, job, policy, str(transient))
-                return
-            self.metrics.duration.labels(job.connector).observe(time.perf_counter() - started)
-            self.metrics.delivered.labels(job.connector, job.route).inc()
-            w.breaker.success()
-            await self.spool.done(job.id)
-            event(self.log, "delivery.delivered", logging.DEBUG, envelope_id=env.id, connector=job.connector,
-                  route=job.route, attempts=job.attempts + 1)
-        except SpoolError as exc:
-            event(self.log, "spool.update_failed", logging.ERROR, connector=job.connector, error=str(exc))
-        finally:
-            w.inflight.discard(job.id)
-            w.wake.set()
+    def pending(self, connector: str) -> int:
+        return self.dispatcher.pending.get(connector, 0)
 
-    async def _retry_later(self, env: Envelope, job: Job, policy: RetryPolicy, error: str) -> None:
-        assert job.id is not None
-        attempts = job.attempts + 1
-        age = time.time() - job.created_at
-        if attempts >= policy.attempts or age >= policy.max_age:
-            job.attempts = attempts
-            reason = "attempts" if attempts >= policy.attempts else "max_age"
-            await self._dead_letter(env, job.route, job.connector, reason, error, {}, job)
-            return
-        delay = backoff(policy, attempts, self._rng)
-        await self.spool.reschedule(job.id, attempts, time.time() + delay, error)
-        event(self.log, "delivery.retry", logging.INFO, envelope_id=env.id, connector=job.connector,
-              route=job.route, attempt=attempts, next_in=round(delay, 3), error=error)
+    def sending(self, connector: str) -> tuple[set[int], int]:
+        """(ids of spooled jobs being sent on ``connector``, direct messages in flight on any)."""
+        return self.dispatcher.sending(connector), self._inflight_direct
+
+    # --- storm control ------------------------------------------------------------------
+
+    async def emit_digest(self, route_name: str, env: Envelope) -> bool:
+        """Send a finished digest to its route's targets (spooled, durably). False: try later."""
+        state = self.state
+        route = state.router.route_named(route_name)
+        if route is None:
+            event(self.log, "storm.digest_orphaned", logging.WARNING, envelope_id=env.id, route=route_name,
+                  note="the route no longer exists; the digest is dead-lettered")
+            outcome = await self._deliver_plans(env, None, [], [], [_Dead(None, "", "orphaned", env,
+                                                f"route {route_name!r} was removed")], False)
+            return outcome.acknowledge
+        plans: list[Planned] = []
+        dead: list[_Dead] = []
+        for plan in state.router.reshape(env, route):
+            if isinstance(plan, Planned):
+                plans.append(plan)
+            else:
+                dead.append(_Dead(route, plan[0].connector, "template", env, plan[1]))
+        direct = plans if route.mode == "direct" else []
+        spooled = [] if route.mode == "direct" else plans
+        outcome = await self._deliver_plans(env, None, direct, spooled, dead, False)
+        if outcome.acknowledge:
+            event(self.log, "storm.digest_sent", envelope_id=env.id, route=route_name)
+        return outcome.acknowledge
+
+    # --- dead letters --------------------------------------------------------------------
+
+    async def replayed(self, connectors: list[str]) -> None:
+        """Account for jobs a replay just put back (so bounds and workers see them)."""
+        self.dispatcher.added(connectors)
 
     # --- lifecycle ---------------------------------------------------------------------
 
     @property
     def inflight(self) -> int:
-        return self._inflight_direct + sum(len(w.inflight) for w in self._workers.values())
+        return self._inflight_direct + self.dispatcher.inflight
 
     async def drain(self, deadline: float) -> None:
-        """Stop picking up spooled jobs; wait for in-flight sends until ``deadline`` (monotonic)."""
+        """Stop taking and picking up work; wait for in-flight sends until ``deadline``
+        (monotonic). Sends still out then are cancelled: spooled jobs stay in the spool for the
+        next start, direct messages are answered RETRY so their senders retry."""
         self._closing = True
-        for w in self._workers.values():
-            w.wake.set()
+        self.dispatcher.closing = True
+        self.dispatcher.wake_all()
         while self.inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for w in self._workers.values():
-            if w.task is not None:
-                w.task.cancel()
-        await asyncio.gather(*(w.task for w in self._workers.values() if w.task), return_exceptions=True)
+            await asyncio.sleep(0.02)
+        direct = list(self._direct_tasks)
+        for t in direct:
+            t.cancel()
+        attempts, loops = self.dispatcher.stop()
+        if attempts or direct:
+            event(self.log, "delivery.abandoned", logging.WARNING, count=len(attempts) + len(direct),
+                  note="spooled jobs stay for the next start; direct messages answered retry")
+        await asyncio.gather(*direct, *attempts, *loops, return_exceptions=True)
 
     async def refresh_gauges(self) -> None:
-        depth = await self.spool.depth()
         now = time.time()
-        for name in set(depth) | set(self._workers):
-            count, oldest = depth.get(name, (0, now))
-            self.metrics.spool_depth.labels(name).set(count)
-            self.metrics.spool_oldest.labels(name).set(max(0.0, now - oldest) if count else 0.0)
+        self.dispatcher.refresh(await self.spool.depth(), now)
+        if now - self._forgot_at > 60:
+            self._forgot_at = now
+            await self.spool.forget_before(now - self.options.idempotency_window)
+
+
+def _job(env: Envelope, route: CompiledRoute | None, connector: str, options: str, timeout: float) -> Job:
+    return Job(envelope_id=env.id, route=route.name if route else "", connector=connector, envelope=env.to_json(),
+               options=options, policy=route.retry.model_dump_json() if route else "{}", timeout=timeout)

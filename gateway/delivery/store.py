@@ -15,7 +15,7 @@ several replicas (:class:`gateway.delivery.rabbit.RabbitSpool`).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -120,6 +120,9 @@ class SpoolBackend(Protocol):
     def shared(self) -> bool:
         """True when several gateway processes share this store (the depth seen is everyone's)."""
 
+    def check_space(self) -> None:
+        """Raise :class:`SpoolFull` when there is no room for new messages (cheap; cached)."""
+
     async def open(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -128,6 +131,10 @@ class SpoolBackend(Protocol):
     ) -> None:
         """Store jobs, dead letters ``(job, reason, error)`` and the idempotency record durably,
         all or nothing. Raises :class:`SpoolFull` when there is no room."""
+
+    async def attach(self, connector: str, wake: Callable[[], None], prefetch: int) -> None:
+        """The engine delivers ``connector``'s jobs from now on: call ``wake`` when new ones may
+        be due (a pushing backend); take at most ``prefetch`` ahead of the claims."""
 
     async def claim(self, connector: str, limit: int) -> list[Job]:
         """Up to ``limit`` jobs for ``connector`` that are due now, leased to the caller."""

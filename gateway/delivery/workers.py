@@ -1,0 +1,342 @@
+"""Per-connector workers that deliver spooled jobs.
+
+One worker per target connector claims due jobs from the spool and sends up to ``concurrency``
+at once, each attempt bounded by the route's timeout. A transient failure reschedules the job
+with backoff and jitter (behind the others: a poison message never blocks the queue) until the
+route's attempts or maximum age are used up; a permanent failure dead-letters it at once. The
+connector's circuit breaker stops the sending while the peer is dead and lets one probe through
+now and then. Every job ends in exactly one spool write: done, rescheduled, dead-lettered, or
+released untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client import Gauge
+
+from gateway.config.models import RetryPolicy
+from gateway.contract import Connector, PermanentError, Target, TransientError
+from gateway.delivery.options import DeliveryMetrics, DeliveryOptions, RoutingState
+from gateway.delivery.retry import Admit, CircuitBreaker, CircuitState, backoff
+from gateway.delivery.store import Job, SpoolBackend, SpoolError
+from gateway.envelope import Envelope
+from gateway.logs import event
+from gateway.metrics import Metrics
+
+CIRCUIT_VALUE = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
+
+
+def count_failure(metrics: Metrics, spec: Target, kind: str, started: float) -> None:
+    metrics.duration.labels(spec.connector).observe(time.perf_counter() - started)
+    metrics.failures.labels(spec.connector, spec.route, kind).inc()
+
+
+def count_dead(metrics: Metrics, log: logging.Logger, envelope_id: str, route: str, connector: str, reason: str,
+               error: str) -> None:
+    metrics.dead_lettered.labels(route, reason).inc()
+    metrics.routed.labels(route, "dead_lettered").inc()
+    event(log, "delivery.dead_lettered", logging.WARNING, envelope_id=envelope_id, route=route,
+          connector=connector, reason=reason, error=error)
+
+
+@dataclass
+class Worker:
+    connector: str
+    breaker: CircuitBreaker
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Attempts holding a concurrency slot (sending), by job id.
+    inflight: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    #: Attempts whose send is over, writing the result to the spool (slot already free).
+    settling: set[asyncio.Task[None]] = field(default_factory=set)
+    task: asyncio.Task[None] | None = None
+
+
+class Dispatcher:
+    """The workers of every target connector, and the count of jobs waiting for each."""
+
+    def __init__(
+        self,
+        *,
+        spool: Callable[[], SpoolBackend],
+        connector: Callable[[str], Connector | None],
+        state: Callable[[], RoutingState],
+        options: Callable[[], DeliveryOptions],
+        metrics: Metrics,
+        log: logging.Logger,
+    ):
+        self._spool = spool
+        self._connector = connector
+        self._state = state
+        self._options = options
+        self.metrics = metrics
+        self.extra = DeliveryMetrics.of(metrics)
+        self.log = log
+        self.workers: dict[str, Worker] = {}
+        #: Jobs waiting per connector: counted on put and settle, resynced from the spool's depth.
+        self.pending: dict[str, int] = {}
+        self.closing = False
+        self._rng = random.Random()
+
+    @property
+    def spool(self) -> SpoolBackend:
+        return self._spool()
+
+    @property
+    def options(self) -> DeliveryOptions:
+        return self._options()
+
+    # --- bookkeeping the engine drives -------------------------------------------------------
+
+    def worker(self, connector: str) -> Worker:
+        w = self.workers.get(connector)
+        if w is None:
+            gauge = self.extra.circuit.labels(connector)
+            gauge.set(0)
+            opts = self.options
+            breaker = CircuitBreaker(opts.breaker_threshold, opts.breaker_open, opts.breaker_max_open,
+                                     on_change=lambda s: self._circuit_changed(connector, s, gauge))
+            w = self.workers[connector] = Worker(connector, breaker)
+            if not self.closing:
+                w.task = asyncio.create_task(self._work(w), name=f"deliver-{connector}")
+        return w
+
+    def added(self, connectors: Iterable[str]) -> None:
+        """Jobs for these connectors (one name per job) are in the spool now."""
+        names = list(connectors)
+        for name in names:
+            self.pending[name] = self.pending.get(name, 0) + 1
+        for name in set(names):
+            self.worker(name).wake.set()
+
+    def settled(self, connector: str) -> None:
+        n = self.pending.get(connector, 0)
+        if n > 0:
+            self.pending[connector] = n - 1
+
+    def full(self) -> list[str]:
+        return sorted(c for c, n in self.pending.items() if n >= self.options.max_pending)
+
+    def circuit(self, connector: str) -> str:
+        w = self.workers.get(connector)
+        return w.breaker.state.value if w else CircuitState.CLOSED.value
+
+    def sending(self, connector: str) -> set[int]:
+        w = self.workers.get(connector)
+        return set(w.inflight) if w else set()
+
+    @property
+    def inflight(self) -> int:
+        return sum(len(w.inflight) + len(w.settling) for w in self.workers.values())
+
+    def wake_all(self) -> None:
+        for w in self.workers.values():
+            w.wake.set()
+
+    def stop(self) -> tuple[list[asyncio.Task[None]], list[asyncio.Task[None]]]:
+        """Cancel everything: (attempts that were still out, worker loops)."""
+        self.closing = True
+        attempts = [t for w in self.workers.values() for t in (*w.inflight.values(), *w.settling)]
+        loops = [w.task for w in self.workers.values() if w.task is not None]
+        for t in [*attempts, *loops]:
+            t.cancel()
+        return attempts, loops
+
+    def refresh(self, depth: dict[str, tuple[int, float]], now: float) -> None:
+        for name in set(depth) - set(self.workers):
+            self.worker(name).wake.set()  # jobs the CLI replayed for a connector no route uses
+        for name in set(depth) | set(self.workers) | set(self.pending):
+            count, oldest = depth.get(name, (0, now))
+            self.metrics.spool_depth.labels(name).set(count)
+            self.metrics.spool_oldest.labels(name).set(max(0.0, now - oldest) if count else 0.0)
+            self.pending[name] = count  # resync: the CLI or other replicas may have changed it
+        for name, w in self.workers.items():
+            self.extra.circuit.labels(name).set(CIRCUIT_VALUE[w.breaker.state])
+
+    def referenced(self, connector: str) -> bool:
+        return any(t.connector == connector for r in self._state().router.routes for t in r.targets)
+
+    def _circuit_changed(self, connector: str, state: CircuitState, gauge: Gauge) -> None:
+        gauge.set(CIRCUIT_VALUE[state])
+        level = logging.INFO if state is CircuitState.HALF_OPEN else logging.WARNING
+        event(self.log, "circuit." + state.value, level, connector=connector)
+
+    # --- the worker loop -----------------------------------------------------------------------
+
+    async def _work(self, w: Worker) -> None:
+        attached = False
+        while not self.closing:
+            try:
+                if not attached:
+                    await self.spool.attach(w.connector, w.wake.set, self.options.concurrency)
+                    attached = True
+                w.wake.clear()
+                room = self.options.concurrency - len(w.inflight)
+                jobs: list[Job] = []
+                admit = Admit.WAIT
+                if room > 0:
+                    admit = w.breaker.admit()
+                    if admit is Admit.SEND:
+                        jobs = await self.spool.claim(w.connector, room)
+                    elif admit is Admit.PROBE:
+                        try:
+                            jobs = await self.spool.claim(w.connector, 1)
+                        finally:
+                            if not jobs:
+                                w.breaker.cancel_probe()
+                for job in jobs:
+                    self._launch(w, job, probe=admit is Admit.PROBE)
+                if admit is Admit.SEND and jobs and len(jobs) == room:
+                    continue  # there may be more due right now
+                delay = await self._idle(w)
+                if delay > 0:
+                    try:
+                        await asyncio.wait_for(w.wake.wait(), timeout=delay)
+                    except TimeoutError:
+                        pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                event(self.log, "spool.read_failed", logging.ERROR, connector=w.connector, error=str(exc))
+                await asyncio.sleep(1.0)
+
+    async def _idle(self, w: Worker) -> float:
+        """How long the worker may sleep unless woken (a new job, a finished send)."""
+        state = w.breaker.state
+        if state is CircuitState.OPEN:
+            return max(0.01, w.breaker.wait_time())
+        if len(w.inflight) >= self.options.concurrency or (state is CircuitState.HALF_OPEN and w.breaker.probing):
+            return 1.0
+        nxt = await self.spool.next_due_at(w.connector)
+        # Poll at least once a second: the CLI may add jobs (replay) without waking us.
+        return 1.0 if nxt is None else min(1.0, max(0.005, nxt - time.time()))
+
+    def _launch(self, w: Worker, job: Job, *, probe: bool) -> None:
+        assert job.id is not None
+        w.inflight[job.id] = asyncio.create_task(self._attempt(w, job, probe), name=f"attempt-{job.envelope_id}")
+
+    async def _attempt(self, w: Worker, job: Job, probe: bool) -> None:
+        assert job.id is not None
+        task = asyncio.current_task()
+        try:
+            await self._try(w, job, probe)
+        except asyncio.CancelledError:
+            if probe:
+                w.breaker.cancel_probe()
+            raise
+        except SpoolError as exc:  # the job stays leased a while, then comes back
+            event(self.log, "spool.update_failed", logging.ERROR, envelope_id=job.envelope_id,
+                  connector=job.connector, error=str(exc))
+        except Exception:
+            self.log.exception("delivery.bug", extra={"fields": {"envelope_id": job.envelope_id,
+                                                                  "connector": job.connector}})
+            with contextlib.suppress(Exception):
+                await self.spool.release(job, delay=5.0)  # not leased forever: tried again later
+        finally:
+            if probe and w.breaker.probing:
+                w.breaker.cancel_probe()
+            w.inflight.pop(job.id, None)
+            if task is not None:
+                w.settling.discard(task)
+            w.wake.set()
+
+    def _free_slot(self, w: Worker, job: Job) -> None:
+        """The send is over: let the next job go while this one's result is written.
+
+        Safe because the job stays leased in the spool until that write is done (a crash before
+        it means one more delivery, never a lost one). Bounded: at most ``concurrency`` jobs
+        settle at once, beyond that the slot is held as before.
+        """
+        if job.id in w.inflight and len(w.settling) < self.options.concurrency:
+            w.settling.add(w.inflight.pop(job.id))
+            w.wake.set()
+
+    async def _try(self, w: Worker, job: Job, probe: bool) -> None:
+        try:
+            env = Envelope.from_json(job.envelope)
+            policy = RetryPolicy.model_validate_json(job.policy) if job.policy.strip() not in ("", "{}") \
+                else RetryPolicy()
+        except (ValueError, KeyError, TypeError) as exc:
+            await self._final(job, "corrupt", f"unreadable job: {type(exc).__name__}: {exc}")
+            return
+        conn = self._connector(job.connector)
+        if conn is None:
+            if self.referenced(job.connector):
+                # Being replaced by a reload right now: try again in a moment, no attempt counted.
+                await self.spool.release(job, delay=1.0)
+            else:
+                await self._final(job, "connector_missing", f"connector {job.connector!r} is not configured")
+            return
+        try:
+            options = type(conn).Options.model_validate(json.loads(job.options))
+        except ValueError as exc:
+            await self._final(job, "permanent", f"invalid options for {job.connector!r}: {exc}")
+            return
+        spec = Target(route=job.route, connector=job.connector, options=options, timeout=job.timeout)
+        started = time.perf_counter()
+        try:
+            try:
+                await asyncio.wait_for(conn.send(env, spec), timeout=job.timeout)
+            finally:
+                self._free_slot(w, job)
+        except PermanentError as exc:
+            count_failure(self.metrics, spec, "permanent", started)
+            w.breaker.success()  # the peer is up: it answered, with a no
+            await self._final(job, "permanent", str(exc))
+            return
+        except TimeoutError:
+            error = f"{job.connector}: no answer within {job.timeout:g}s"
+        except TransientError as exc:
+            error = str(exc)
+        except Exception as exc:
+            self.log.exception("connector.bug", extra={"fields": {"connector": job.connector,
+                                                                   "envelope_id": job.envelope_id}})
+            error = f"{job.connector}: unexpected {type(exc).__name__}"
+        else:
+            self.metrics.duration.labels(job.connector).observe(time.perf_counter() - started)
+            self.metrics.delivered.labels(job.connector, job.route).inc()
+            w.breaker.success()
+            await self.spool.done(job)
+            self.settled(job.connector)
+            event(self.log, "delivery.delivered", logging.DEBUG, envelope_id=job.envelope_id,
+                  connector=job.connector, route=job.route, attempts=job.attempts + 1)
+            return
+        count_failure(self.metrics, spec, "transient", started)
+        w.breaker.failure(probe=probe)
+        await self._retry_later(job, policy, error)
+
+    async def _retry_later(self, job: Job, policy: RetryPolicy, error: str) -> None:
+        job.attempts += 1
+        if job.attempts >= policy.attempts:
+            await self._final(job, "attempts", error)
+            return
+        if time.time() - job.created_at >= policy.max_age:
+            await self._final(job, "max_age", error)
+            return
+        delay = backoff(policy, job.attempts, self._rng)
+        await self.spool.reschedule(job, time.time() + delay, error)
+        self.extra.retries.labels(job.connector, job.route).inc()
+        event(self.log, "delivery.retry", logging.INFO, envelope_id=job.envelope_id, connector=job.connector,
+              route=job.route, attempt=job.attempts, next_in=round(delay, 3), error=error)
+
+    async def _final(self, job: Job, reason: str, error: str) -> None:
+        """The job will not be attempted again: dead-letter it, or drop it when its route says so."""
+        route = self._state().router.route_named(job.route) if job.route else None
+        if route is not None and not route.dead_letter and reason != "corrupt":
+            await self.spool.done(job)
+            self.settled(job.connector)
+            self.extra.dropped.labels(job.route, reason).inc()
+            self.metrics.routed.labels(job.route, "dropped").inc()
+            event(self.log, "delivery.dropped", logging.WARNING, envelope_id=job.envelope_id, route=job.route,
+                  connector=job.connector, reason=reason, error=error)
+            return
+        await self.spool.dead_letter(job, reason, error)
+        self.settled(job.connector)
+        count_dead(self.metrics, self.log, job.envelope_id, job.route, job.connector, reason, error)

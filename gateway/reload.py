@@ -1,0 +1,550 @@
+"""Hot reload without loss: validate, swap routes atomically, restart only what changed.
+
+Every trigger (the file changing on disk, SIGHUP, the admin API) ends in :class:`Reloader`,
+which applies one change at a time under a lock:
+
+1. The whole new config is validated by the one validator (:mod:`gateway.config.loader`). An
+   invalid one is refused with its issues; the running routes stay, and
+   ``gateway_config_reloads_total{outcome="invalid"}`` and a ``config.invalid`` log line say so.
+2. Connectors the new config adds are opened first, so no route can name one that is not there.
+3. Inbound connectors whose settings changed (or that are removed) stop taking messages and
+   drain: their senders get the protocol's temporary failure meanwhile (a shared HTTP path
+   answers ``503`` + ``Retry-After`` instead of ``404``).
+4. The routing state is swapped in one assignment: a message already in the router finishes on
+   the routes it started with (it holds its snapshot), every later one takes the new routes.
+5. Changed and removed connectors are drained (in-flight sends finish, a removed connector's
+   spooled jobs are delivered) within ``gateway.drain``, closed, and the changed ones replaced.
+   Unchanged connectors are not touched: they keep their connections and sessions.
+6. The outcome is confirmed, not guessed: the result says which connectors were restarted,
+   added or removed and the state each new one reached; the version (content hash) shows in
+   ``/api/config``, in ``gateway_config_info`` and in the history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gateway.config.loader import LoadedConfig, load_config, load_config_text
+from gateway.config.yamlsrc import ConfigError, Issue
+from gateway.contract import Connector
+from gateway.delivery.engine import RoutingState
+from gateway.history import History, atomic_write
+from gateway.http import HttpHub, Receive, Scope, Send, send_problem
+from gateway.logs import event
+
+if TYPE_CHECKING:
+    from gateway.runtime import ConnectorSlot, Runtime
+
+#: Gateway settings a reload cannot change in a running process (they need a restart).
+_RESTART_ONLY = (("admin", "listen"), ("spool",), ("state_dir",), ("log",))
+
+
+def version_of(text: str) -> str:
+    """The config version: the content hash the loader gives a file's text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+class ReloadRefused(Exception):
+    """A change that is valid YAML but cannot be applied now (stale base, read-only file...)."""
+
+    def __init__(self, message: str, *, status: int = 409, current: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.current = current
+
+
+class ReloadFailed(Exception):
+    """Applying a valid config failed part-way; the result says how far it got."""
+
+
+# --- the plan (pure) -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a reload from ``old`` to ``new`` does to the connectors."""
+
+    restart: frozenset[str]
+    added: frozenset[str]
+    removed: frozenset[str]
+    #: Unchanged connectors that start or stop being a route's source (listen / stop listening).
+    start_listening: frozenset[str]
+    stop_listening: frozenset[str]
+    #: Gateway settings that changed but only take effect after a restart.
+    restart_required: tuple[str, ...] = ()
+
+    @property
+    def untouched(self) -> bool:
+        return not (self.restart or self.added or self.removed or self.start_listening or self.stop_listening)
+
+
+def inbound_names(config: LoadedConfig) -> set[str]:
+    return {s for r in config.router.routes for s in r.sources}
+
+
+def plan_reload(old: LoadedConfig, new: LoadedConfig) -> Plan:
+    old_in, new_in = inbound_names(old), inbound_names(new)
+    common = set(old.connectors) & set(new.connectors)
+    restart = {n for n in common if new.connectors[n] != old.connectors[n] or new.kinds[n] is not old.kinds[n]}
+    kept = common - restart
+    needs_restart = []
+    old_gw, new_gw = old.model.gateway.model_dump(), new.model.gateway.model_dump()
+    for path in _RESTART_ONLY:
+        a, b = _dig(old_gw, path), _dig(new_gw, path)
+        if a != b:
+            needs_restart.append("gateway." + ".".join(path))
+    return Plan(
+        restart=frozenset(restart),
+        added=frozenset(set(new.connectors) - set(old.connectors)),
+        removed=frozenset(set(old.connectors) - set(new.connectors)),
+        start_listening=frozenset(n for n in kept if n in new_in and n not in old_in),
+        stop_listening=frozenset(n for n in kept if n in old_in and n not in new_in),
+        restart_required=tuple(needs_restart),
+    )
+
+
+def _dig(data: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    cur: Any = data
+    for p in path:
+        cur = cur.get(p) if isinstance(cur, Mapping) else None
+    return cur
+
+
+# --- shared HTTP paths across a restart ------------------------------------------------------
+
+
+def _key(listen: str, prefix: str) -> tuple[str, str]:
+    return listen, "/" + prefix.strip("/") if prefix.strip("/") else "/"
+
+
+async def _reloading(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "http":
+        await send_problem(send, 503, "Service Unavailable", "this endpoint is being reloaded; retry shortly",
+                           [(b"retry-after", b"1")])
+
+
+class Mounts:
+    """Keeps a shared HTTP path answering ``503`` (retry) while its connector is replaced.
+
+    Connectors made by a reload mount through :meth:`for_connector`. A connector being retired
+    gets :meth:`retiring`: its ``unmount`` leaves a 503 placeholder, or does nothing when a newer
+    connector already serves that path; the replacement's ``mount`` removes the placeholder.
+    """
+
+    def __init__(self, hub: HttpHub):
+        self.hub = hub
+        self._claims: dict[tuple[str, str], _ConnectorMounts] = {}
+        self._placeholders: set[tuple[str, str]] = set()
+
+    def for_connector(self) -> _ConnectorMounts:
+        return _ConnectorMounts(self, retiring=False)
+
+    def retiring(self) -> _ConnectorMounts:
+        return _ConnectorMounts(self, retiring=True)
+
+    def clear_placeholders(self) -> None:
+        for key in self._placeholders:
+            self.hub.unmount(*key)
+        self._placeholders.clear()
+
+
+class _ConnectorMounts:
+    """The :class:`~gateway.contract.HttpMount` one connector sees."""
+
+    def __init__(self, mounts: Mounts, *, retiring: bool):
+        self._m = mounts
+        self._retiring = retiring
+
+    def mount(self, listen: str, prefix: str, app: Any, *, owner: str) -> None:
+        key = _key(listen, prefix)
+        if key in self._m._placeholders:
+            self._m.hub.unmount(*key)
+            self._m._placeholders.discard(key)
+        self._m.hub.mount(listen, prefix, app, owner=owner)
+        self._m._claims[key] = self
+
+    def unmount(self, listen: str, prefix: str) -> None:
+        key = _key(listen, prefix)
+        holder = self._m._claims.get(key)
+        if holder is not None and holder is not self:
+            return  # a newer connector serves this path now
+        self._m._claims.pop(key, None)
+        self._m.hub.unmount(*key)
+        if self._retiring:
+            self._m.hub.mount(listen, prefix, _reloading, owner="reload")
+            self._m._placeholders.add(key)
+
+
+# --- the reloader ----------------------------------------------------------------------------
+
+
+@dataclass
+class Status:
+    """The last reload attempt, as /api/config shows it."""
+
+    outcome: str = "startup"  # startup | applied | unchanged | invalid | failed | refused
+    version: str = ""
+    at: float = field(default_factory=time.time)
+    by: str = "startup"
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    result: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"outcome": self.outcome, "version": self.version, "at": self.at, "by": self.by,
+                "errors": self.errors, "result": self.result}
+
+
+class Reloader:
+    """Applies config changes to a running :class:`~gateway.runtime.Runtime`, one at a time."""
+
+    def __init__(self, runtime: Runtime, *, history_dir: str | None = None):
+        self.rt = runtime
+        self.log = logging.getLogger("gateway.reload")
+        self.lock = asyncio.Lock()
+        self.mounts = Mounts(runtime.http)
+        state_dir = runtime.config.model.gateway.state_dir
+        self.history = History(history_dir if history_dir is not None else os.path.join(state_dir, ".history"),
+                               log=self.log)
+        self.status = Status(version=runtime.config.version)
+        #: Content hash of the last file contents a watcher acted on (so one bad save logs once).
+        self.seen_on_disk = runtime.config.version
+
+    # --- entry points ------------------------------------------------------------------------
+
+    async def started(self) -> None:
+        """Record the startup version in the history (unless it is already the newest)."""
+        latest = self.history.latest()
+        cfg = self.rt.config
+        if latest is None or latest.version != cfg.version:
+            await asyncio.to_thread(self.history.record, cfg.version, cfg.source.text, "startup")
+
+    async def from_file(self, by: str = "file") -> dict[str, Any]:
+        """Re-read the config file and apply it if it changed. Raises ConfigError when invalid."""
+        path = self._path()
+        async with self.lock:
+            try:
+                new = await asyncio.to_thread(load_config, path, self.rt.registry)
+            except ConfigError as exc:
+                self._invalid(exc, by)
+                raise
+            self.seen_on_disk = new.version
+            return await self._apply(new, by)
+
+    async def apply(self, new: LoadedConfig, *, by: str, note: str = "") -> dict[str, Any]:
+        """Apply an already validated config (not saved anywhere)."""
+        async with self.lock:
+            return await self._apply(new, by, note)
+
+    async def save_and_apply(self, text: str, *, base: str, by: str, note: str = "") -> dict[str, Any]:
+        """The admin API's write: check the base version, validate, save atomically, apply.
+
+        ``base`` is the version the edit was based on; an edit of anything but the running
+        version, or while the file on disk holds changes that are not live, is refused (409).
+        """
+        path = self._path()
+        async with self.lock:
+            running = self.rt.config.version
+            if base != running:
+                raise ReloadRefused(f"this edit is based on version {base}, but version {running} is running now; "
+                                    "reload it and edit again", current=running)
+            try:
+                on_disk = await asyncio.to_thread(_read, path)
+            except OSError as exc:
+                raise ReloadRefused(f"cannot read {path}: {exc.strerror}", status=503) from None
+            if version_of(on_disk) != running:
+                raise ReloadRefused(f"{os.path.basename(path)} on disk has changes that are not live "
+                                    f"(version {version_of(on_disk)}); apply or discard them first", current=running)
+            try:
+                new = await asyncio.to_thread(load_config_text, text, file=path,
+                                              base_dir=os.path.dirname(os.path.abspath(path)),
+                                              registry=self.rt.registry)
+            except ConfigError as exc:
+                self._invalid(exc, by)
+                raise
+            if new.version == running:
+                return self._unchanged(new, by)
+            try:
+                await asyncio.to_thread(atomic_write, path, text)
+            except OSError as exc:
+                self.status = Status("refused", new.version, by=by,
+                                     errors=[{"message": f"cannot write: {exc.strerror}"}])
+                raise ReloadRefused(f"cannot write {path}: {exc.strerror or exc} (is it a read-only ConfigMap? "
+                                    "change it at its source)", status=409, current=running) from None
+            self.seen_on_disk = new.version
+            return await self._apply(new, by, note)
+
+    # --- the apply -----------------------------------------------------------------------------
+
+    async def _apply(self, new: LoadedConfig, by: str, note: str = "") -> dict[str, Any]:
+        rt = self.rt
+        old = rt.config
+        if new.version == old.version:
+            return self._unchanged(new, by)
+        plan = plan_reload(old, new)
+        deadline = time.monotonic() + new.model.gateway.drain
+        started = time.monotonic()
+        try:
+            new_slots = await self._apply_connectors(old, new, plan, deadline)
+        except Exception as exc:
+            rt.metrics.reloads.labels("failed").inc()
+            self.status = Status("failed", new.version, by=by, errors=[{"message": f"{type(exc).__name__}: {exc}"}])
+            event(self.log, "config.failed", logging.ERROR, by=by, version=new.version, error=str(exc))
+            raise ReloadFailed(str(exc)) from exc
+        rt._apply_metrics(new)
+        rt.metrics.reloads.labels("applied").inc()
+        await asyncio.to_thread(self.history.record, new.version, new.source.text, by, note)
+        result: dict[str, Any] = {
+            "outcome": "applied", "version": new.version, "previous": old.version, "by": by,
+            "restarted": sorted(plan.restart), "added": sorted(plan.added), "removed": sorted(plan.removed),
+            "listening": sorted(plan.start_listening), "stopped_listening": sorted(plan.stop_listening),
+            "connectors": {n: {"state": s.state, "error": s.error} for n, s in sorted(new_slots.items())},
+            "restart_required": list(plan.restart_required),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        self.status = Status("applied", new.version, by=by, result=result)
+        event(self.log, "config.applied", by=by, version=new.version, previous=old.version,
+              restarted=",".join(sorted(plan.restart)), added=",".join(sorted(plan.added)),
+              removed=",".join(sorted(plan.removed)), routes=len(new.router), note=note)
+        if plan.restart_required:
+            event(self.log, "config.restart_required", logging.WARNING, version=new.version,
+                  settings=",".join(plan.restart_required))
+        return result
+
+    async def _apply_connectors(self, old: LoadedConfig, new: LoadedConfig, plan: Plan,
+                                deadline: float) -> dict[str, ConnectorSlot]:
+        from gateway.runtime import ConnectorSlot
+
+        rt = self.rt
+        new_in = inbound_names(new)
+        # 1. Added connectors open first: the new routes may name them from the first message on.
+        added = {n: ConnectorSlot(n, self._make(n, new), inbound=n in new_in) for n in sorted(plan.added)}
+        await asyncio.gather(*(rt._open(s) for s in added.values()))
+        # 2. What is replaced or removed stops taking messages and drains its in-flight ones.
+        retiring = [rt.slots[n] for n in sorted(plan.restart | plan.removed) if n in rt.slots]
+        for slot in retiring:
+            slot.connector.ctx.http = self.mounts.retiring()
+            if slot.task is not None and not slot.task.done():
+                slot.task.cancel()
+        quiet = [rt.slots[n] for n in sorted(plan.stop_listening)]
+        await asyncio.gather(*(rt._stop_listening(s, deadline) for s in [*retiring, *quiet] if s.inbound))
+        for slot in quiet:
+            slot.inbound = False
+        # 3. The swap: one assignment, no await in between. In-flight messages keep their snapshot.
+        rt.config = new
+        rt.delivery.state = RoutingState(new.router, new.model.gateway.unmatched, new.version)
+        rt.slots.update(added)
+        # 4. Drain the sends of what is replaced or removed, close it, open the replacement.
+        await asyncio.gather(*(self._retire(s, removed=s.name in plan.removed, deadline=deadline)
+                               for s in retiring))
+        replaced = {n: ConnectorSlot(n, self._make(n, new), inbound=n in new_in) for n in sorted(plan.restart)}
+        await asyncio.gather(*(rt._open(s) for s in replaced.values()))
+        for name in plan.removed:
+            rt.slots.pop(name, None)
+        rt.slots.update(replaced)
+        fresh = {**added, **replaced}
+        # 5. Listen: replacements, additions, and unchanged connectors that became a route's source.
+        for name in sorted(set(fresh) | plan.start_listening):
+            slot = rt.slots[name]
+            if name in plan.start_listening:
+                slot.inbound = True
+            if slot.inbound and slot.state != "down" and (slot.task is None or slot.task.done()):
+                slot.task = asyncio.create_task(rt._supervise(slot), name=f"connector-{name}")
+        await rt.delivery.start([n for n, s in fresh.items() if type(s.connector).supports_outbound])
+        await rt.http.start()
+        listening = [rt.slots[n] for n in sorted(set(fresh) | plan.start_listening) if rt.slots[n].inbound]
+        end = time.monotonic() + 5.0
+        while any(s.state == "starting" for s in listening) and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        self.mounts.clear_placeholders()
+        return {n: rt.slots[n] for n in sorted(set(fresh) | plan.start_listening)}
+
+    def _make(self, name: str, config: LoadedConfig) -> Connector:
+        conn = self.rt._make(name, config)
+        conn.ctx.http = self.mounts.for_connector()
+        return conn
+
+    async def _retire(self, slot: ConnectorSlot, *, removed: bool, deadline: float) -> None:
+        """Let the sends in flight on the connector finish (and, if it is removed, its spooled
+        jobs), then close it. Sends that still reach it after that fail as transient and are
+        retried on the replacement."""
+        rt = self.rt
+        name = slot.name
+        if type(slot.connector).supports_outbound:
+            spooled, direct = _inflight(rt, name)
+            direct_until = min(deadline, time.monotonic() + 1.0)
+            while time.monotonic() < deadline:
+                now_spooled, now_direct = _inflight(rt, name)
+                busy = bool(spooled & now_spooled) or (now_direct > 0 and direct > 0
+                                                       and time.monotonic() < direct_until)
+                if removed and not busy:
+                    busy = (await rt.spool.depth()).get(name, (0, 0.0))[0] > 0
+                if not busy:
+                    break
+                await asyncio.sleep(0.02)
+        try:
+            await asyncio.wait_for(slot.connector.close(), timeout=max(1.0, deadline - time.monotonic()))
+        except Exception as exc:
+            event(self.log, "connector.close_failed", logging.WARNING, connector=name, error=str(exc))
+        slot.state = "stopped"
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+
+    def _unchanged(self, new: LoadedConfig, by: str) -> dict[str, Any]:
+        self.status = Status("unchanged", new.version, by=by)
+        event(self.log, "config.unchanged", by=by, version=new.version)
+        return {"outcome": "unchanged", "version": new.version, "by": by}
+
+    def _invalid(self, exc: ConfigError, by: str) -> None:
+        self.rt.metrics.reloads.labels("invalid").inc()
+        self.status = Status("invalid", self.rt.config.version, by=by, errors=[i.as_dict() for i in exc.issues])
+        event(self.log, "config.invalid", logging.ERROR, by=by, running=self.rt.config.version,
+              errors=len(exc.issues), first=str(exc.issues[0]) if exc.issues else "")
+
+    def _path(self) -> str:
+        if not self.rt.config_path:
+            raise ReloadRefused("this gateway was started without a config file", status=409)
+        return self.rt.config_path
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def _inflight(rt: Runtime, connector: str) -> tuple[set[int], int]:
+    """(ids of spooled jobs being sent on ``connector``, direct sends that may be on it).
+
+    ``Delivery`` tracks spooled sends per connector but direct ones only in total, so every
+    direct send counts when some direct route targets the connector.
+    """
+    spooled, direct = rt.delivery.sending(connector)
+    if not any(r.mode == "direct" and any(t.connector == connector for t in r.targets)
+               for r in rt.config.router.routes):
+        direct = 0
+    return spooled, direct
+
+
+# --- watching the file -----------------------------------------------------------------------
+
+
+async def watch(reloader: Reloader, path: str, *, debounce_ms: int = 300, poll_seconds: float = 5.0,
+                force_polling: bool | None = None) -> None:
+    """Reload when the config's contents change, however they change.
+
+    Watches the file's directory (non-recursively): that sees an in-place write, an editor's
+    write-and-rename, and a Kubernetes ConfigMap update, where ``routes.yaml`` is a symlink into
+    ``..data``, itself a symlink to a timestamped directory that is swapped by renaming a new
+    ``..data`` over the old one. When the file is a symlink, its target's directory is watched
+    too (and follows the link when it changes). Whatever the event, the file is re-read
+    and acted on only when its content hash changed; a slow periodic check catches what the OS
+    did not report (a full inotify queue, a network file system, a replaced directory).
+    """
+    from watchfiles import awatch
+
+    while True:
+        directories = _watched_directories(path)
+        try:
+            async for _changes in awatch(*directories, watch_filter=None, debounce=debounce_ms, recursive=False,
+                                         rust_timeout=int(poll_seconds * 1000), yield_on_timeout=True,
+                                         force_polling=force_polling, ignore_permission_denied=True):
+                await check_file(reloader, path)
+                if _watched_directories(path) != directories:
+                    break  # the symlink points elsewhere now: watch there too
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the directory vanished, inotify limits...: poll until it is back
+            event(reloader.log, "config.watch_failed", logging.WARNING, path=path, error=str(exc))
+            await asyncio.sleep(poll_seconds)
+            with contextlib.suppress(Exception):
+                await check_file(reloader, path)
+
+
+def _watched_directories(path: str) -> tuple[str, ...]:
+    """The file's own directory, and its symlink target's when that is elsewhere."""
+    own = os.path.dirname(os.path.abspath(path))
+    target = os.path.dirname(os.path.realpath(path))
+    return (own,) if target == own or not os.path.isdir(target) else (own, target)
+
+
+async def check_file(reloader: Reloader, path: str) -> dict[str, Any] | None:
+    """Reload if the file's content differs from what was last acted on."""
+    try:
+        text = await asyncio.to_thread(_read, path)
+    except (OSError, UnicodeDecodeError):
+        return None  # mid-swap or removed: the next event or poll looks again
+    version = version_of(text)
+    if version == reloader.seen_on_disk:
+        return None
+    reloader.seen_on_disk = version  # acted on once: a bad save is reported once, not every poll
+    try:
+        return await reloader.from_file(by="file")
+    except ConfigError:
+        return None  # logged and counted; the running routes stay
+    except ReloadFailed:
+        return None
+
+
+# --- round-trip edits --------------------------------------------------------------------------
+
+
+def merge_document(text: str, updates: Mapping[str, Any]) -> str:
+    """Apply ``updates`` (top-level keys, e.g. ``{"routes": [...]}``) to routes.yaml text.
+
+    Round-trip YAML: comments and layout of everything that did not change stay as they were.
+    Mappings merge key by key, lists of named items (routes) match by ``name``, so an edited
+    route keeps the comments of its unchanged keys. Raises :class:`ConfigError` for YAML that
+    cannot be parsed.
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    yaml = YAML(typ="rt")
+    yaml.preserve_quotes = True
+    yaml.width = 4096
+    try:
+        doc = yaml.load(text) if text.strip() else None
+    except YAMLError as exc:
+        raise ConfigError([Issue((), f"YAML syntax error: {exc}")]) from None
+    if doc is None:
+        from ruamel.yaml.comments import CommentedMap
+
+        doc = CommentedMap()
+    if not isinstance(doc, dict):
+        raise ConfigError([Issue((), "the top level must be a mapping with 'connectors' and 'routes'")])
+    for key, value in updates.items():
+        if key in doc:
+            doc[key] = _merge(doc[key], value)
+        else:
+            doc[key] = value
+    out = io.StringIO()
+    yaml.dump(doc, out)
+    return out.getvalue()
+
+
+def _merge(old: Any, new: Any) -> Any:
+    if isinstance(old, dict) and isinstance(new, Mapping):
+        for k in [k for k in old if k not in new]:
+            del old[k]
+        for k, v in new.items():
+            old[k] = _merge(old[k], v) if k in old else v
+        return old
+    if isinstance(old, list) and isinstance(new, list):
+        named = {item.get("name"): item for item in old if isinstance(item, dict) and item.get("name") is not None}
+        merged = []
+        for i, item in enumerate(new):
+            prior = named.get(item.get("name")) if isinstance(item, Mapping) else None
+            if prior is None and i < len(old) and not named:
+                prior = old[i]
+            merged.append(_merge(prior, item) if prior is not None else item)
+        old[:] = merged
+        return old
+    return new if old != new else old
