@@ -1,0 +1,177 @@
+"""The inbound SMTP listener: the socket, its sessions, and each message's hand-off to the gateway.
+
+Each accepted message becomes one envelope per recipient; the DATA answer is
+:func:`reply_for` of their outcomes. Past ``max_sessions`` a connection gets ``421 4.3.2``;
+``stop`` says ``421`` to idle sessions and waits (up to the drain time) for messages in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+
+from connectors.mail_common import MESSAGE_RFC822, clean, envelope_headers, parse_message
+from connectors.smtp.config import SmtpConfig
+from connectors.smtp.session import R_BUSY, R_INTERNAL, GatewaySMTP, Hooks
+from connectors.smtp.users import Users
+from gateway.contract import Deliver, Outcome, Status
+from gateway.envelope import Envelope
+from gateway.logs import event
+
+#: Bodies larger than this are parsed on a worker thread, not on the event loop.
+PARSE_INLINE_LIMIT = 256 * 1024
+
+
+def reply_for(outcomes: Sequence[Outcome]) -> str:
+    """The answer to DATA for the outcomes of its recipients' envelopes.
+
+    250 only when every envelope was acknowledged (delivered, spooled, dead-lettered or a
+    configured drop); any RETRY makes it 451 so the sender retries the whole message (copies
+    already taken may then arrive twice: at-least-once); otherwise the first rejection decides.
+    The texts are ours: reasons stay in the log, never on the wire.
+    """
+    ids = " ".join(o.envelope_id for o in outcomes if o.envelope_id)
+    if all(o.acknowledge for o in outcomes):
+        return f"250 2.0.0 OK: queued as {ids}"
+    if any(o.status is Status.RETRY for o in outcomes):
+        return f"451 4.3.0 Temporary failure, try again later ({ids})"
+    code = next(o.code for o in outcomes if o.status is Status.REJECTED)
+    if code == 404:
+        return f"550 5.1.1 No route accepts this recipient ({ids})"
+    if code == 413:
+        return f"552 5.3.4 Message too big for its route ({ids})"
+    if code in (400, 415, 422):
+        return f"554 5.6.0 Message content refused ({ids})"
+    return f"554 5.7.0 Message refused ({ids})"
+
+
+def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class _Refuse(asyncio.Protocol):
+    """Past max_sessions: one 421 and goodbye, without starting a session."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(R_BUSY.encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
+        transport.close()
+
+
+class Listener:
+    """The listening socket, its sessions, and the hand-off of each message to the gateway."""
+
+    def __init__(self, cfg: SmtpConfig, name: str, log: logging.Logger, deliver: Deliver):
+        self.cfg = cfg
+        self.name = name
+        self.log = log
+        self.deliver = deliver
+        self.users = Users.parse(cfg.users.get_secret_value()) if cfg.users is not None else None
+        self.tls_context = server_tls_context(cfg.tls.cert, cfg.tls.key) if cfg.tls is not None else None
+        self.starttls_context = self.tls_context if cfg.inbound_starttls != "off" else None
+        self.hooks = Hooks(self)
+        self.sessions: set[GatewaySMTP] = set()
+        self._accepting: set[asyncio.Task[str]] = set()
+        self.closing = False
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        assert self.cfg.listen is not None
+        host, _, port = self.cfg.listen.rpartition(":")
+        loop = asyncio.get_running_loop()
+        implicit = self.tls_context if self.cfg.implicit_tls else None
+        self.server = await loop.create_server(
+            self._protocol, host.strip("[]"), int(port), ssl=implicit,
+            ssl_handshake_timeout=self.cfg.idle_timeout if implicit else None, reuse_address=True)
+        event(self.log, "smtp.listening", connector=self.name, listen=self.cfg.listen,
+              tls="implicit" if implicit else f"starttls-{self.cfg.inbound_starttls}",
+              auth="required" if self.users is not None else "off")
+
+    def _protocol(self) -> asyncio.Protocol:
+        if self.closing or len(self.sessions) >= self.cfg.max_sessions:
+            event(self.log, "smtp.too_many_sessions", logging.WARNING, connector=self.name,
+                  sessions=len(self.sessions))
+            return _Refuse()
+        return GatewaySMTP(self)
+
+    @property
+    def serving(self) -> bool:
+        return self.server is not None and self.server.is_serving()
+
+    async def stop(self, drain: float) -> None:
+        """Stop accepting; 421 to idle sessions; give busy ones up to ``drain`` seconds."""
+        self.closing = True
+        if self.server is not None:
+            self.server.close()
+        for session in list(self.sessions):
+            if not session.busy:
+                session.goodbye()
+        deadline = time.monotonic() + drain
+        while (self._accepting or any(s.busy for s in self.sessions)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for session in list(self.sessions):
+            session.goodbye()
+        self.server = None
+
+    def track(self, work: Coroutine[Any, Any, str]) -> asyncio.Task[str]:
+        """Run one hand-off as its own task, kept until done (stop() waits for it).
+
+        The task never fails: an exception is logged and becomes ``451 4.3.0``, so nothing is
+        lost in an unretrieved task when the client has already gone.
+        """
+        async def guarded() -> str:
+            try:
+                return await work
+            except Exception as exc:
+                self.log.error("smtp.internal_error", exc_info=exc, extra={"fields": {
+                    "connector": self.name, "error": type(exc).__name__}})
+                return R_INTERNAL
+
+        task = asyncio.ensure_future(guarded())
+        self._accepting.add(task)
+        task.add_done_callback(self._accepting.discard)
+        return task
+
+    async def accept(self, smtp: GatewaySMTP, envelope: SmtpEnvelope, raw: bytes) -> str:
+        """Hand one message to the gateway (one envelope per recipient); return the reply."""
+        if len(raw) > PARSE_INLINE_LIMIT or raw.count(b"oundary=") + raw.count(b"OUNDARY=") > 32:
+            # big or deeply nested (hostile?) messages: keep the event loop free for others
+            view = await asyncio.to_thread(parse_message, raw)
+        else:
+            view = parse_message(raw)
+        session = smtp.session
+        assert session is not None
+        common: dict[str, Any] = {
+            "mail_from": envelope.mail_from or "",
+            "rcpt_tos": list(envelope.rcpt_tos),
+            "helo": clean(session.host_name or "", 255),
+            "peer": smtp.peer,
+            "tls": smtp.tls_version(),
+            "size": len(raw),
+            "email": view,
+        }
+        if smtp.auth_user is not None:
+            common["auth"] = {"user": smtp.auth_user}
+        headers = envelope_headers(view)
+        recipients = {r.lower(): r for r in envelope.rcpt_tos}
+        envs = [Envelope(source=self.name, protocol="smtp", subject=subject, body=raw,
+                         content_type=MESSAGE_RFC822, headers=headers, attributes={**common, "rcpt": rcpt})
+                for subject, rcpt in recipients.items()]
+        if len(envs) == 1:
+            outcomes = [await self.deliver(envs[0])]
+        else:
+            outcomes = list(await asyncio.gather(*(self.deliver(e) for e in envs)))
+        reply = reply_for(outcomes)
+        for env, outcome in zip(envs, outcomes, strict=True):
+            event(self.log, "smtp.received", logging.DEBUG if outcome.acknowledge else logging.INFO,
+                  envelope_id=env.id, connector=self.name, peer=smtp.peer, rcpt=env.subject[:200],
+                  bytes=len(raw), status=outcome.status.value, reason=outcome.reason, reply=reply[:3])
+        return reply

@@ -1,0 +1,379 @@
+"""One inbound SMTP session: aiosmtpd's protocol, with the answers the gateway needs.
+
+What we change in aiosmtpd (1.4.6), and why:
+
+* ``smtp_DATA`` is ours. aiosmtpd keeps a bare LF or CR inside DATA (a smuggling vector once
+  the message is relayed), lets a line without CRLF grow without bound, and cuts a long upload
+  with its idle timer. Ours ends DATA only on ``<CRLF>.<CRLF>``, answers ``550 5.5.2`` for a
+  bare CR or LF (after reading to the real end, so nothing that follows runs as a command),
+  ``552 5.3.4`` over the size limit and ``500 5.5.2`` for an over-long line, keeping at most
+  ``max_message_size`` bytes in memory; the whole transfer is bounded by ``data_timeout``.
+* ``handle_exception`` answers ``451 4.3.0`` (aiosmtpd's default is a permanent ``500`` that
+  carries the exception text).
+* The idle timer writes ``421 4.4.2`` before closing; a session past ``max_sessions`` gets
+  ``421 4.3.2``; shutdown sends ``421 4.3.2`` to idle sessions and lets busy ones finish.
+* AUTH PLAIN/LOGIN check the password file off the event loop; three failures end the session.
+* Replies aiosmtpd hardcodes without an enhanced status code get one (``500 5.5.2 Line too long``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+from base64 import b64decode
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Session
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+
+from gateway.logs import event
+
+if TYPE_CHECKING:
+    from connectors.smtp.listener import Listener
+
+MAX_AUTH_FAILURES = 3
+#: The socket reader's buffer limit; DATA lines are checked against max_line_length ourselves.
+READER_LIMIT = 64 * 1024
+
+R_BARE_NEWLINE = "550 5.5.2 Bare CR or LF in message data is not allowed (RFC 5321 2.3.8)"
+R_LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)"
+R_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+R_INTERNAL = "451 4.3.0 Internal error, try again later"
+R_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
+R_BUSY = "421 4.3.2 Too many connections, try again later"
+R_IDLE = "421 4.4.2 Idle timeout, closing connection"
+R_DATA_TIMEOUT = "421 4.4.2 DATA not completed in time, closing connection"
+
+# aiosmtpd answers without enhanced status codes (RFC 3463) in places we cannot hook.
+_REWRITE = {
+    "500 Command line too long": "500 5.5.2 Line too long",
+    "500 Error: bad syntax": "500 5.5.2 Error: bad syntax",
+    "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
+    "503 Error: send HELO first": "503 5.5.1 Error: send HELO first",
+    "503 Error: send EHLO first": "503 5.5.1 Error: send EHLO first",
+    "503 Error: need MAIL command": "503 5.5.1 Error: need MAIL command",
+    "503 Error: nested MAIL command": "503 5.5.1 Error: nested MAIL command",
+    "554 Command refused due to lack of security": "554 5.7.0 Command refused due to lack of security",
+    "500 Error: strict ASCII mode": "500 5.5.2 Error: strict ASCII mode",
+}
+_SIZE_PARAM = re.compile(r"(?:^|\s)SIZE=(\d+)", re.IGNORECASE)
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+#: ``<local@domain> params``: what nearly every client sends in MAIL and RCPT.
+_PLAIN_PATH = re.compile(rf"^\s*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>\s*(.*)$", re.DOTALL)
+
+
+def _peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return str(peer or "")
+
+
+def _utf8(text: str) -> bool:
+    """False for text holding undecodable bytes (aiosmtpd keeps them as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class Hooks:
+    """The aiosmtpd handler: EHLO, MAIL and RCPT policy (aiosmtpd finds ``handle_*`` by name)."""
+
+    def __init__(self, listener: Listener):
+        self.listener = listener
+
+    async def handle_EHLO(self, server: GatewaySMTP, session: Session, envelope: SmtpEnvelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if self.listener.users is None:
+            responses = [r for r in responses if not r.startswith("250-AUTH")]
+        return responses
+
+    async def handle_MAIL(self, server: GatewaySMTP, session: Session, envelope: SmtpEnvelope, address: str,
+                          mail_options: list[str]) -> str:
+        if self.listener.closing:
+            return R_SHUTDOWN
+        if not _utf8(address):
+            return "553 5.1.7 The sender address is not valid UTF-8"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server: GatewaySMTP, session: Session, envelope: SmtpEnvelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        cfg = self.listener.cfg
+        if not _utf8(address):
+            return "553 5.1.3 The recipient address is not valid UTF-8"
+        if len(envelope.rcpt_tos) >= cfg.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        if not cfg.accepts(address):
+            event(self.listener.log, "smtp.relay_denied", logging.INFO, connector=self.listener.name,
+                  peer=_peer(session.peer), rcpt=address[:200])
+            return "550 5.7.1 Relay access denied"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+
+class GatewaySMTP(SMTP):
+    """One SMTP session."""
+
+    def __init__(self, listener: Listener):
+        cfg = listener.cfg
+        self.listener = listener
+        self.busy = False
+        self.auth_user: str | None = None
+        self._auth_failures = 0
+        self._registered = False
+        self.peer = ""
+        # aiosmtpd reads both from the instance; its class-level dict is shared by every session.
+        self.line_length_limit = max(READER_LIMIT, cfg.max_line_length + 2)
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        super().__init__(
+            listener.hooks,
+            data_size_limit=cfg.max_message_size,
+            enable_SMTPUTF8=True,
+            hostname=cfg.hostname,
+            ident="ESMTP",
+            tls_context=listener.starttls_context,
+            require_starttls=cfg.inbound_starttls == "required",
+            timeout=cfg.idle_timeout,
+            auth_required=listener.users is not None,
+            auth_require_tls=True,
+            auth_exclude_mechanism=[] if listener.users is not None else ["PLAIN", "LOGIN"],
+            command_call_limit=cfg.max_commands_per_session,
+            loop=asyncio.get_running_loop(),
+        )
+
+    # --- connection bookkeeping ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._registered:
+            self._registered = True
+            self.peer = _peer(transport.get_extra_info("peername"))
+            self.listener.sessions.add(self)
+            if transport.get_extra_info("ssl_object") is not None:
+                # Implicit TLS: aiosmtpd only knows STARTTLS and looks for its TLS protocol to
+                # decide that AUTH is safe; the transport is TLS from the first byte.
+                self._tls_protocol = transport  # type: ignore[assignment]
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.listener.sessions.discard(self)
+        super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        event(self.listener.log, "smtp.timeout", logging.INFO, connector=self.listener.name, peer=self.peer)
+        self._write_and_close(R_IDLE)
+
+    def goodbye(self) -> None:
+        """Shutdown: tell the client to come back later and close."""
+        self._write_and_close(R_SHUTDOWN)
+
+    def _write_and_close(self, reply: str) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            try:
+                transport.write(reply.encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
+            finally:
+                transport.close()
+
+    def tls_version(self) -> str | None:
+        transport = self.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        return ssl_object.version() if ssl_object is not None else None
+
+    # --- replies -------------------------------------------------------------------------
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str):
+            status = _REWRITE.get(status, status)
+            if status[:1] in ("4", "5"):
+                event(self.listener.log, "smtp.refused", logging.INFO, connector=self.listener.name,
+                      peer=self.peer, reply=status[:200])
+        await super().push(status)
+        if isinstance(status, str) and status.startswith("421"):
+            self._close()  # 421 means the server closes (RFC 5321 3.8)
+
+    async def handle_exception(self, error: Exception) -> str:
+        self.listener.log.error("smtp.internal_error", exc_info=error, extra={"fields": {
+            "connector": self.listener.name, "peer": self.peer, "error": type(error).__name__}})
+        return R_INTERNAL
+
+    # --- commands ------------------------------------------------------------------------
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd runs email's full header parser (and defines a class) for every address;
+        # a plain <local@domain> gives the same answer from one regular expression.
+        m = _PLAIN_PATH.match(arg) if not self.local_part_limit else None
+        if m is not None:
+            return m.group(1), m.group(2)
+        return super()._getaddr(arg)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        session = self.session
+        assert session is not None
+        ready = session.host_name and not (self._auth_required and not session.authenticated)
+        if arg and ready and self.data_size_limit:
+            m = _SIZE_PARAM.search(arg)
+            if m and int(m.group(1)) > self.data_size_limit:
+                await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
+                return
+        await super().smtp_MAIL(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        self.busy = True
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            try:
+                async with asyncio.timeout(self.listener.cfg.data_timeout):
+                    raw, problem = await self._read_data()
+            except TimeoutError:
+                event(self.listener.log, "smtp.data_timeout", logging.INFO, connector=self.listener.name,
+                      peer=self.peer)
+                self._write_and_close(R_DATA_TIMEOUT)
+                return
+            except (asyncio.IncompleteReadError, ConnectionError):
+                self._close()  # the client went away mid-DATA: nothing stored, nothing acknowledged
+                return
+            except Exception as exc:  # framing is lost: answer and close, never read on as commands
+                await self.push(await self.handle_exception(exc))
+                self._close()
+                return
+            envelope = self.envelope
+            self.envelope = self._create_envelope()  # aiosmtpd's post-DATA state
+            if problem is not None:
+                event(self.listener.log, "smtp.data_refused", logging.WARNING if problem == R_BARE_NEWLINE
+                      else logging.INFO, connector=self.listener.name, peer=self.peer, reply=problem[:3])
+                await self.push(problem)
+                return
+            # The answer may take as long as the route needs (direct mode); the idle timer
+            # must not cut the session while the gateway decides.
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            # Shielded: a client that hangs up now does not cut the gateway's work in half;
+            # it simply never hears the answer (and retries: at-least-once).
+            reply = await asyncio.shield(self.listener.track(self.listener.accept(self, envelope, raw)))
+            self._reset_timeout()
+            await self.push(reply)
+        finally:
+            self.busy = False
+            if self.listener.closing:
+                self.goodbye()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _read_data(self) -> tuple[bytes, str | None]:
+        """Read DATA up to the one true terminator. Returns (message, problem reply or None)."""
+        reader = self._reader
+        limit = self.listener.cfg.max_message_size
+        max_line = self.listener.cfg.max_line_length + 1  # one more for dot-stuffing
+        chunks: list[bytes] = []
+        size = 0
+        problem: str | None = None
+        at_start = True  # the previous line ended with CRLF (or DATA just began)
+        split_cr = False  # an over-long line was cut between its CR and its LF
+        loop = self.loop
+        last_reset = loop.time()
+        while True:
+            try:
+                line = await reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:
+                discarded = await reader.readexactly(exc.consumed)  # memory stays bounded
+                if problem is None:
+                    problem, chunks = R_LINE_TOO_LONG, []
+                at_start, split_cr = False, discarded.endswith(b"\r")
+                continue
+            if at_start and line == b".\r\n":
+                break
+            crlf = line.endswith(b"\r\n") or (split_cr and line == b"\n")
+            split_cr = False
+            if problem is None:
+                if not crlf or line.find(b"\r", 0, len(line) - 2) != -1:
+                    problem, chunks = R_BARE_NEWLINE, []
+                elif len(line) > max_line:
+                    problem, chunks = R_LINE_TOO_LONG, []
+                else:
+                    if at_start and line[:1] == b".":
+                        line = line[1:]
+                    size += len(line)
+                    if size > limit:
+                        problem, chunks = R_TOO_BIG, []
+                    else:
+                        chunks.append(line)
+            at_start = crlf
+            now = loop.time()
+            if now - last_reset > 1.0:  # data is flowing: not idle
+                last_reset = now
+                self._reset_timeout()
+        return b"".join(chunks), problem
+
+    # --- AUTH (only over TLS; aiosmtpd enforces that before calling these) ---------------
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if not isinstance(blob, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        fields = blob.split(b"\x00")
+        if len(fields) != 3:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        return await self._check(fields[1], fields[2])
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+        else:
+            try:
+                login = b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        if not isinstance(login, bytes):
+            return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if not isinstance(password, bytes):
+            return AuthResult(success=False, handled=True)
+        return await self._check(login, password)
+
+    async def _check(self, login: bytes, password: bytes) -> AuthResult:
+        users = self.listener.users
+        ok = users is not None and await asyncio.to_thread(users.verify, login, password)
+        name = login.decode("utf-8", "replace")
+        if ok:
+            self.auth_user = name
+            event(self.listener.log, "smtp.authenticated", logging.INFO, connector=self.listener.name,
+                  peer=self.peer, user=name[:64])
+            return AuthResult(success=True, auth_data=name)
+        self._auth_failures += 1
+        event(self.listener.log, "smtp.auth_failed", logging.WARNING, connector=self.listener.name,
+              peer=self.peer, user=name[:64].encode("ascii", "replace").decode(), failures=self._auth_failures)
+        if self._auth_failures >= MAX_AUTH_FAILURES:
+            await self.push("421 4.7.0 Too many authentication failures, closing connection")
+            self._close()
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False)
