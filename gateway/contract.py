@@ -174,6 +174,15 @@ class ConnectorContext:
     state_dir: str
     #: Compiled templates for this connector's config, if any need rendering at run time.
     extras: dict[str, Any] = field(default_factory=dict)
+    #: True while the gateway can take responsibility for new messages (spool writable with free
+    #: space, no back pressure, not shutting down). Lets a protocol refuse early (SMTP 452 at
+    #: MAIL) instead of after the transfer; the outcome of ``deliver`` stays authoritative.
+    accepting: Callable[[], bool] = field(default=lambda: True)
+    #: Keep a message the connector itself refuses (over its size limit, undecodable) as a dead
+    #: letter: ``await ctx.dead_letter(envelope, reason, error)`` answers DEAD_LETTERED once it is
+    #: durably stored (then acknowledge), or RETRY when it could not be (do not acknowledge).
+    #: ``reason`` is a short label (``too_large``); ``error`` the human-readable detail.
+    dead_letter: Callable[[Envelope, str, str], Awaitable[Outcome]] | None = None
 
 
 class Connector:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -179,8 +179,18 @@ def is_xml_type(content_type: str) -> bool:
     return mt in ("application/xml", "text/xml") or mt.endswith("+xml")
 
 
+_PARSERS: dict[str, Callable[[bytes], Any]] = {}
+
+
+def register_parser(media: str, parse: Callable[[bytes], Any]) -> None:
+    """Let a connector family supply the ``data`` view of a media type (``message/rfc822`` →
+    headers, text, HTML, attachments). ``parse`` must not raise anything but :class:`ParseError`
+    for bad input; it is called at most once per envelope."""
+    _PARSERS[media.lower()] = parse
+
+
 def parse_body(body: bytes, content_type: str) -> Any:
-    """Parse ``body`` by its content type: JSON, XML or text; anything else is bytes."""
+    """Parse ``body`` by its content type: JSON, XML, a registered parser, or text; else bytes."""
     if len(body) > MAX_PARSE_BYTES:
         raise ParseError(f"body of {len(body)} bytes is larger than the parse limit {MAX_PARSE_BYTES}")
     if is_json_type(content_type):
@@ -188,6 +198,14 @@ def parse_body(body: bytes, content_type: str) -> Any:
     if is_xml_type(content_type):
         return parse_xml(body)
     mt = media_type(content_type)
+    registered = _PARSERS.get(mt)
+    if registered is not None:
+        try:
+            return registered(body)
+        except ParseError:
+            raise
+        except Exception as exc:  # a parser bug must not crash routing: the body just has no view
+            raise ParseError(f"{mt} parser failed: {type(exc).__name__}: {exc}") from None
     if mt.startswith("text/"):
         try:
             return body.decode("utf-8")

@@ -89,10 +89,16 @@ class Runtime:
         cls = config.kinds[name]
         state_dir = os.path.join(config.model.gateway.state_dir, name)
         ctx = ConnectorContext(name=name, logger=logging.getLogger(f"gateway.connector.{name}"), http=self.http,
-                               state_dir=state_dir)
+                               state_dir=state_dir, accepting=self.accepting,
+                               dead_letter=self.delivery.dead_letter_inbound)
         return cls(config.connectors[name], ctx)
 
     # --- readiness -----------------------------------------------------------------------
+
+    def accepting(self) -> bool:
+        """Can the gateway take responsibility for a new message right now?"""
+        return (not self.stopping and self.spool.healthy and self.spool.has_space
+                and not self.delivery.pressure)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         connectors = {}

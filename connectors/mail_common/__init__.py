@@ -2,12 +2,12 @@
 
 Shared by ``smtp`` and ``maildir`` (and by IMAP/POP3 later); pure functions, no IO.
 
-Reading: :func:`parse_message` turns raw message bytes into the parsed view routes see
-(``attributes.email``): decoded headers, the text part, the HTML part and attachment metadata
-(names, types, sizes). It never raises: broken MIME (no closing boundary, bad base64, unknown
-charsets, hostile nesting) yields what could be read plus ``defects``; the raw bytes stay the
-truth. Every value is a plain str/int/list/dict (JSON-ready) with CR, LF and NUL replaced, so a
-decoded ``=?utf-8?q?x=0D=0ABcc:…?=`` can never become a header anywhere else.
+Reading: :func:`parse_message` turns raw message bytes into the parsed view routes see (``data`` of
+a ``message/rfc822`` envelope, and ``attributes.email``): decoded headers, the text part, the HTML
+part and attachment metadata (names, types, sizes). It never raises: broken MIME (no closing
+boundary, bad base64, unknown charsets, hostile nesting) yields what could be read plus ``defects``;
+the raw bytes stay the truth. Every value is a plain str/int/list/dict (JSON-ready) with CR, LF and
+NUL replaced, so a decoded ``=?utf-8?q?x=0D=0ABcc:…?=`` can never become a header anywhere else.
 
 Writing: :func:`build_mail` makes the message a target's :class:`MailOptions` describe (From,
 To, Cc, Bcc, Reply-To, Subject, text and HTML parts, attachments, Message-ID, Date) as wire
@@ -44,6 +44,7 @@ from connectors.mail_common.parse import (
     envelope_headers,
     parse_message,
 )
+from gateway.envelope import register_parser
 
 __all__ = [
     "ENVELOPE_HEADERS",
@@ -70,3 +71,7 @@ __all__ = [
     "validated_options",
     "wants_forward",
 ]
+
+# Envelopes of mail (content type message/rfc822) get their parsed view as ``data``: routes
+# and templates read data.subject, data.text, data.attachments…
+register_parser("message/rfc822", parse_message)

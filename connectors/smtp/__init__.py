@@ -85,7 +85,7 @@ class SmtpConnector(Connector):
         if self._listener is not None and self._listener.serving:
             return
         try:
-            listener = Listener(self.cfg, self.name, self.log, deliver)
+            listener = Listener(self.cfg, self.name, self.log, deliver, self.ctx.accepting)
             await listener.start()
         except OSError as exc:  # port taken, certificate unreadable: the supervisor retries
             raise TransientError(f"cannot listen on {self.cfg.listen}: {exc}") from exc

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -69,8 +69,11 @@ class _Refuse(asyncio.Protocol):
 class Listener:
     """The listening socket, its sessions, and the hand-off of each message to the gateway."""
 
-    def __init__(self, cfg: SmtpConfig, name: str, log: logging.Logger, deliver: Deliver):
+    def __init__(self, cfg: SmtpConfig, name: str, log: logging.Logger, deliver: Deliver,
+                 accepting: Callable[[], bool] = lambda: True):
         self.cfg = cfg
+        #: The gateway can take responsibility now (spool has room); checked at MAIL.
+        self.accepting = accepting
         self.name = name
         self.log = log
         self.deliver = deliver

@@ -99,6 +99,11 @@ class Hooks:
             return R_SHUTDOWN
         if not _utf8(address):
             return "553 5.1.7 The sender address is not valid UTF-8"
+        if not self.listener.accepting():
+            # Postfix's answer when it cannot store: the client keeps the message and retries.
+            event(self.listener.log, "smtp.storage_full", logging.WARNING, connector=self.listener.name,
+                  peer=_peer(session.peer))
+            return "452 4.3.1 Insufficient system storage"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"

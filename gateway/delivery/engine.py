@@ -402,6 +402,14 @@ class Delivery:
         """(ids of spooled jobs being sent on ``connector``, direct messages in flight on any)."""
         return self.dispatcher.sending(connector), self._inflight_direct
 
+    async def dead_letter_inbound(self, env: Envelope, reason: str, error: str) -> Outcome:
+        """Keep a message its inbound connector refused itself (``ConnectorContext.dead_letter``)."""
+        self.metrics.received.labels(env.source).inc()
+        refused = self._check_room(env, ())
+        if refused is None:
+            refused = await self._store(env, [], [_Dead(None, env.source, reason, env, error)], None)
+        return self._answer(env, refused or Outcome(Status.DEAD_LETTERED, env.id, reason=error))
+
     # --- storm control ------------------------------------------------------------------
 
     async def emit_digest(self, route_name: str, env: Envelope) -> bool:

@@ -209,7 +209,9 @@ class Router:
         new_env = env.evolve(**changes) if changes else env
         options = t.options
         if t.templated:
-            options = options.model_copy(update=_render_tree(t.templated, scope))
+            # Validate what the templates produced (a rendered value may not fit the option).
+            rendered = _render_tree(t.templated, scope)
+            options = type(options).model_validate({**options.model_dump(), **rendered})
         spec = Target(route=route.name, connector=t.connector, options=options, want_reply=t.reply,
                       timeout=route.timeout)
         return Planned(route, t, new_env, spec)

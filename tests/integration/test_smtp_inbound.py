@@ -564,3 +564,27 @@ async def test_shutdown_lets_the_message_in_flight_finish(tmp_path: Path) -> Non
     finally:
         await runner.cleanup()
     assert len(received) == 1
+
+
+async def test_a_full_spool_answers_452_at_mail_before_any_data(tmp_path: Path) -> None:
+    """Postfix's behaviour: refuse at MAIL when the message could not be stored."""
+    port = free_port()
+    cfg = f"""
+connectors:
+  mail-in: {{type: smtp, listen: "127.0.0.1:{port}", recipients: ["example.com"]}}
+  box: {{type: maildir, path: "{tmp_path / 'Maildir'}"}}
+routes:
+  - {{name: mail, from: mail-in, to: [{{connector: box}}]}}
+"""
+    async with running_gateway(tmp_path, cfg) as rt:
+        rt.spool.min_free_bytes = 1 << 62  # the disk now counts as full
+        rt.spool._free_checked_at = 0  # type: ignore[attr-defined]
+
+        def talk() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                s.ehlo("client.test")
+                return s.mail("a@client.test")
+
+        code, text = await asyncio.get_running_loop().run_in_executor(None, talk)
+    assert (code, text) == (452, b"4.3.1 Insufficient system storage")
+    assert not list((tmp_path / "Maildir").rglob("new/*"))

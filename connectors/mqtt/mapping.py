@@ -1,0 +1,377 @@
+"""MQTT config, target options and the envelope mapping both ways. Pure: no sockets here.
+
+The mapping works on plain values (topic, payload, a dict of MQTT 5 properties) so it is
+table-tested without a broker; :mod:`connectors.mqtt` converts paho's objects at the edge.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+
+from gateway.config.models import ByteSize, Duration, Secret, Strict
+from gateway.contract import ConnectorConfig, PermanentError, TargetOptions
+from gateway.envelope import Envelope, from_cloudevent, media_type
+
+#: CloudEvents context attributes carried as MQTT 5 user properties (binary mode).
+CE_CONTEXT = ("specversion", "id", "source", "type", "subject", "time", "dataschema")
+#: MQTT allows 268,435,455 bytes per packet.
+MQTT_MAX_PACKET = 268_435_455
+_TEMPLATE_EXPR = re.compile(r"\{\{.*?\}\}", re.DOTALL)
+_MAX_ID = 200
+
+
+# --- config --------------------------------------------------------------------------------
+
+
+class MqttTls(Strict):
+    #: CA bundle that signs the broker's certificate (system CAs when omitted).
+    ca_file: str | None = None
+    #: Client certificate and key for mutual TLS.
+    cert_file: str | None = None
+    key_file: str | None = None
+    key_password: Secret | None = None
+    #: Name to verify in the broker's certificate when it differs from the URL's host.
+    server_name: str | None = None
+
+
+class Subscription(Strict):
+    filter: str
+    qos: Literal[0, 1, 2] | None = None
+
+
+class StatusTopic(Strict):
+    """Retained presence: ``online`` after each connect, ``offline`` as the last will."""
+
+    topic: str
+    online: str = "online"
+    offline: str = "offline"
+    qos: Literal[0, 1, 2] = 1
+    retain: bool = True
+
+
+class MqttConfig(ConnectorConfig):
+    type: Literal["mqtt"] = "mqtt"
+    #: ``mqtt://host:1883`` or ``mqtts://host:8883`` (TLS). Credentials never go in the URL.
+    url: str = "mqtt://127.0.0.1:1883"
+    protocol: Literal["3.1.1", "5"] = "5"
+    #: Fixed client id so the broker keeps the session across restarts. Default:
+    #: ``gateway-<connector name>``; give each replica its own (and use ``share``).
+    client_id: str | None = None
+    username: str | None = None
+    password: Secret | None = None
+    tls: MqttTls | None = None
+    #: Topic filters (``+``/``#`` wildcards) to receive from, as strings or {filter, qos}.
+    subscribe: list[str | Subscription] = Field(default_factory=list)
+    #: Shared-subscription group: subscribe as ``$share/<group>/<filter>`` so replicas split the load.
+    share: str | None = None
+    #: Default QoS for subscriptions and publishes.
+    qos: Literal[0, 1, 2] = 1
+    #: False (default) keeps a persistent session: messages queued while the gateway is away
+    #: are delivered when it comes back.
+    clean_start: bool = False
+    #: MQTT 5 session expiry after a disconnect (3.1.1 sessions never expire).
+    session_expiry: Duration = 86400.0
+    keepalive: int = Field(default=30, ge=5, le=65535)
+    #: In-flight bound both ways: MQTT 5 Receive Maximum for deliveries to the gateway, and the
+    #: number of unacknowledged publishes from it.
+    max_inflight: int = Field(default=256, ge=1, le=65535)
+    #: Largest payload the gateway accepts or publishes; larger inbound ones go to the dead letters.
+    max_payload: ByteSize = 1024 * 1024
+    #: Content type of inbound payloads that carry none (MQTT 3.1.1, or no MQTT 5 content type).
+    content_type: str = "application/octet-stream"
+    connect_timeout: Duration = 10.0
+    reconnect_min: Duration = 0.5
+    reconnect_max: Duration = 30.0
+    status: StatusTopic | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError("url must look like mqtt://host:1883 or mqtts://host:8883")
+        if parts.username or parts.password:
+            raise ValueError("credentials never go in the url: use username and password: \"${MQTT_PASSWORD}\"")
+        if parts.path not in ("", "/") or parts.query:
+            raise ValueError("an MQTT url has no path or query")
+        return v
+
+    @field_validator("share")
+    @classmethod
+    def _share(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c in v for c in "/+#\0")):
+            raise ValueError("a share group is a non-empty name without '/', '+', '#'")
+        return v
+
+    @field_validator("subscribe")
+    @classmethod
+    def _filters(cls, v: list[str | Subscription]) -> list[str | Subscription]:
+        for item in v:
+            f = item if isinstance(item, str) else item.filter
+            err = filter_error(f)
+            if err:
+                raise ValueError(f"subscribe {f!r}: {err}")
+        return v
+
+    @field_validator("max_payload")
+    @classmethod
+    def _max_payload(cls, v: int) -> int:
+        if not 0 < v <= 256 * 1024 * 1024:
+            raise ValueError("max_payload must be between 1 byte and 256MiB")
+        return v
+
+    def model_post_init(self, _: Any) -> None:
+        if self.password is not None and not self.username:
+            raise ValueError("password needs username")
+        if self.reconnect_min <= 0 or self.reconnect_max < self.reconnect_min:
+            raise ValueError("reconnect_min must be > 0 and at most reconnect_max")
+
+    @property
+    def use_tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts" or self.tls is not None
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or (8883 if self.use_tls else 1883)
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """(full filter incl. ``$share/...``, qos) for every configured subscription."""
+        out: list[tuple[str, int]] = []
+        for item in self.subscribe:
+            f, q = (item, None) if isinstance(item, str) else (item.filter, item.qos)
+            if self.share:
+                f = f"$share/{self.share}/{f}"
+            out.append((f, self.qos if q is None else q))
+        return out
+
+    @property
+    def max_packet(self) -> int:
+        """MQTT 5 Maximum Packet Size we announce: twice the payload limit plus room for the
+        topic and properties, so an oversized payload still reaches us (and the dead letters)
+        while memory stays bounded."""
+        return min(MQTT_MAX_PACKET, 2 * self.max_payload + 64 * 1024)
+
+
+def filter_error(f: str) -> str | None:
+    if not f:
+        return "a topic filter cannot be empty"
+    if "\0" in f:
+        return "NUL is not allowed in a topic filter"
+    if f.startswith("$share/"):
+        return "use the 'share' option instead of writing $share/ yourself"
+    if len(f.encode("utf-8", "surrogatepass")) > 65535:
+        return "a topic filter is at most 65535 bytes"
+    levels = f.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return "'#' must be a whole level and the last one (e.g. 'plant/#')"
+        if "+" in level and level != "+":
+            return "'+' must be a whole level (e.g. 'plant/+/alert')"
+    return None
+
+
+class MqttTarget(TargetOptions):
+    """Where and how one route target publishes. String values are templates."""
+
+    #: Topic template, e.g. ``plant/{{ data.site }}/alert``. Each ``{{ }}`` value must stay
+    #: within its level: no ``/``, ``+``, ``#`` or NUL (see ``topic_levels``).
+    topic: str
+    qos: Literal[0, 1, 2] | None = None
+    retain: bool = False
+    #: MQTT 5 response topic (default: the envelope's reply_to).
+    response_topic: str | None = None
+    #: MQTT 5 correlation data (default: the envelope's correlation_id).
+    correlation_data: str | None = None
+    #: MQTT 5 message expiry.
+    message_expiry: Duration | None = None
+    #: How many levels the rendered topic has: computed from the template when omitted
+    #: (so a value cannot add levels); ``any`` lets values contain ``/``.
+    topic_levels: int | Literal["any"] | None = None
+    #: Send CloudEvents binary mode: context attributes as MQTT 5 user properties.
+    cloudevents: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _levels(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("topic"), str):
+            return data
+        topic = data["topic"]
+        templated = "{{" in topic or "{%" in topic
+        if templated and data.get("topic_levels") is None:
+            if "{%" in topic:
+                raise ValueError("a topic with {% %} blocks needs topic_levels (a number, or 'any')")
+            data = {**data, "topic_levels": _TEMPLATE_EXPR.sub("x", topic).count("/") + 1}
+        elif not templated:
+            err = topic_error(topic)
+            if err:
+                raise ValueError(f"topic {topic!r}: {err}")
+        return data
+
+
+def topic_error(topic: str, levels: int | str | None = None) -> str | None:
+    """Why ``topic`` cannot be published to, or None."""
+    if not topic:
+        return "the topic is empty"
+    try:
+        size = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "the topic is not valid UTF-8"
+    if size > 65535:
+        return "the topic is longer than 65535 bytes"
+    if "+" in topic or "#" in topic:
+        return "the topic contains a wildcard ('+' or '#')"
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in topic):
+        return "the topic contains NUL or a control character"
+    if isinstance(levels, int) and topic.count("/") + 1 != levels:
+        return (f"a substituted value changed the number of topic levels ({topic.count('/') + 1} instead of "
+                f"{levels}); set topic_levels: any to allow '/' in values")
+    return None
+
+
+# --- inbound: MQTT → envelope ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One received PUBLISH as plain values."""
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    dup: bool = False
+    content_type: str | None = None
+    user_properties: Sequence[tuple[str, str]] = ()
+    correlation_data: bytes | None = None
+    response_topic: str | None = None
+    message_expiry: int | None = None
+    payload_format: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def to_envelope(source: str, msg: Incoming, default_content_type: str) -> Envelope:
+    """The envelope for one MQTT message.
+
+    Subject is the topic. Attributes: ``mqtt.topic``, ``mqtt.qos``, ``mqtt.retain``, ``mqtt.dup``
+    and, when present, ``mqtt.message_expiry`` and ``mqtt.payload_format``. MQTT 5 user
+    properties become headers (a repeated name joins its values with ``, ``). CloudEvents binary
+    mode (user properties ``specversion``, ``id``, ``source``, ``type``…) gives the envelope the
+    event's id and ``ce-*`` headers; a structured event (``application/cloudevents+json``) is
+    unpacked as the REST connector does.
+    """
+    attributes: dict[str, Any] = {"mqtt.topic": msg.topic, "mqtt.qos": msg.qos, "mqtt.retain": msg.retain,
+                                  "mqtt.dup": msg.dup}
+    if msg.message_expiry is not None:
+        attributes["mqtt.message_expiry"] = msg.message_expiry
+    if msg.payload_format is not None:
+        attributes["mqtt.payload_format"] = msg.payload_format
+    props: dict[str, str] = {}
+    for key, value in msg.user_properties:
+        props[key] = f"{props[key]}, {value}" if key in props else value
+    content_type = msg.content_type or default_content_type
+    correlation = _correlation(msg.correlation_data)
+    if media_type(content_type) == "application/cloudevents+json":
+        import json
+
+        try:
+            event = json.loads(msg.payload)
+        except ValueError:
+            event = None
+        if isinstance(event, dict):
+            try:
+                ce = from_cloudevent(event, source=source, protocol="mqtt")
+            except ValueError:
+                ce = None
+            if ce is not None:
+                return ce.evolve(subject=msg.topic, headers={**props, **ce.headers},
+                                 attributes={**ce.attributes, **attributes}, correlation_id=correlation,
+                                 reply_to=msg.response_topic)
+    kwargs: dict[str, Any] = {}
+    if all(props.get(k) for k in ("specversion", "id", "source", "type")):
+        attributes.update(ce_source=props["source"], ce_type=props["type"])
+        kwargs["id"] = props["id"][:_MAX_ID]
+        props = {f"ce-{k}": v for k, v in props.items()}
+    return Envelope(source=source, protocol="mqtt", subject=msg.topic, body=msg.payload, content_type=content_type,
+                    headers=props, attributes=attributes, correlation_id=correlation,
+                    reply_to=msg.response_topic, **kwargs)
+
+
+def _correlation(data: bytes | None) -> str | None:
+    if data is None:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.hex()
+
+
+# --- outbound: envelope → MQTT ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    content_type: str | None = None
+    user_properties: list[tuple[str, str]] = field(default_factory=list)
+    correlation_data: bytes | None = None
+    response_topic: str | None = None
+    message_expiry: int | None = None
+
+
+def to_publish(env: Envelope, opts: MqttTarget, default_qos: int, max_payload: int) -> Outgoing:
+    """What to publish for ``env``; raises :class:`PermanentError` when it cannot be published."""
+    err = topic_error(opts.topic, opts.topic_levels)
+    if err:
+        raise PermanentError(f"topic {opts.topic!r}: {err}", code=422)
+    if len(env.body) > max_payload:
+        raise PermanentError(f"payload of {len(env.body)} bytes is over the limit of {max_payload}", code=413)
+    if opts.response_topic is not None:
+        response_topic: str | None = opts.response_topic
+    else:
+        response_topic = env.reply_to
+    if response_topic is not None:
+        rerr = topic_error(response_topic)
+        if rerr:
+            raise PermanentError(f"response topic {response_topic!r}: {rerr}", code=422)
+    correlation = opts.correlation_data if opts.correlation_data is not None else env.correlation_id
+    props = [(k, v) for k, v in env.headers.items()]
+    if opts.cloudevents:
+        props = ce_properties(env) + [(k, v) for k, v in props if not k.lower().startswith("ce-")]
+    expiry = int(opts.message_expiry) if opts.message_expiry else None
+    return Outgoing(
+        topic=opts.topic, payload=env.body, qos=default_qos if opts.qos is None else opts.qos, retain=opts.retain,
+        content_type=env.content_type, user_properties=props,
+        correlation_data=correlation.encode("utf-8") if correlation else None,
+        response_topic=response_topic or None, message_expiry=expiry,
+    )
+
+
+def ce_properties(env: Envelope) -> list[tuple[str, str]]:
+    """CloudEvents binary mode for MQTT 5: context attributes and extensions as user properties."""
+    out = [
+        ("specversion", "1.0"), ("id", env.id),
+        ("source", str(env.attributes.get("ce_source", f"/gateway/{env.source}"))),
+        ("type", str(env.attributes.get("ce_type", f"gateway.{env.protocol}.message"))),
+        ("time", env.time.isoformat().replace("+00:00", "Z")),
+    ]
+    if env.subject:
+        out.append(("subject", env.subject))
+    seen = {k for k, _ in out}
+    for key, value in env.headers.items():
+        name = key.lower()
+        if name.startswith("ce-") and name[3:].isalnum() and name[3:] not in seen:
+            out.append((name[3:], value))
+    return out

@@ -1,0 +1,275 @@
+"""The AMQP connector against the machine's RabbitMQ, through a real in-process gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import httpx
+import pytest
+
+from tests.gwtest import free_port, running_gateway, wait_for
+from tests.integration.test_mqtt_amqp import RestPeer, amqp_channel, drain_queue, gateway_yaml, unique
+
+pytestmark = pytest.mark.integration
+
+
+async def _dlx(ch: aio_pika.abc.AbstractChannel) -> tuple[str, str]:
+    """An exchange + queue that collect dead letters."""
+    dlx, dlq = unique("gw.dlx"), unique("gw.dlq")
+    ex = await ch.declare_exchange(dlx, aio_pika.ExchangeType.FANOUT, auto_delete=True)
+    q = await ch.declare_queue(dlq, auto_delete=True)
+    await q.bind(ex)
+    return dlx, dlq
+
+
+async def test_amqp_to_rest_acks_after_delivery_and_carries_headers(tmp_path: Path) -> None:
+    queue = unique("gw.in")
+    async with RestPeer() as peer, amqp_channel() as ch:
+        yaml = gateway_yaml(f"""
+  bus: {{type: amqp, queue: {{name: {queue}, queue_type: classic, durable: false}}, prefetch: 10}}
+  api: {{type: rest, base_url: "{peer.url}"}}
+""", """
+  - name: to-api
+    from: bus
+    mode: direct
+    to: [{connector: api, path: "/orders/{{ data.n }}"}]
+""")
+        async with running_gateway(tmp_path, yaml):
+            for n in range(5):
+                await ch.default_exchange.publish(
+                    aio_pika.Message(json.dumps({"n": n}).encode(), content_type="application/json",
+                                     headers={"x-tenant": "t1"}, message_id=f"m-{n}"),
+                    routing_key=queue)
+            await wait_for(lambda: len(peer.seen) >= 5, 10, what="5 requests")
+            await asyncio.sleep(0.3)
+            declared = await ch.declare_queue(queue, passive=True)
+            assert declared.declaration_result.message_count == 0  # all acknowledged
+    assert sorted(s.path for s in peer.seen) == [f"/orders/{n}" for n in range(5)]
+    assert all(s.headers["x-tenant"] == "t1" for s in peer.seen)
+    assert sorted(s.headers["idempotency-key"] for s in peer.seen) == [f"m-{n}" for n in range(5)]
+
+
+async def test_rest_to_amqp_confirmed_unroutable_and_missing_exchange_fail(tmp_path: Path) -> None:
+    port = free_port()
+    exchange, queue = unique("gw.ex"), unique("gw.q")
+    async with amqp_channel() as ch:
+        ex = await ch.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, auto_delete=True)
+        q = await ch.declare_queue(queue, auto_delete=True)
+        await q.bind(ex, routing_key="orders.#")
+        yaml = gateway_yaml(f"""
+  api: {{type: rest, listen: "127.0.0.1:{port}", auth: {{type: none}}, endpoints: [{{path: "/**"}}]}}
+  bus: {{type: amqp}}
+""", f"""
+  - name: good
+    from: api
+    match: {{subject: "/good"}}
+    mode: direct
+    to: [{{connector: bus, exchange: {exchange}, routing_key: "orders.{{{{ data.id }}}}", priority: 3,
+          expiration: 60, message_type: order, headers: {{x-source: api}}}}]
+  - name: unroutable
+    from: api
+    match: {{subject: "/nowhere"}}
+    mode: direct
+    to: [{{connector: bus, exchange: {exchange}, routing_key: "nobody.listens"}}]
+  - name: missing-exchange
+    from: api
+    match: {{subject: "/missing"}}
+    mode: direct
+    to: [{{connector: bus, exchange: {unique("gw.none")}, routing_key: "x"}}]
+  - name: spooled-unroutable
+    from: api
+    match: {{subject: "/spooled"}}
+    to: [{{connector: bus, exchange: {exchange}, routing_key: "nobody.listens"}}]
+    on_failure: {{retry: {{attempts: 1}}}}
+""")
+        async with running_gateway(tmp_path, yaml) as rt, httpx.AsyncClient() as http:
+            base = f"http://127.0.0.1:{port}"
+            r = await http.post(f"{base}/good", json={"id": 1}, headers={"x-trace": "t-1"})
+            assert r.status_code == 202, r.text
+            envelope_id = r.json()["id"]
+            r = await http.post(f"{base}/nowhere", json={"id": 2})
+            assert r.status_code == 503 and "unroutable" in r.text, r.text
+            r = await http.post(f"{base}/missing", json={"id": 3})
+            assert r.status_code == 503 and "does not exist" in r.text, r.text
+            r = await http.post(f"{base}/good", json={"id": 4})  # the channel survived both
+            assert r.status_code == 202, r.text
+            r = await http.post(f"{base}/spooled", json={"id": 5})
+            assert r.status_code == 202
+            await wait_for(rt.spool.dead_letters, 10, what="a dead letter")
+            [dead] = await rt.spool.dead_letters()
+            got = await drain_queue(ch, queue, 2)
+    assert "unroutable" in dead.last_error and dead.route == "spooled-unroutable"
+    first = got[0]
+    assert first.routing_key == "orders.1" and json.loads(first.body) == {"id": 1}
+    assert first.message_id == envelope_id
+    assert first.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert first.priority == 3 and first.type == "order" and first.expiration == 60
+    assert first.headers["x-trace"] == "t-1" and first.headers["x-source"] == "api"
+    assert first.content_type == "application/json"
+    assert first.app_id == "gateway"
+
+
+async def test_rpc_through_rest(tmp_path: Path) -> None:
+    port = free_port()
+    queue = unique("gw.rpc")
+    async with amqp_channel() as ch:
+        q = await ch.declare_queue(queue, auto_delete=True)
+
+        async def responder(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+            async with msg.process():
+                req = json.loads(msg.body)
+                if req.get("missing"):
+                    body, headers = b'{"error": "no such order"}', {"x-http-status": 404}
+                elif req.get("silent"):
+                    return
+                else:
+                    body, headers = json.dumps({"total": req["a"] + req["b"]}).encode(), {}
+                await ch.default_exchange.publish(
+                    aio_pika.Message(body, content_type="application/json", headers=headers,
+                                     correlation_id=msg.correlation_id), routing_key=msg.reply_to or "")
+
+        await q.consume(responder)
+        yaml = gateway_yaml(f"""
+  api: {{type: rest, listen: "127.0.0.1:{port}", auth: {{type: none}}}}
+  bus: {{type: amqp}}
+""", f"""
+  - name: rpc
+    from: api
+    timeout: 1s
+    to: [{{connector: bus, routing_key: {queue}, reply: true}}]
+""")
+        async with running_gateway(tmp_path, yaml), httpx.AsyncClient(timeout=10) as http:
+            url = f"http://127.0.0.1:{port}/sum"
+            replies = await asyncio.gather(*(http.post(url, json={"a": i, "b": 1}) for i in range(10)))
+            assert [r.status_code for r in replies] == [200] * 10
+            assert [r.json()["total"] for r in replies] == [i + 1 for i in range(10)]
+            assert replies[0].headers["content-type"] == "application/json"
+            r = await http.post(url, json={"missing": True})
+            assert r.status_code == 404, r.text
+            r = await http.post(url, json={"silent": True})
+            assert r.status_code == 504, r.text
+
+
+async def test_inbound_retry_requeues_then_poison_goes_to_dead_letter_exchange(tmp_path: Path) -> None:
+    queue = unique("gw.in")
+
+    def respond(seen: Any, n: int) -> tuple[int, bytes]:
+        body = json.loads(seen.body)
+        if body.get("poison"):
+            return 503, b"{}"
+        return (503, b"{}") if body["n"] == 0 and sum(1 for s in peer.seen if s.body == seen.body) <= 2 \
+            else (200, b"{}")
+
+    async with RestPeer(respond) as peer, amqp_channel() as ch:
+        dlx, dlq = await _dlx(ch)
+        yaml = gateway_yaml(f"""
+  bus: {{type: amqp, queue: {{name: {queue}, queue_type: classic, durable: false, dead_letter_exchange: {dlx},
+        arguments: {{x-expires: 60000}}}}, delivery_limit: 3, max_retry_delay: 0.1}}
+  api: {{type: rest, base_url: "{peer.url}"}}
+""", """
+  - name: to-api
+    from: bus
+    mode: direct
+    to: [{connector: api, path: /in}]
+""")
+        async with running_gateway(tmp_path, yaml):
+            for body in ({"poison": True}, {"n": 0}, {"n": 1}):
+                await ch.default_exchange.publish(aio_pika.Message(json.dumps(body).encode(),
+                                                                   content_type="application/json"),
+                                                  routing_key=queue)
+            [dead] = await drain_queue(ch, dlq, 1, timeout=15)
+            await wait_for(lambda: sum(1 for s in peer.seen if b'"n"' in s.body and b"503" not in s.body) >= 4,
+                           10, what="n=0 three times and n=1 once")
+    assert json.loads(dead.body) == {"poison": True}
+    assert dead.headers["x-death"][0]["reason"] == "rejected"
+    poison_calls = [s for s in peer.seen if b"poison" in s.body]
+    assert len(poison_calls) == 3  # delivery_limit
+    n0 = [s for s in peer.seen if s.body == b'{"n": 0}']
+    assert len(n0) == 3  # two 503s then delivered
+    assert [s for s in peer.seen if s.body == b'{"n": 1}']  # flowed while the poison message retried
+
+
+async def test_rejected_and_oversized_go_to_dead_letter_exchange(tmp_path: Path) -> None:
+    queue = unique("gw.in")
+    out = tmp_path / "out.jsonl"
+    async with amqp_channel() as ch:
+        dlx, dlq = await _dlx(ch)
+        yaml = gateway_yaml(f"""
+  bus: {{type: amqp, queue: {{name: {queue}, queue_type: classic, durable: false, dead_letter_exchange: {dlx},
+        arguments: {{x-expires: 60000}}}}, max_body: 100}}
+  out: {{type: file, path: "{out}"}}
+""", """
+  - name: only-orders
+    from: bus
+    match: {when: 'headers["kind"] == "order"'}
+    to: [{connector: out}]
+""")
+        async with running_gateway(tmp_path, yaml):
+            await ch.default_exchange.publish(aio_pika.Message(b"x" * 101, headers={"kind": "order"}),
+                                              routing_key=queue)
+            await ch.default_exchange.publish(aio_pika.Message(b"not an order", headers={"kind": "other"}),
+                                              routing_key=queue)
+            await ch.default_exchange.publish(aio_pika.Message(b"an order", headers={"kind": "order"}),
+                                              routing_key=queue)
+            dead = await drain_queue(ch, dlq, 2, timeout=10)
+            await wait_for(out.exists, 5, what="the order")
+    assert sorted(m.body for m in dead) == [b"not an order", b"x" * 101]
+    assert b"an order" in out.read_bytes()
+
+
+async def test_unreachable_broker_is_unready_not_fatal(tmp_path: Path) -> None:
+    yaml = gateway_yaml(f"""
+  bus: {{type: amqp, url: "amqp://127.0.0.1:{free_port()}/", connect_timeout: 0.5, reconnect_min: 0.1,
+        queue: {{name: never}}}}
+  out: {{type: file, path: "{tmp_path / 'o.jsonl'}"}}
+""", """
+  - name: r
+    from: bus
+    to: [{connector: out}]
+""")
+    async with running_gateway(tmp_path, yaml, wait_ready=False) as rt:
+        await asyncio.sleep(1.5)
+        ready, detail = rt.readiness()
+        assert not ready
+        assert not detail["connectors"]["bus"]["up"]
+        assert "connect failed" in detail["connectors"]["bus"]["detail"]
+        assert detail["connectors"]["out"]["up"]
+
+
+async def test_stop_listening_then_listen_again_keeps_acknowledging(tmp_path: Path) -> None:
+    queue = unique("gw.in")
+    out = tmp_path / "out.jsonl"
+    yaml = gateway_yaml(f"""
+  bus: {{type: amqp, queue: {{name: {queue}, queue_type: classic, durable: false}}}}
+  out: {{type: file, path: "{out}"}}
+""", """
+  - name: r
+    from: bus
+    to: [{connector: out}]
+""")
+    async with amqp_channel() as ch, running_gateway(tmp_path, yaml) as rt:
+        conn = rt.slots["bus"].connector
+        deliver = conn._deliver
+
+        async def send(n: int) -> None:
+            for i in range(n):
+                await ch.default_exchange.publish(aio_pika.Message(b"m%d" % i), routing_key=queue)
+
+        await send(20)
+        await wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= 20, 10, what="20 lines")
+        await conn.stop_listening(2)
+        await send(5)  # waits in the queue while nobody consumes
+        await asyncio.sleep(0.3)
+        assert len(out.read_text().splitlines()) == 20
+        await conn.listen(deliver)
+        await send(5)
+        await wait_for(lambda: len(out.read_text().splitlines()) >= 30, 10, what="30 lines")
+        await asyncio.sleep(0.3)
+        assert conn.health().up
+        declared = await ch.declare_queue(queue, passive=True)
+        assert declared.declaration_result.message_count == 0
+    assert len(out.read_text().splitlines()) == 30

@@ -1,0 +1,424 @@
+"""The MQTT connector against real Mosquitto brokers, through a real in-process gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.gwtest import free_port, running_gateway, wait_for
+from tests.integration.test_mqtt_amqp import RestPeer, gateway_yaml, mqtt_probe, require_port, unique
+
+pytestmark = pytest.mark.integration
+
+
+# --- a private Mosquitto ---------------------------------------------------------------------
+
+
+class Mosquitto:
+    """Our own Mosquitto on a free loopback port with a config that never drops messages:
+    persistence on, no queue limit (the default of 1,000 per client drops silently)."""
+
+    def __init__(self, tmp: Path, extra: str = "", *, port: int | None = None):
+        if shutil.which("mosquitto") is None:
+            pytest.fail("mosquitto is not installed: apt-get install -y mosquitto mosquitto-clients")
+        self.tmp = tmp
+        self.port = port or free_port()
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.conf = tmp / "mosquitto.conf"
+        self.conf.write_text(f"""
+user root
+per_listener_settings true
+persistence true
+persistence_location {tmp}/
+autosave_interval 1
+max_queued_messages 0
+max_inflight_messages 0
+log_dest file {tmp}/mosquitto.log
+listener {self.port} 127.0.0.1
+allow_anonymous true
+{extra}
+""")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        try:
+            _wait_port(self.port, self.proc, self.tmp)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """SIGTERM: Mosquitto saves its persistence file and exits."""
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+
+@contextmanager
+def mosquitto(tmp: Path, extra: str = "", *, port: int | None = None) -> Iterator[int]:
+    broker = Mosquitto(tmp, extra, port=port)
+    broker.start()
+    try:
+        yield broker.port
+    finally:
+        broker.stop()
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], tmp: Path) -> None:
+    import socket
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log = (tmp / "mosquitto.log").read_text() if (tmp / "mosquitto.log").exists() else ""
+            pytest.fail(f"mosquitto exited: {log[-500:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    pytest.fail(f"mosquitto did not listen on {port}")
+
+
+# --- inbound ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_wildcards_qos_and_properties_reach_the_route(tmp_path: Path, protocol: str) -> None:
+    root = unique("site")
+    out = tmp_path / "out.jsonl"
+    yaml = gateway_yaml(f"""
+  plant: {{type: mqtt, protocol: "{protocol}", client_id: {unique("gw")}, session_expiry: 60,
+           subscribe: ["{root}/+/alert", {{filter: "{root}/hall/#", qos: 2}}]}}
+  out: {{type: file, path: "{out}"}}
+""", """
+  - name: all
+    from: plant
+    match: {subject: ["SITE/+/alert", "SITE/hall/#"]}
+    to: [{connector: out}]
+""".replace("SITE", root))
+    v5 = protocol == "5"
+    async with running_gateway(tmp_path, yaml), mqtt_probe(v5=v5) as probe:
+        probe.publish(f"{root}/a/alert", b'{"n": 0}', qos=0)
+        probe.publish(f"{root}/b/alert", b'{"n": 1}', qos=1, user=[("k", "v"), ("k", "w")],
+                      content_type="application/json", correlation=b"c1", response_topic=f"{root}/r")
+        probe.publish(f"{root}/hall/x/y", b'{"n": 2}', qos=2)
+        probe.publish(f"{root}/a/other", b'{"n": 3}', qos=1)  # matches no subscription
+        await wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= 3, 10, what="3 lines")
+        await asyncio.sleep(0.3)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    by_n = {json.loads(x["body"])["n"]: x for x in lines}
+    assert sorted(by_n) == [0, 1, 2]
+    assert by_n[0]["attributes"]["mqtt.qos"] == 0
+    assert by_n[2]["attributes"]["mqtt.qos"] == 2
+    assert by_n[2]["subject"] == f"{root}/hall/x/y"
+    one = by_n[1]
+    assert one["attributes"]["mqtt.topic"] == f"{root}/b/alert"
+    if v5:
+        assert one["headers"] == {"k": "v, w"}
+        assert one["content_type"] == "application/json"
+        assert one["correlation_id"] == "c1"
+        assert one["reply_to"] == f"{root}/r"
+    else:
+        assert one["headers"] == {} and one["content_type"] == "application/octet-stream"
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+async def test_retry_outcome_keeps_message_unacknowledged_and_the_broker_redelivers_it(tmp_path: Path,
+                                                                                        qos: int) -> None:
+    """Direct route to a REST peer that keeps failing: the gateway retries the hand-over (same
+    envelope id) without PUBACK/PUBREC; stopped and started again with the same session, the
+    broker redelivers the message, and this time it is delivered."""
+    root = unique("retry")
+    client_id = unique("gw")
+
+    def yaml(url: str) -> str:
+        return gateway_yaml(f"""
+  plant: {{type: mqtt, client_id: {client_id}, session_expiry: 60, qos: {qos}, subscribe: ["{root}/#"]}}
+  api: {{type: rest, base_url: "{url}"}}
+""", """
+  - name: direct
+    from: plant
+    mode: direct
+    to: [{connector: api, path: /in}]
+""")
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    async with RestPeer(lambda seen, n: (503, b"{}")) as failing, mqtt_probe() as probe:
+        async with running_gateway(tmp_path / "one", yaml(failing.url)):
+            probe.publish(f"{root}/x", b'{"v": 1}', qos=qos)
+            await wait_for(lambda: len(failing.seen) >= 3, 10, what="retries")
+        assert {s.headers["idempotency-key"] for s in failing.seen} == {failing.seen[0].headers["idempotency-key"]}
+        async with RestPeer() as working, running_gateway(tmp_path / "two", yaml(working.url)):
+            await wait_for(lambda: working.seen, 10, what="the redelivered message")
+            await asyncio.sleep(0.3)
+    assert [s.body for s in working.seen] == [b'{"v": 1}']
+
+
+async def test_persistent_session_keeps_messages_while_the_gateway_is_away(tmp_path: Path) -> None:
+    root = unique("away")
+    out = tmp_path / "out.jsonl"
+    yaml = gateway_yaml(f"""
+  plant: {{type: mqtt, client_id: {unique("gw")}, session_expiry: 60, subscribe: ["{root}/#"]}}
+  out: {{type: file, path: "{out}"}}
+""", """
+  - name: r
+    from: plant
+    to: [{connector: out}]
+""")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    async with mqtt_probe() as probe:
+        async with running_gateway(tmp_path / "one", yaml):
+            probe.publish(f"{root}/0", b'{"n": 0}', qos=1)
+            await wait_for(out.exists, 5, what="first message")
+        for n in range(1, 6):  # the gateway is away
+            probe.publish(f"{root}/{n}", json.dumps({"n": n}), qos=1 + n % 2)
+        async with running_gateway(tmp_path / "two", yaml):
+            await wait_for(lambda: len(out.read_text().splitlines()) >= 6, 10, what="the queued messages")
+    got = sorted(json.loads(json.loads(line)["body"])["n"] for line in out.read_text().splitlines())
+    assert got == list(range(6))
+
+
+async def test_payload_over_limit_goes_to_dead_letters_and_is_acknowledged(tmp_path: Path) -> None:
+    root = unique("big")
+    out = tmp_path / "out.jsonl"
+    client_id = unique("gw")
+    yaml = gateway_yaml(f"""
+  plant: {{type: mqtt, client_id: {client_id}, session_expiry: 60, subscribe: ["{root}/#"], max_payload: 1KiB}}
+  out: {{type: file, path: "{out}"}}
+""", """
+  - name: r
+    from: plant
+    to: [{connector: out}]
+""")
+    async with mqtt_probe() as probe:
+        async with running_gateway(tmp_path, yaml) as rt:
+            probe.publish(f"{root}/x", b"x" * 1025, qos=1)
+            probe.publish(f"{root}/x", b"small", qos=1)
+            await wait_for(out.exists, 10, what="the small message")
+            if getattr(rt.slots["plant"].connector.ctx, "dead_letter", None) is not None:
+                # the runtime offers the core's dead letters to connectors
+                await wait_for(rt.spool.dead_letters, 5, what="the dead letter")
+                [dead] = await rt.spool.dead_letters()
+                reason, error, env = dead.reason, dead.last_error, json.loads(dead.envelope)
+            else:  # until then: the connector's own fsync'd dead-letter file
+                dl = Path(rt.config.model.gateway.state_dir) / "plant" / "dead-letters.jsonl"
+                await wait_for(dl.exists, 5, what="the dead letter")
+                [line] = dl.read_text().splitlines()
+                entry = json.loads(line)
+                reason, error, env = entry["reason"], entry["error"], entry["envelope"]
+        assert reason == "too_large" and "1025 bytes" in error
+        assert env["attributes"]["mqtt.topic"] == f"{root}/x"
+        # acknowledged: a restart with the same session gets nothing again
+        (tmp_path / "again").mkdir()
+        async with running_gateway(tmp_path / "again", yaml.replace(str(out), str(tmp_path / "again.jsonl"))):
+            await asyncio.sleep(1.0)
+        assert not (tmp_path / "again.jsonl").exists()
+
+
+async def test_shared_subscription_splits_messages_between_replicas(tmp_path: Path) -> None:
+    root = unique("shared")
+    group = unique("g")
+    outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+
+    def yaml(i: int) -> str:
+        return gateway_yaml(f"""
+  plant: {{type: mqtt, client_id: {unique("gw")}, session_expiry: 60, share: {group}, subscribe: ["{root}/+"]}}
+  out: {{type: file, path: "{outs[i]}"}}
+""", """
+  - name: r
+    from: plant
+    to: [{connector: out}]
+""")
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with running_gateway(tmp_path / "a", yaml(0)), running_gateway(tmp_path / "b", yaml(1)), \
+            mqtt_probe() as probe:
+        for i in range(40):
+            probe.publish(f"{root}/{i % 4}", json.dumps({"i": i}), qos=1)
+
+        def total() -> int:
+            return sum(len(o.read_text().splitlines()) for o in outs if o.exists())
+
+        await wait_for(lambda: total() >= 40, 10, what="40 messages")
+        await asyncio.sleep(0.5)
+    got = [json.loads(json.loads(line)["body"])["i"] for o in outs for line in o.read_text().splitlines()]
+    assert sorted(got) == list(range(40))  # each message exactly once across the two replicas
+    assert all(o.exists() and o.read_text() for o in outs)  # and both replicas took a share
+
+
+# --- outbound --------------------------------------------------------------------------------
+
+
+async def test_rest_to_mqtt_publishes_with_properties_and_refuses_topic_injection(tmp_path: Path) -> None:
+    root = unique("pub")
+    port = free_port()
+    yaml = gateway_yaml(f"""
+  api: {{type: rest, listen: "127.0.0.1:{port}", auth: {{type: none}}}}
+  plant: {{type: mqtt, client_id: {unique("gw")}, session_expiry: 60}}
+""", f"""
+  - name: api-to-plant
+    from: api
+    mode: direct
+    to:
+      - connector: plant
+        topic: "{root}/{{{{ data.site }}}}/cmd"
+        qos: 2
+        retain: false
+        message_expiry: 60
+        response_topic: "{root}/replies"
+        headers: {{x-origin: "gw-{{{{ data.site | length }}}}"}}
+""")
+    async with mqtt_probe() as probe:
+        probe.subscribe(f"{root}/#", qos=2)
+        async with running_gateway(tmp_path, yaml) as rt, httpx.AsyncClient() as http:
+            ok = await http.post(f"http://127.0.0.1:{port}/x", json={"site": "s7"})
+            assert ok.status_code == 202, ok.text
+            for bad in ("a/b", "+", "#", "a\u0000b"):
+                r = await http.post(f"http://127.0.0.1:{port}/x", json={"site": bad})
+                assert r.status_code == 202 and r.json()["status"] == "dead_lettered", r.text
+            await wait_for(lambda: len(probe.messages()) >= 1, 5, what="published message")
+            await asyncio.sleep(0.3)
+            dead = await rt.spool.dead_letters()
+    msgs = probe.messages()
+    assert [m.topic for m in msgs] == [f"{root}/s7/cmd"]
+    m = msgs[0]
+    assert m.qos == 2 and json.loads(m.payload) == {"site": "s7"}
+    assert m.props["ContentType"] == "application/json"
+    assert m.props["ResponseTopic"] == f"{root}/replies"
+    assert 0 < m.props["MessageExpiryInterval"] <= 60
+    assert ("x-origin", "gw-2") in m.props["UserProperty"]
+    assert len(dead) == 4
+    assert all("topic" in d.last_error for d in dead), [d.last_error for d in dead]
+
+
+async def test_unreachable_broker_makes_connector_unready_not_the_gateway(tmp_path: Path) -> None:
+    port, api = free_port(), free_port()
+    out = tmp_path / "out.jsonl"
+    yaml = gateway_yaml(f"""
+  plant: {{type: mqtt, url: "mqtt://127.0.0.1:{port}", client_id: {unique("gw")}, subscribe: ["a/#"],
+           connect_timeout: 0.5, reconnect_min: 0.1, reconnect_max: 0.5}}
+  api: {{type: rest, listen: "127.0.0.1:{api}", auth: {{type: none}}}}
+  out: {{type: file, path: "{out}"}}
+""", """
+  - name: from-plant
+    from: plant
+    to: [{connector: out}]
+  - name: from-api
+    from: api
+    to: [{connector: out}]
+""")
+    async with running_gateway(tmp_path, yaml, wait_ready=False) as rt, httpx.AsyncClient() as http:
+        await asyncio.sleep(1.5)
+        ready, detail = rt.readiness()
+        assert not ready and not detail["connectors"]["plant"]["up"]
+        assert "refused" in detail["connectors"]["plant"]["detail"].lower()
+        r = await http.post(f"http://127.0.0.1:{api}/e", json={"a": 1})
+        assert r.status_code == 202  # the rest of the gateway goes on
+        # the broker appears: the connector comes up by itself and consumes
+        with mosquitto(tmp_path / "broker", port=port):
+            await wait_for(lambda: rt.readiness()[0], 15, what="readiness once the broker is up")
+            async with mqtt_probe(port=port) as probe:
+                probe.publish("a/b", b"hello", qos=1)
+                await wait_for(lambda: out.exists() and b"hello" in out.read_bytes(), 5, what="message")
+
+
+async def test_tls_with_password_and_bad_password(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    d = tmp_path / "tls"
+    d.mkdir()
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    cert.private_key_pem.write_to_path(str(d / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+    passwd = d / "passwd"
+    passwd.touch()
+    subprocess.run(["mosquitto_passwd", "-b", str(passwd), "alice", "s3cret"], check=True)
+    tls_port = free_port()
+    extra = f"""
+listener {tls_port} 127.0.0.1
+cafile {d}/ca.pem
+certfile {d}/cert.pem
+keyfile {d}/key.pem
+allow_anonymous false
+password_file {passwd}
+"""
+    os.environ["GW_TEST_MQTT_PW"] = "s3cret"
+    os.environ["GW_TEST_MQTT_BAD"] = "wrong"
+    out = tmp_path / "out.jsonl"
+
+    def yaml(pw: str) -> str:
+        return gateway_yaml(f"""
+  plant: {{type: mqtt, url: "mqtts://127.0.0.1:{tls_port}", client_id: {unique("gw")}, username: alice,
+           password: "${{{pw}}}", tls: {{ca_file: "{d}/ca.pem", server_name: localhost}}, subscribe: ["t/#"],
+           connect_timeout: 2, reconnect_min: 0.2}}
+  out: {{type: file, path: "{out}"}}
+""", """
+  - name: r
+    from: plant
+    to: [{connector: out}]
+""")
+
+    with mosquitto(tmp_path / "broker", extra) as plain:
+        require_port(plain, "private Mosquitto")
+        (tmp_path / "good").mkdir()
+        async with running_gateway(tmp_path / "good", yaml("GW_TEST_MQTT_PW")):
+            async with mqtt_probe(port=plain) as probe:
+                probe.publish("t/1", b"over tls", qos=1)
+            # one broker, one topic space: published on the plain listener, received over TLS
+            await wait_for(lambda: out.exists() and b"over tls" in out.read_bytes(), 5, what="message over TLS")
+        (tmp_path / "bad").mkdir()
+        async with running_gateway(tmp_path / "bad", yaml("GW_TEST_MQTT_BAD"), wait_ready=False) as rt:
+            await asyncio.sleep(1.5)
+            ready, detail = rt.readiness()
+            assert not ready
+            text = detail["connectors"]["plant"]["detail"]
+            assert "s3cret" not in text and "wrong" not in text
+            assert "refused" in text.lower() or "authori" in text.lower(), text
+
+
+async def test_status_topic_online_and_last_will_on_connection_loss(tmp_path: Path) -> None:
+    status = unique("gw-status")
+    yaml = gateway_yaml(f"""
+  plant: {{type: mqtt, client_id: {unique("gw")}, session_expiry: 60, keepalive: 5, reconnect_min: 0.2,
+           status: {{topic: "{status}", online: "up", offline: "down"}}}}
+  api: {{type: rest, listen: "127.0.0.1:{free_port()}", auth: {{type: none}}}}
+""", """
+  - name: r
+    from: api
+    to: [{connector: plant, topic: "never/used"}]
+""")
+    async with mqtt_probe() as probe:
+        probe.subscribe(status, qos=1)
+        async with running_gateway(tmp_path, yaml) as rt:
+            await wait_for(lambda: [m.payload for m in probe.messages()] == [b"up"], 5, what="online")
+            conn = rt.slots["plant"].connector
+            import socket
+
+            conn._client.socket().shutdown(socket.SHUT_RDWR)  # the connection dies without a DISCONNECT
+            await wait_for(lambda: [m.payload for m in probe.messages()][:3] == [b"up", b"down", b"up"], 10,
+                           what="last will, then online again after the reconnect")
+        await asyncio.sleep(0.3)
+        assert probe.messages()[-1].payload == b"up"  # a clean stop sends no last will
+        probe.publish(status, b"", qos=1, retain=True)  # clear the retained status
