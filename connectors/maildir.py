@@ -16,6 +16,7 @@ Address form: ``path: var/mail/Maildir`` (created when missing).
 from __future__ import annotations
 
 import asyncio
+import functools
 import mailbox
 import os
 import re
@@ -89,6 +90,10 @@ class MaildirConnector(Connector):
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"maildir-{self.name}")
         try:
+            # mailbox.Maildir creates the Maildir itself but not the folders above it.
+            await asyncio.get_running_loop().run_in_executor(
+                self._pool, functools.partial(os.makedirs, os.path.dirname(os.path.abspath(self.cfg.path)),
+                                              exist_ok=True))
             await asyncio.get_running_loop().run_in_executor(self._pool, self._box, "")
         except OSError as exc:
             raise TransientError(f"cannot open the Maildir {self.cfg.path}: {exc.strerror}") from exc

@@ -5,7 +5,7 @@
 #   otherwise says exactly what to run. Idempotent: does nothing when all is there.
 set -euo pipefail
 
-APT_PACKAGES=(rabbitmq-server mosquitto mosquitto-clients swaks libnet-ssleay-perl prometheus curl chromium chromium-driver gnupg openssl)
+APT_PACKAGES=(rabbitmq-server mosquitto mosquitto-clients swaks libnet-ssleay-perl prometheus curl chromium chromium-driver gnupg openssl dovecot-imapd dovecot-pop3d prosody)
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && exec 3>&- ; }
 

@@ -240,16 +240,16 @@ class StormControl:
         if len(buf.events) < MAX_DIGEST_EVENTS:
             buf.events.append({"id": env.id, "subject": env.subject, "time": env.time.isoformat(),
                                "data": env.data_or_none() if not isinstance(env.data_or_none(), bytes) else None})
-        await self.state.save("digest", c.route, key, {
-            "window_end": buf.window_end, "events": buf.events, "count": buf.count, "first": buf.first,
-            "last": buf.last, "last_env": buf.last_env})
+        await self.state.save("digest", c.route, key, _stored(buf))
 
     def digest_envelope(self, buf: _DigestBuffer) -> Envelope:
         last = Envelope.from_json(buf.last_env)
         base = last.data_or_none()
         data = dict(base) if isinstance(base, dict) else {}
+        # Folds finish in completion order; the digest lists events in the order they arrived.
+        events = sorted(buf.events, key=lambda e: str(e.get("time", "")))
         data["digest"] = {"key": buf.key, "count": buf.count,
-                          "first": _iso(buf.first), "last": _iso(buf.last), "events": buf.events}
+                          "first": _iso(buf.first), "last": _iso(buf.last), "events": events}
         body = json.dumps(data, ensure_ascii=False, default=str).encode("utf-8")
         return last.evolve(id=_digest_id(last), body=body, content_type="application/json",
                            attributes={**last.attributes, "digest": True})
@@ -261,10 +261,20 @@ class StormControl:
         for (route, key), buf in list(self.state.digests.items()):
             if not force and buf.window_end > now:
                 continue
+            # Detach before awaiting: an alert folded while the digest is being sent starts the
+            # next window instead of being lost with this one.
+            self.state.digests.pop((route, key), None)
             if await self.emit(route, self.digest_envelope(buf)):
-                self.state.digests.pop((route, key), None)
-                await self.state.save("digest", route, key, None)
                 sent += 1
+                nxt = self.state.digests.get((route, key))
+                await self.state.save("digest", route, key, None if nxt is None else _stored(nxt))
+            else:
+                nxt = self.state.digests.get((route, key))
+                if nxt is not None:  # merge what arrived meanwhile; retried on the next tick
+                    buf.events.extend(nxt.events[: max(0, MAX_DIGEST_EVENTS - len(buf.events))])
+                    buf.count += nxt.count
+                    buf.last, buf.last_env = nxt.last, nxt.last_env
+                self.state.digests[(route, key)] = buf
         return sent
 
     async def run(self, interval: float = 1.0) -> None:
@@ -285,6 +295,11 @@ class StormControl:
             self._task = None
         if self._pending_writes:
             await asyncio.gather(*self._pending_writes, return_exceptions=True)
+
+
+def _stored(buf: _DigestBuffer) -> dict[str, Any]:
+    return {"window_end": buf.window_end, "events": buf.events, "count": buf.count, "first": buf.first,
+            "last": buf.last, "last_env": buf.last_env}
 
 
 def _chain(undos: list[Callable[[], None]]) -> Callable[[], None] | None:

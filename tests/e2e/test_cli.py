@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def test_schema_is_json_schema_with_every_connector_kind() -> None:
 def test_route_tests_pass_and_a_wrong_expectation_fails(tmp_path: Path) -> None:
     ok = gateway("routes", "test", "routes.yaml", "--tests", "examples/route-tests.yaml")
     assert ok.returncode == 0, ok.stdout
-    assert "3 passed, 0 failed" in ok.stdout
+    assert "6 passed, 0 failed" in ok.stdout
     bad = tmp_path / "t.yaml"
     bad.write_text("tests:\n  - name: wrong\n    message: {source: api, subject: /events/x, json: {}}\n"
                    "    expect: {routes: [urgent-events-to-log]}\n")
@@ -90,9 +91,12 @@ def readme_first_curl() -> str:
 
 def test_run_serves_the_readme_walkthrough_and_exits_0_on_sigterm(tmp_path: Path) -> None:
     """The README's first steps, on free ports: POST → 202 → file line → counted in /metrics."""
-    api, admin = free_port(), free_port()
+    api, admin, smtp = free_port(), free_port(), free_port()
     text = (ROOT / "routes.yaml").read_text().replace("127.0.0.1:8080", f"127.0.0.1:{api}").replace(
-        "127.0.0.1:8081", f"127.0.0.1:{admin}")
+        "127.0.0.1:8081", f"127.0.0.1:{admin}").replace("127.0.0.1:2525", f"127.0.0.1:{smtp}").replace(
+        "client_id: gateway-plant", f"client_id: gateway-e2e-{os.getpid()}")
+    (tmp_path / "templates").mkdir()
+    shutil.copy(ROOT / "templates" / "boiler-alert.txt.j2", tmp_path / "templates")
     (tmp_path / "routes.yaml").write_text(text)
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", "routes.yaml"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
