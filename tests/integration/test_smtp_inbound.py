@@ -346,16 +346,24 @@ async def test_implicit_tls_with_auth(tmp_path: Path) -> None:
 
 
 async def test_spool_that_cannot_store_answers_451(tmp_path: Path) -> None:
+    """The spool fills up between MAIL and the end of DATA: 451 4.3.0, nothing stored, never 250."""
     port = free_port()
-    gateway = f"""gateway:
-  admin: {{listen: "127.0.0.1:{free_port()}"}}
-  spool: {{path: "{tmp_path / 'spool.db'}", min_free_bytes: 1000000TB}}
-  state_dir: "{tmp_path / 'state'}"
-"""
-    yaml = gateway_yaml(tmp_path, port, gateway=gateway).replace("1000000TB", str(10**18))
-    async with running_gateway(tmp_path, yaml, wait_ready=False):
-        rc, out = await swaks("--server", f"127.0.0.1:{port}", "--from", "a@client.test", "--to", "ops@example.com")
-        assert rc != 0 and "<** 451 4.3.0 Temporary failure, try again later" in out, out
+    async with running_gateway(tmp_path, gateway_yaml(tmp_path, port)) as rt:
+
+        def talk() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                s.ehlo("client.test")
+                assert s.mail("a@client.test")[0] == 250
+                assert s.rcpt("ops@example.com")[0] == 250
+                rt.spool.min_free_bytes = 10**18  # the disk is now full
+                rt.spool._free_checked_at = 0  # type: ignore[attr-defined]
+                code, text = s.docmd("DATA")
+                assert code == 354
+                s.send(b"Subject: t\r\n\r\nbody\r\n.\r\n")
+                return s.getreply()
+
+        code, text = await asyncio.get_running_loop().run_in_executor(None, talk)
+    assert code == 451 and text.startswith(b"4.3.0 Temporary failure, try again later")
     assert sink_lines(tmp_path / "sink.jsonl") == []
 
 
