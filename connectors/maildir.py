@@ -7,9 +7,12 @@ string a template, every header value checked for CR/LF/NUL) or, for an inbound
 a Maildir++ subfolder (``Alerts``, ``Alerts.Boiler``), created on first use. Lines are stored
 with LF endings, as Maildir readers expect. Sets ``Message-ID`` (stable across retries),
 ``Date``, ``Auto-Submitted: auto-generated``, ``X-Gateway-Envelope-Id`` on built messages.
+With ``dkim``, ``smime`` or ``pgp`` (:mod:`connectors.mailauth`) every message is sealed
+before it is stored (a route may set ``seal: {sign, encrypt, missing_key}``).
 Delivery guarantee: ``send`` returns once the file is in ``new/`` and (``fsync: true``, the
 default) the file and the directory entry are fsync'd. A full or failing disk is transient;
-a message that cannot be built (bad address, header injection, bad folder name) is permanent.
+a message that cannot be built (bad address, header injection, bad folder name) or sealed is
+permanent; a sealer that cannot be set up (unreadable certificate, PGP keys) is transient.
 Address form: ``path: var/mail/Maildir`` (created when missing).
 """
 
@@ -34,6 +37,7 @@ from connectors.mail_common import (
     parse_addresses,
     validated_options,
 )
+from connectors.mailauth import OutboundSealing, SealOptions, SealSettings
 from gateway.contract import (
     Connector,
     ConnectorConfig,
@@ -49,7 +53,7 @@ from gateway.envelope import Envelope
 _FOLDER = re.compile(r"^[A-Za-z0-9_-]{1,64}(?:\.[A-Za-z0-9_-]{1,64}){0,7}$")
 
 
-class MaildirConfig(ConnectorConfig):
+class MaildirConfig(ConnectorConfig, SealSettings):
     type: Literal["maildir"] = "maildir"
     #: The Maildir root (with ``cur/``, ``new/``, ``tmp/``); created when missing.
     path: str
@@ -68,6 +72,8 @@ class MaildirConfig(ConnectorConfig):
 class MaildirTarget(MailOptions):
     #: Maildir++ subfolder (``Alerts`` or ``Alerts.Boiler``); omitted: the inbox.
     folder: str | None = None
+    #: This route's sealing over the connector's smime/pgp settings.
+    seal: SealOptions | None = None
 
 
 class MaildirConnector(Connector):
@@ -85,8 +91,10 @@ class MaildirConnector(Connector):
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._error = ""
+        self._sealing = OutboundSealing(config, log=self.log, connector=self.name)
 
     async def open(self) -> None:
+        await self._sealing.open()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"maildir-{self.name}")
         try:
@@ -111,7 +119,9 @@ class MaildirConnector(Connector):
                                  "(letters, digits, '_', '-', dot-separated)")
         if self._pool is None:
             await self.open()
-        data = built.data.replace(b"\r\n", b"\n")
+        sealed = await self._sealing.seal(built.data, recipients=built.recipients, options=opts.seal,
+                                          envelope_id=env.id)
+        data = sealed.replace(b"\r\n", b"\n")
         try:
             await asyncio.get_running_loop().run_in_executor(self._pool, self._store, folder, data)
         except OSError as exc:
@@ -160,6 +170,8 @@ class MaildirConnector(Connector):
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await asyncio.to_thread(pool.shutdown, True)  # lets a write in progress finish
+        await self._sealing.close()
 
     def health(self) -> Health:
-        return Health(not self._error, self._error)
+        error = self._sealing.error or self._error
+        return Health(not error, error)

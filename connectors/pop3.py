@@ -30,7 +30,9 @@ Envelope
   The same as IMAP's and SMTP inbound's (see :func:`connectors.imap.mapping.mail_envelope`):
   ``subject`` = the mailbox address (``address``, default the username, lower-cased),
   ``content_type`` = ``message/rfc822``, ``attributes``: ``mail_from``, ``rcpt``, ``size``,
-  ``email``, ``idempotency_key``, ``pop3.uidl``.
+  ``email``, ``idempotency_key``, ``pop3.uidl``; with ``auth_check``, ``auth`` (DKIM and DMARC;
+  SPF is ``none`` without a client IP) and an ``Authentication-Results`` header on the body.
+  Nothing is refused for its results (``policy: reject`` tags like ``tag``): routes decide.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from connectors.imap.mapping import mail_envelope
+from connectors.imap.mapping import authenticate, mail_envelope
 from connectors.imap.session import tls_reason
 from connectors.imap.state import CheckpointStore, StateError
+from connectors.mailauth import AuthCheckSettings, Verifier
 from gateway.config.models import ByteSize, Duration, Secret
 from gateway.contract import Connector, ConnectorConfig, ConnectorContext, Deliver, Health, Status
 from gateway.logs import event
@@ -57,7 +60,7 @@ __all__ = ["Pop3Config", "Pop3Connector"]
 MAX_LINE = 1024 * 1024
 
 
-class Pop3Config(ConnectorConfig):
+class Pop3Config(ConnectorConfig, AuthCheckSettings):
     type: Literal["pop3"] = "pop3"
     host: str
     #: Default: 995 for ``implicit`` TLS, 110 otherwise.
@@ -227,8 +230,12 @@ class Pop3Connector(Connector):
         self._drop: _Maildrop | None = None
         self._error = "not polled yet"
         self._rng = random.Random()
+        self._verifier: Verifier | None = None
 
     async def listen(self, deliver: Deliver) -> None:
+        check = self.cfg.auth_check
+        if self._verifier is None and check is not None and check.policy != "off":
+            self._verifier = Verifier(check, log=self.log)  # ValueError: no resolver; the supervisor retries
         self._deliver = deliver
         self._listening = True
         self._stop.clear()
@@ -344,8 +351,9 @@ class Pop3Connector(Connector):
             await self.store.pop3_mark(uidl, "rejected")
             return
         raw = await asyncio.to_thread(drop.retr, num, size)
+        raw, auth = await authenticate(self._verifier, raw, connector=self.name)
         env = mail_envelope(raw, source=self.name, protocol="pop3", mailbox=self.cfg.mailbox_address,
-                            idempotency_key=f"pop3:{uidl}", extra={"pop3.uidl": uidl})
+                            idempotency_key=f"pop3:{uidl}", extra={"pop3.uidl": uidl}, auth=auth)
         event(self.log, "pop3.fetched", logging.DEBUG, envelope_id=env.id, size=len(raw), **where)
         outcome = await self._deliver(env)
         if outcome.acknowledge:

@@ -38,13 +38,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 class StubDns:
     """An authoritative-looking DNS server on 127.0.0.1 answering from ``records``."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.records: dict[tuple[str, str], list[str]] = {}
         self.servfail: set[str] = set()
         self.silent: set[str] = set()
         self.queries: list[tuple[str, str]] = []
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._sock.bind(("127.0.0.1", 0))
+        self._sock.bind(("127.0.0.1", port))
         self._sock.settimeout(0.1)
         self.port = int(self._sock.getsockname()[1])
         self._stop = threading.Event()

@@ -43,7 +43,15 @@ Envelope (inbound)
   ``headers`` = Subject, From, To, Cc, Reply-To, Date, Message-ID, In-Reply-To, References and
   every ``X-*`` header; ``attributes``: ``mail_from`` (Return-Path, else From), ``rcpt`` (the
   mailbox), ``size``, ``email`` (parsed view: text, html, attachments metadata, defects),
-  ``idempotency_key``, ``imap.folder``, ``imap.uid``, ``imap.uidvalidity``, ``imap.flags``.
+  ``idempotency_key``, ``imap.folder``, ``imap.uid``, ``imap.uidvalidity``, ``imap.flags``;
+  with ``auth_check``, ``auth`` (DKIM and DMARC; SPF is ``none`` without a client IP) and an
+  ``Authentication-Results`` header on the body. Nothing is refused for its results
+  (``policy: reject`` tags like ``tag``): routes decide.
+
+Sealing (outbound)
+  With ``dkim``, ``smime`` or ``pgp`` (:mod:`connectors.mailauth`) every appended message is
+  sealed first (a route may set ``seal: {sign, encrypt, missing_key}``); a sealing failure is
+  permanent, a sealer that cannot be set up keeps the connector down (transient).
 """
 
 from __future__ import annotations
@@ -57,10 +65,11 @@ import aioimaplib
 from pydantic import ValidationError
 
 from connectors.imap.config import ImapConfig, ImapTarget, check_folder
-from connectors.imap.mapping import mail_envelope
+from connectors.imap.mapping import authenticate, mail_envelope
 from connectors.imap.session import ImapRefused, LoginFailed, Session, SessionLost, open_session
 from connectors.imap.state import CheckpointStore, FolderCheckpoint, StateError
 from connectors.mail_common import HeaderInjection, MailError, build_mail, validated_options
+from connectors.mailauth import OutboundSealing, Verifier
 from gateway.contract import (
     Connector,
     ConnectorConfig,
@@ -113,20 +122,26 @@ class ImapConnector(Connector):
         self._sessions: dict[str, Session] = {}
         self._folder_error: dict[str, str] = {}
         self._busy = 0
+        self._verifier: Verifier | None = None
         # outbound
         self._out: Session | None = None
         self._out_lock = asyncio.Lock()
         self._out_error = ""
+        self._sealing = OutboundSealing(config, log=self.log, connector=self.name)
 
     # --- lifecycle -----------------------------------------------------------------------
 
     async def open(self) -> None:
         """Log in once now, so an unreachable server or wrong credentials show at start; the
-        session is kept for APPEND."""
+        session is kept for APPEND. Sealing (if configured) is made ready first."""
+        await self._sealing.open()
         async with self._out_lock:
             await self._outbound()
 
     async def listen(self, deliver: Deliver) -> None:
+        check = self.cfg.auth_check
+        if self._verifier is None and check is not None and check.policy != "off":
+            self._verifier = Verifier(check, log=self.log)  # ValueError: no resolver; the supervisor retries
         self._deliver = deliver
         self._listening = True
         self._stop.clear()
@@ -161,15 +176,19 @@ class ImapConnector(Connector):
                 await self._out.logout()
                 self._out = None
         await asyncio.to_thread(self.store.close)
+        await self._sealing.close()
         self._out_error = "closed"
 
     def health(self) -> Health:
         if self._listening:
             bad = {f: e for f, e in self._folder_error.items() if e}
+            if self._sealing.error:
+                bad["APPEND"] = self._sealing.error
             if bad:
                 return Health(False, "; ".join(f"{f}: {e}" for f, e in sorted(bad.items())))
             return Health(True)
-        return Health(not self._out_error, self._out_error)
+        error = self._out_error or self._sealing.error
+        return Health(not error, error)
 
     # --- inbound -------------------------------------------------------------------------
 
@@ -300,10 +319,11 @@ class ImapConnector(Connector):
         raw = await session.fetch_body(uid)
         if raw is None:
             return
+        raw, auth = await authenticate(self._verifier, raw, connector=self.name)
         env = mail_envelope(raw, source=self.name, protocol="imap", mailbox=self.cfg.mailbox_address,
                             idempotency_key=f"imap:{folder}:{uidvalidity}:{uid}",
                             extra={"imap.folder": folder, "imap.uid": uid, "imap.uidvalidity": uidvalidity,
-                                   "imap.flags": sorted(meta.flags)})
+                                   "imap.flags": sorted(meta.flags)}, auth=auth)
         event(self.log, "imap.fetched", logging.DEBUG, envelope_id=env.id, size=len(raw), **where)
         outcome = await self._deliver(env)
         if outcome.acknowledge:
@@ -357,10 +377,12 @@ class ImapConnector(Connector):
                                default_sender=self.cfg.sender or self.cfg.mailbox_address)
         except (ValidationError, HeaderInjection, MailError, ValueError) as exc:
             raise PermanentError(f"cannot build the message: {exc}") from exc
+        data = await self._sealing.seal(built.data, recipients=built.recipients, options=opts.seal,
+                                        envelope_id=env.id)
         async with self._out_lock:
             session = await self._outbound()
             try:
-                await session.append(folder, built.data, opts.flags, env.time)
+                await session.append(folder, data, opts.flags, env.time)
             except SessionLost as exc:
                 self._out = None
                 raise TransientError(f"APPEND to {folder!r}: {exc}") from exc
@@ -369,5 +391,5 @@ class ImapConnector(Connector):
                     raise TransientError(f"APPEND to {folder!r}: {exc}") from exc
                 raise PermanentError(f"APPEND to {folder!r}: {exc}") from exc
         event(self.log, "imap.appended", logging.DEBUG, envelope_id=env.id, connector=self.name, folder=folder,
-              route=target.route, size=len(built.data))
+              route=target.route, size=len(data))
         return None

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from connectors.mail_common import MailOptions
+from connectors.mailauth import AuthCheckSettings, SealOptions, SealSettings
 from gateway.config.models import ByteSize, Duration, Secret, Strict
 from gateway.contract import ConnectorConfig
 
@@ -46,7 +47,10 @@ class Search(Strict):
         return v
 
 
-class ImapConfig(ConnectorConfig):
+class ImapConfig(ConnectorConfig, AuthCheckSettings, SealSettings):
+    """Watched folders (inbound, with an optional ``auth_check``) and APPEND (outbound, with
+    optional ``dkim`` / ``smime`` / ``pgp`` sealing; see :mod:`connectors.mailauth`)."""
+
     type: Literal["imap"] = "imap"
     host: str
     #: Default: 993 for ``implicit`` TLS, 143 otherwise.
@@ -146,6 +150,8 @@ class ImapTarget(MailOptions):
     folder: str = "INBOX"
     #: Flags for the appended message, e.g. ``["\\Seen"]``.
     flags: list[str] = Field(default_factory=list)
+    #: This route's sealing over the connector's smime/pgp settings.
+    seal: SealOptions | None = None
 
     substitution_checks: ClassVar[dict[str, Any]] = {"folder": _folder_value}
 

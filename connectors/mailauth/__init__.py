@@ -15,7 +15,9 @@ Features:
   failure is ``temperror``, never a permanent rejection.
 * Outbound (:class:`Sealer`): S/MIME (``cryptography``; detached multipart/signed, enveloped
   AES-256) or PGP/MIME (RFC 3156, python-gnupg over ``gpg`` in a GnuPG home of our own), then
-  DKIM (rsa-sha256 / ed25519-sha256, relaxed/relaxed). Output is CRLF wire bytes.
+  DKIM (rsa-sha256 / ed25519-sha256, relaxed/relaxed). Output is CRLF wire bytes. A target
+  connector keeps an :class:`OutboundSealing` (the Sealer from ``open`` to ``close``; a sealer
+  that cannot work keeps the connector down instead of sending weaker).
 
 Delivery guarantee: verification never loses a message: it answers, tags, or asks the sender to
 retry. Sealing raises :class:`gateway.contract.PermanentError` with the reason for every signing
@@ -39,6 +41,7 @@ from connectors.mailauth.config import (
     SmimeSettings,
 )
 from connectors.mailauth.dkimsign import public_record
+from connectors.mailauth.outbound import OutboundSealing
 from connectors.mailauth.seal import Sealer, seal_message
 from connectors.mailauth.verify import (
     AuthResults,
@@ -55,6 +58,7 @@ __all__ = [
     "AuthResults",
     "DkimSignatureResult",
     "DkimSigning",
+    "OutboundSealing",
     "PgpSettings",
     "SealOptions",
     "SealSettings",

@@ -18,9 +18,9 @@ Inbound
   decoded Subject, From, To, Cc, Reply-To, Date, Message-ID, In-Reply-To, References and every
   ``X-*`` header (lower-case names, one line each); ``attributes``: ``mail_from``, ``rcpt``,
   ``rcpt_tos``, ``helo``, ``peer``, ``tls`` (version or null), ``size``, ``auth`` (``{user}``
-  when authenticated) and ``email`` (the parsed view: subject, from, to, cc, reply_to, date,
-  message_id, headers, text, html, attachments [{filename, content_type, size, disposition}],
-  defects, truncated).
+  when authenticated, else the ``auth_check`` results) and ``email`` (the parsed view: subject,
+  from, to, cc, reply_to, date, message_id, headers, text, html, attachments [{filename,
+  content_type, size, disposition}], defects, truncated).
 
 Outbound
   Address: ``url: smtp://relay:587`` (STARTTLS ``required`` by default) or ``smtps://relay:465``;
@@ -32,6 +32,15 @@ Outbound
   Delivery guarantee: delivered once the relay answered ``250`` to DATA; ``4xx``, timeouts and
   connection/TLS failures are transient (retried); ``5xx`` is permanent (dead letter with the
   relay's reply). Connections are pooled (``max_connections``) and reused for ``keepalive``.
+
+Mail authenticity (:mod:`connectors.mailauth`, docs/mailauth.md)
+  Inbound ``auth_check``: after DATA, SPF (client IP, MAIL FROM, HELO), DKIM and DMARC;
+  ``policy: reject`` answers ``550 5.7.1`` for a DMARC failure under ``p=reject`` and ``451
+  4.7.1`` when DNS failed; otherwise the message gets an ``Authentication-Results`` header and
+  ``attributes.auth`` (``auth.spf``, ``auth.dkim``, ``auth.dmarc``…) for routes. Mail from
+  AUTH-authenticated submitters is not checked. Outbound ``dkim`` / ``smime`` / ``pgp``: every
+  message (built or forwarded) is sealed just before it goes to the relay; a sealing failure
+  is permanent, a sealer that cannot be set up keeps the outbound side down (transient).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from connectors.mail_common import HeaderInjection, MailError, build_mail, parse_addresses, validated_options
+from connectors.mailauth import OutboundSealing
 from connectors.smtp.config import SmtpConfig, SmtpTarget
 from connectors.smtp.listener import Listener
 from connectors.smtp.relay import Relay
@@ -71,13 +81,20 @@ class SmtpConnector(Connector):
         assert isinstance(config, SmtpConfig)
         self.cfg = config
         self._relay = Relay(config, self.name, self.log) if config.url else None
+        self._sealing = OutboundSealing(config, log=self.log, connector=self.name)
         self._listener: Listener | None = None
 
     async def open(self) -> None:
         # The relay is connected lazily, per send: a relay that is down must not keep this
-        # connector's inbound side from listening.
+        # connector's inbound side from listening. Nor must a sealer that cannot work: then
+        # health() reports it and send() keeps retrying it (TransientError).
         if self._relay is not None:
             self._relay.start()
+            try:
+                await self._sealing.open()
+            except TransientError:
+                if self.cfg.listen is None:
+                    raise
 
     async def listen(self, deliver: Deliver) -> None:
         if self.cfg.listen is None:
@@ -109,7 +126,9 @@ class SmtpConnector(Connector):
                 sender = found[0][1]
         except (HeaderInjection, MailError, ValidationError) as exc:
             raise PermanentError(f"cannot build the message: {exc}") from exc
-        await self._relay.send(sender, built.recipients, built.data)
+        data = await self._sealing.seal(built.data, recipients=built.recipients, options=opts.seal,
+                                        envelope_id=env.id)
+        await self._relay.send(sender, built.recipients, data)
         return None
 
     async def close(self) -> None:
@@ -118,6 +137,7 @@ class SmtpConnector(Connector):
             self._listener = None
         if self._relay is not None:
             await self._relay.close()
+        await self._sealing.close()
 
     def health(self) -> Health:
         problems = []
@@ -125,4 +145,6 @@ class SmtpConnector(Connector):
             problems.append("not listening")
         if self._relay is not None and self._relay.error:
             problems.append(self._relay.error)
+        if self._sealing.error:
+            problems.append(self._sealing.error)
         return Health(not problems, "; ".join(problems))

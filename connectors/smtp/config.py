@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 
 from connectors.mail_common import MailOptions, parse_addresses
+from connectors.mailauth import AuthCheckSettings, SealOptions, SealSettings
 from connectors.smtp.users import Users
 from gateway.config.models import ByteSize, Duration, Secret, Strict
 from gateway.contract import ConnectorConfig
@@ -26,7 +27,10 @@ class TlsFiles(Strict):
     key: str
 
 
-class SmtpConfig(ConnectorConfig):
+class SmtpConfig(ConnectorConfig, AuthCheckSettings, SealSettings):
+    """Inbound and/or outbound SMTP. ``auth_check`` (inbound SPF/DKIM/DMARC) and ``dkim``,
+    ``smime``, ``pgp`` (outbound sealing) come from :mod:`connectors.mailauth`."""
+
     type: Literal["smtp"] = "smtp"
     #: The name in the greeting and EHLO answer (inbound) and in our EHLO (outbound).
     hostname: str = Field(default_factory=socket.gethostname)
@@ -132,6 +136,10 @@ class SmtpConfig(ConnectorConfig):
             self._check_inbound()
         if self.url is not None:
             self._check_outbound()
+        if self.auth_check is not None and self.listen is None:
+            raise ValueError("auth_check checks mail this connector receives: it needs 'listen'")
+        if (self.dkim or self.smime or self.pgp) and self.url is None:
+            raise ValueError("dkim, smime and pgp seal mail this connector sends: they need 'url'")
 
     def _check_inbound(self) -> None:
         if not self.recipients:
@@ -183,6 +191,8 @@ class SmtpConfig(ConnectorConfig):
 
 class SmtpTarget(MailOptions):
     """A route's ``to:`` entry for an smtp connector: the message (see :class:`MailOptions`)
-    and, optionally, the envelope sender (MAIL FROM; default: the From address)."""
+    and, optionally, the envelope sender (MAIL FROM; default: the From address) and this
+    route's sealing (``seal: {sign, encrypt, missing_key}`` over the connector's smime/pgp)."""
 
     envelope_from: str | None = None
+    seal: SealOptions | None = None

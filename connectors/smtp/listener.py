@@ -1,6 +1,7 @@
 """The inbound SMTP listener: the socket, its sessions, and each message's hand-off to the gateway.
 
-Each accepted message becomes one envelope per recipient; the DATA answer is
+Each accepted message is first checked (``auth_check``: SPF, DKIM, DMARC; the policy may refuse
+it right there), then becomes one envelope per recipient; the DATA answer is
 :func:`reply_for` of their outcomes. Past ``max_sessions`` a connection gets ``421 4.3.2``;
 ``stop`` says ``421`` to idle sessions and waits (up to the drain time) for messages in flight.
 """
@@ -17,6 +18,7 @@ from typing import Any
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from connectors.mail_common import MESSAGE_RFC822, clean, envelope_headers, parse_message
+from connectors.mailauth import Verifier, add_authentication_results, smtp_reply
 from connectors.smtp.config import SmtpConfig
 from connectors.smtp.session import R_BUSY, R_INTERNAL, GatewaySMTP, Hooks
 from connectors.smtp.users import Users
@@ -80,6 +82,8 @@ class Listener:
         self.users = Users.parse(cfg.users.get_secret_value()) if cfg.users is not None else None
         self.tls_context = server_tls_context(cfg.tls.cert, cfg.tls.key) if cfg.tls is not None else None
         self.starttls_context = self.tls_context if cfg.inbound_starttls != "off" else None
+        check = cfg.auth_check
+        self.verifier = Verifier(check, log=log) if check is not None and check.policy != "off" else None
         self.hooks = Hooks(self)
         self.sessions: set[GatewaySMTP] = set()
         self._accepting: set[asyncio.Task[str]] = set()
@@ -144,14 +148,29 @@ class Listener:
         return task
 
     async def accept(self, smtp: GatewaySMTP, envelope: SmtpEnvelope, raw: bytes) -> str:
-        """Hand one message to the gateway (one envelope per recipient); return the reply."""
+        """Check one message, hand it to the gateway (one envelope per recipient); return the reply."""
+        session = smtp.session
+        assert session is not None
+        auth: dict[str, Any] = {}
+        # Our own AUTH-authenticated submitters are not checked: what they send is ours.
+        if self.verifier is not None and smtp.auth_user is None:
+            results = await self.verifier.verify(raw, smtp.peer_ip, session.host_name or "",
+                                                 envelope.mail_from or "", connector=self.name)
+            refusal = smtp_reply(results, self.verifier.cfg)
+            if refusal is not None:
+                event(self.log, "smtp.auth_refused", logging.INFO, connector=self.name, peer=smtp.peer,
+                      reply=refusal[:9], spf=results.spf, dkim=results.dkim, dmarc=results.dmarc,
+                      from_domain=results.from_domain, rcpts=len(envelope.rcpt_tos))
+                return refusal
+            raw = add_authentication_results(raw, results)
+            auth = results.as_dict()
+        if smtp.auth_user is not None:
+            auth["user"] = smtp.auth_user
         if len(raw) > PARSE_INLINE_LIMIT or raw.count(b"oundary=") + raw.count(b"OUNDARY=") > 32:
             # big or deeply nested (hostile?) messages: keep the event loop free for others
             view = await asyncio.to_thread(parse_message, raw)
         else:
             view = parse_message(raw)
-        session = smtp.session
-        assert session is not None
         common: dict[str, Any] = {
             "mail_from": envelope.mail_from or "",
             "rcpt_tos": list(envelope.rcpt_tos),
@@ -161,8 +180,8 @@ class Listener:
             "size": len(raw),
             "email": view,
         }
-        if smtp.auth_user is not None:
-            common["auth"] = {"user": smtp.auth_user}
+        if auth:
+            common["auth"] = auth
         headers = envelope_headers(view)
         recipients = {r.lower(): r for r in envelope.rcpt_tos}
         envs = [Envelope(source=self.name, protocol="smtp", subject=subject, body=raw,

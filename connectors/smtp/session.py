@@ -135,6 +135,8 @@ class GatewaySMTP(SMTP):
         self._auth_failures = 0
         self._registered = False
         self.peer = ""
+        #: The client's IP address, as SPF checks it.
+        self.peer_ip = ""
         # aiosmtpd reads both from the instance; its class-level dict is shared by every session.
         self.line_length_limit = max(READER_LIMIT, cfg.max_line_length + 2)
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
@@ -159,7 +161,9 @@ class GatewaySMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._registered:
             self._registered = True
-            self.peer = _peer(transport.get_extra_info("peername"))
+            peername = transport.get_extra_info("peername")
+            self.peer = _peer(peername)
+            self.peer_ip = str(peername[0]) if isinstance(peername, tuple) and peername else ""
             self.listener.sessions.add(self)
             if transport.get_extra_info("ssl_object") is not None:
                 # Implicit TLS: aiosmtpd only knows STARTTLS and looks for its TLS protocol to

@@ -25,6 +25,7 @@ from gateway.envelope import Envelope
 from gateway.registry import Registry
 from tests.contract import OutboundContract, make_connector
 from tests.gwtest import free_port, running_gateway, wait_for, write_config
+from tests.mailauth_support import dkim_txt, pem, rsa_key, stub_dns
 from tests.peers.dovecot import Dovecot, Mailbox, dovecot
 from tests.peers.gateway_process import GatewayProcess
 
@@ -299,6 +300,55 @@ routes:
     assert by_subject["appended over IMAP"]["body"].endswith("first\r\n")
     flags = await asyncio.to_thread(box.flags)
     assert all("\\Seen" in f for f in flags.values())  # marked only after the outcome
+
+
+async def test_append_signs_with_dkim_and_the_watcher_checks_what_it_fetches(
+        tmp_path: Path, dovecot: Dovecot) -> None:
+    """One imap connector both ways: alerts are APPENDed DKIM-signed into the folder it watches
+    with ``auth_check``; a client APPENDs a spoof. The signed one routes as DMARC pass, the spoof
+    as fail: fetched mail is tagged, never refused, even under ``policy: reject``."""
+    box = dovecot.add_user()
+    key = rsa_key()
+    files = {name: tmp_path / f"{name}.jsonl" for name in ("authentic", "suspect")}
+    api = free_port()
+    with stub_dns() as dns:
+        dns.txt("gw._domainkey.example.test", dkim_txt(key))
+        dns.txt("_dmarc.example.test", "v=DMARC1; p=reject")
+        mbox = {"type": "imap", **imap_raw(box, tmp_path), "sender": "Gateway <gw@example.test>",
+                "dkim": {"domain": "example.test", "selector": "gw",
+                         "key": {"file": secret_file(tmp_path, pem(key))}},
+                "auth_check": {"policy": "reject", "resolver": dns.address, "timeout": "0.5s",
+                               "authserv_id": "gw.example.test"}}
+        yaml = f"""
+connectors:
+  mbox: {json.dumps(mbox)}
+  api: {{type: rest, listen: "127.0.0.1:{api}", auth: {{type: none}}}}
+  authentic: {{type: file, path: "{files['authentic']}", fsync: false}}
+  suspect: {{type: file, path: "{files['suspect']}", fsync: false}}
+routes:
+  - {{name: alerts-to-mailbox, from: api, to: [{{connector: mbox, subject: "Boiler {{{{ data.site }}}}"}}]}}
+  - {{name: authentic, from: mbox, match: {{when: "auth.dmarc == 'pass'"}}, to: [{{connector: authentic}}]}}
+  - {{name: suspect, from: mbox, match: {{when: "auth.dmarc == 'fail'"}}, to: [{{connector: suspect}}]}}
+"""
+        async with running_gateway(tmp_path, yaml, registry=registry()):
+            async with httpx.AsyncClient() as http:
+                r = await http.post(f"http://127.0.0.1:{api}/alerts", json={"site": "north"})
+                assert r.status_code == 202
+            await asyncio.to_thread(box.append, mail("pay now", extra="Return-Path: <sensor@example.test>\r\n"))
+            await wait_for(lambda: all(f.exists() and f.read_text().strip() for f in files.values()), timeout=15,
+                           what="one message in each file")
+    authentic, suspect = (json.loads(files[name].read_text()) for name in ("authentic", "suspect"))
+    assert authentic["attributes"]["email"]["subject"] == "Boiler north"
+    auth = authentic["attributes"]["auth"]
+    assert (auth["spf"], auth["dkim"], auth["dmarc"], auth["dkim_domains"]) == ("none", "pass", "pass",
+                                                                                ["example.test"])
+    assert authentic["body"].startswith("Authentication-Results: gw.example.test;\r\n\tspf=none")
+    assert "\r\nDKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.test;" in authentic["body"]
+    assert suspect["attributes"]["email"]["subject"] == "pay now"
+    assert suspect["attributes"]["auth"]["dmarc"] == "fail"
+    assert "smtp.mailfrom=sensor@example.test" in suspect["body"]
+    flags = await asyncio.to_thread(box.flags)
+    assert len(flags) == 2 and all("\\Seen" in f for f in flags.values())
 
 
 @pytest.mark.parametrize(("pattern", "to_server", "when"), [

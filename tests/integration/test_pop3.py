@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import dkim
 import httpx
 import pytest
 
@@ -27,6 +28,7 @@ from tests.integration.test_imap import (
     registry,
     secret_file,
 )
+from tests.mailauth_support import dkim_txt, pem, rsa_key, stub_dns
 from tests.peers.dovecot import Dovecot, Mailbox, dovecot
 from tests.peers.gateway_process import GatewayProcess
 
@@ -176,6 +178,32 @@ async def test_outcomes_on_the_wire(tmp_path: Path, dovecot: Dovecot, caplog: py
     assert await asyncio.to_thread(box.count) == 2  # refused + huge stay; retried is gone
     events = {r.getMessage() for r in caplog.records}
     assert {"pop3.rejected", "pop3.too_large"} <= events
+
+
+async def test_auth_check_tags_what_it_takes(tmp_path: Path, dovecot: Dovecot) -> None:
+    """DKIM and DMARC on fetched mail (no client IP: SPF is none); a signature broken on the way
+    is a DMARC fail, tagged and handed on like the rest."""
+    box = dovecot.add_user()
+    key = rsa_key()
+    signed = mail("signed", "pay invoice 42")
+    signed = dkim.sign(signed, b"sel", b"example.test", pem(key, "pkcs1").encode()) + signed
+    rec = Recorder()
+    with stub_dns() as dns:
+        dns.txt("sel._domainkey.example.test", dkim_txt(key))
+        dns.txt("_dmarc.example.test", "v=DMARC1; p=quarantine")
+        check = {"policy": "tag", "resolver": dns.address, "timeout": "0.5s", "authserv_id": "gw.example.test"}
+        async with listening(pop3(box, tmp_path, auth_check=check), rec):
+            await asyncio.to_thread(box.append, signed)
+            await asyncio.to_thread(box.append, signed.replace(b"invoice 42", b"invoice 43"))
+            await wait_for(lambda: len(rec.seen) == 2, what="both messages")
+    good, bad = rec.seen
+    assert good.attributes["auth"]["dkim"] == "pass" and good.attributes["auth"]["dmarc"] == "pass"
+    assert good.attributes["auth"]["spf"] == "none"
+    assert good.body.startswith(b"Authentication-Results: gw.example.test;\r\n\tspf=none")
+    assert good.body.endswith(signed)
+    assert (bad.attributes["auth"]["dkim"], bad.attributes["auth"]["dmarc"]) == ("fail", "fail")
+    assert bad.attributes["auth"]["dmarc_disposition"] == "quarantine"
+    assert await asyncio.to_thread(box.count) == 0  # both taken
 
 
 @pytest.mark.parametrize("case", ["wrong-password", "untrusted-ca", "stls-ok"])

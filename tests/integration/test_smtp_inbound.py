@@ -357,7 +357,7 @@ async def test_spool_that_cannot_store_answers_451(tmp_path: Path) -> None:
                 assert s.rcpt("ops@example.com")[0] == 250
                 rt.spool.min_free_bytes = 10**18  # the disk is now full
                 rt.spool._free_checked_at = 0  # type: ignore[attr-defined]
-                code, text = s.docmd("DATA")
+                code, _ = s.docmd("DATA")
                 assert code == 354
                 s.send(b"Subject: t\r\n\r\nbody\r\n.\r\n")
                 return s.getreply()

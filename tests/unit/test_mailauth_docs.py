@@ -1,6 +1,5 @@
-"""The routes.yaml examples in docs/mailauth.md validate, with the settings mixed into the smtp
-connector's config the way docs/mailauth.md tells connector authors to (until the smtp connector
-carries them itself)."""
+"""The routes.yaml examples in docs/mailauth.md validate against the real connectors (smtp, imap,
+file…), and their errors name the field."""
 
 from __future__ import annotations
 
@@ -10,27 +9,12 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from connectors.mailauth import AuthCheckSettings, SealOptions, SealSettings
-from connectors.smtp import SmtpConfig, SmtpConnector, SmtpTarget
-from gateway.config.loader import load_config_text
+from connectors.smtp import SmtpConnector
+from gateway.config.loader import LoadedConfig, load_config_text
 from gateway.config.yamlsrc import ConfigError
-from gateway.registry import Registry
 from tests.mailauth_support import pem, rsa_key
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "mailauth.md"
-
-
-class WiredSmtpConfig(SmtpConfig, AuthCheckSettings, SealSettings):
-    pass
-
-
-class WiredSmtpTarget(SmtpTarget):
-    seal: SealOptions | None = None
-
-
-class WiredSmtp(SmtpConnector):
-    Config = WiredSmtpConfig
-    Options = WiredSmtpTarget
 
 
 def examples() -> list[str]:
@@ -48,22 +32,38 @@ def secrets_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def load(text: str, secrets_dir: Path) -> object:
+def load(text: str, secrets_dir: Path) -> LoadedConfig:
     text = text.replace("/run/secrets/", f"{secrets_dir}/")
-    env = {"SMTP_PASSWORD": "x", "SMIME_KEY_PASSWORD": "pw", "PGP_PASSPHRASE": "p"}
-    return load_config_text(text, registry=Registry({"smtp": WiredSmtp}), env=env)
+    env = {"SMTP_PASSWORD": "x", "SMIME_KEY_PASSWORD": "pw", "PGP_PASSPHRASE": "p", "IMAP_PASSWORD": "i"}
+    return load_config_text(text, env=env)
 
 
-def test_the_doc_has_an_inbound_and_an_outbound_example() -> None:
+def test_the_doc_has_inbound_outbound_and_by_hand_examples() -> None:
     found = examples()
-    assert len(found) == 2
-    assert "auth_check:" in found[0] and "seal:" in found[1]
+    assert len(found) == 4
+    smtp_in, imap_in, outbound, by_hand = found
+    assert "auth_check:" in smtp_in and "type: smtp" in smtp_in
+    assert "auth_check:" in imap_in and "type: imap" in imap_in
+    assert "seal:" in outbound and "dkim:" in outbound
+    assert "auth_check:" in by_hand and "127.0.0.1:5353" in by_hand
 
 
-@pytest.mark.parametrize("index", [0, 1])
-def test_doc_example_validates(index: int, secrets_dir: Path) -> None:
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+def test_doc_example_validates_with_the_real_connectors(index: int, secrets_dir: Path) -> None:
     cfg = load(examples()[index], secrets_dir)
-    assert cfg.connectors  # type: ignore[attr-defined]
+    assert cfg.connectors
+
+
+def test_the_wired_settings_are_where_the_doc_says(secrets_dir: Path) -> None:
+    inbound = load(examples()[0], secrets_dir)
+    mx = inbound.connectors["mx"]
+    assert inbound.kinds["mx"] is SmtpConnector
+    assert mx.auth_check is not None and mx.auth_check.policy == "reject"  # type: ignore[attr-defined]
+    outbound = load(examples()[2], secrets_dir)
+    assert outbound.connectors["ops"].dkim is not None  # type: ignore[attr-defined]
+    assert outbound.connectors["ops-pgp"].pgp is not None  # type: ignore[attr-defined]
+    route = outbound.router.route_named("payroll-alerts")
+    assert route is not None and route.targets[0].options.seal.encrypt is True  # type: ignore[attr-defined]
 
 
 def test_doc_example_errors_name_the_field(secrets_dir: Path) -> None:
@@ -71,6 +71,10 @@ def test_doc_example_errors_name_the_field(secrets_dir: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load(broken, secrets_dir)
     assert "auth_check.policy" in str(err.value)
-    wrong = examples()[1].replace('key_password: "${SMIME_KEY_PASSWORD}"', 'key_password: "${PGP_PASSPHRASE}"')
+    wrong = examples()[2].replace('key_password: "${SMIME_KEY_PASSWORD}"', 'key_password: "${PGP_PASSPHRASE}"')
     with pytest.raises(ConfigError, match="not a readable PEM private key"):
         load(wrong, secrets_dir)
+    no_url = examples()[2].replace('    url: "smtp://relay.example.com:587"\n', '    listen: "127.0.0.1:2525"\n'
+                                   '    recipients: [gw.example.com]\n', 1)
+    with pytest.raises(ConfigError, match="dkim, smime and pgp seal mail this connector sends: they need 'url'"):
+        load(no_url, secrets_dir)
