@@ -10,7 +10,7 @@ second factor) for a session token with a limited life; the web editor at ``/ui/
 that. An editor token with a second factor presented directly as a bearer token reads only
 (viewer): writing needs the code. Every change is logged with the token's name.
 
-Config endpoints (see docs/editing.md): ``GET /api/config``, ``GET|PUT /api/routes`` (the PUT
+Config endpoints (see the README, "Editing routing rules"): ``GET /api/config``, ``GET|PUT /api/routes`` (the PUT
 carries ``If-Match: "<version>"``; an edit of a stale version answers ``409``),
 ``POST /api/routes/validate``, ``POST /api/routes/test`` (dry run, nothing sent),
 ``POST /api/reload``, ``GET /api/history``, ``GET /api/history/diff``,

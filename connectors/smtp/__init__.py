@@ -33,7 +33,7 @@ Outbound
   connection/TLS failures are transient (retried); ``5xx`` is permanent (dead letter with the
   relay's reply). Connections are pooled (``max_connections``) and reused for ``keepalive``.
 
-Mail authenticity (:mod:`connectors.mailauth`, docs/mailauth.md)
+Mail authenticity (:mod:`connectors.mailauth`; the README, "Mail authenticity and encryption")
   Inbound ``auth_check``: after DATA, SPF (client IP, MAIL FROM, HELO), DKIM and DMARC;
   ``policy: reject`` answers ``550 5.7.1`` for a DMARC failure under ``p=reject`` and ``451
   4.7.1`` when DNS failed; otherwise the message gets an ``Authentication-Results`` header and

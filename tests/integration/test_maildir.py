@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: What the default routes.yaml gains (docs/smtp.md): SMTP on 2525 into a local Maildir.
+#: What the default routes.yaml holds (README, "Mail: SMTP in, SMTP out, Maildir"): SMTP on 2525 into a local Maildir.
 DEFAULT_SNIPPET = """
 connectors:
   mail-in:

@@ -1,4 +1,4 @@
-"""A stub DNS server to try mail authentication by hand (docs/mailauth.md, "Try it by hand").
+"""A stub DNS server to try mail authentication by hand (the README's mail authenticity section, "Try it by hand").
 
     .venv/bin/python -m tests.peers.stubdns /tmp/mailauth-demo [PORT]
 

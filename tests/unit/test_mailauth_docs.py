@@ -1,4 +1,4 @@
-"""The routes.yaml examples in docs/mailauth.md validate against the real connectors (smtp, imap,
+"""The routes.yaml examples in the README's mail authenticity section validate against the real connectors (smtp, imap,
 file…), and their errors name the field."""
 
 from __future__ import annotations
@@ -14,11 +14,17 @@ from gateway.config.loader import LoadedConfig, load_config_text
 from gateway.config.yamlsrc import ConfigError
 from tests.mailauth_support import pem, rsa_key
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "mailauth.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def section() -> str:
+    text = README.read_text()
+    start = text.index("### Mail authenticity and encryption")
+    return text[start:text.index("\n### ", start + 10)]
 
 
 def examples() -> list[str]:
-    blocks = re.findall(r"```yaml\n(.*?)```", DOC.read_text(), re.DOTALL)
+    blocks = re.findall(r"```yaml\n(.*?)```", section(), re.DOTALL)
     return [b for b in blocks if "connectors:" in b]
 
 
