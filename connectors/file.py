@@ -10,7 +10,6 @@ sends share one fsync (group commit). Address form: ``path: var/out/messages.jso
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from typing import Literal
 
@@ -54,6 +53,10 @@ class FileConnector(Connector):
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._error = ""
+        #: The open file and its (device, inode), used only by the writer's thread.
+        self._fd: int | None = None
+        self._identity: tuple[int, int] | None = None
+        self._closing = False
 
     async def open(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.cfg.path))
@@ -70,7 +73,7 @@ class FileConnector(Connector):
         if opts.format == "body":
             line = env.body.rstrip(b"\n") + b"\n"
         else:
-            line = json.dumps(env.as_dict(), ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+            line = env.to_json().encode("utf-8") + b"\n"
         if self._writer is None:
             await self.open()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -81,11 +84,12 @@ class FileConnector(Connector):
 
     async def _write_loop(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
+            while not self._pending:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
             batch, self._pending = self._pending, []
-            if not batch:
-                continue
             try:
                 await asyncio.to_thread(self._write, b"".join(line for line, _ in batch))
                 self._error = ""
@@ -100,18 +104,37 @@ class FileConnector(Connector):
                         fut.set_exception(err)
 
     def _write(self, data: bytes) -> None:
+        """Append and fsync in the writer's thread. The file stays open between batches (each
+        system call is a moment this thread must win the GIL back from the event loop); a stat
+        of the path tells when it was rotated, moved or removed, and it is opened again."""
         path = self.cfg.path
         try:
-            size = os.path.getsize(path)
+            st: os.stat_result | None = os.stat(path)
         except FileNotFoundError:
-            size = 0
-        if size and size + len(data) > self.cfg.max_bytes:
+            st = None
+        if self._fd is not None and (st is None or (st.st_dev, st.st_ino) != self._identity):
+            self._close_file()
+        if st is not None and st.st_size and st.st_size + len(data) > self.cfg.max_bytes:
+            self._close_file()
             self._rotate()
-        with open(path, "ab") as fh:
-            fh.write(data)
-            fh.flush()
+        if self._fd is None:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            opened = os.fstat(fd)
+            self._fd, self._identity = fd, (opened.st_dev, opened.st_ino)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
             if self.cfg.fsync:
-                os.fsync(fh.fileno())
+                os.fsync(self._fd)
+        except OSError:
+            self._close_file()  # start afresh with the next batch
+            raise
+
+    def _close_file(self) -> None:
+        if self._fd is not None:
+            fd, self._fd, self._identity = self._fd, None, None
+            os.close(fd)
 
     def _rotate(self) -> None:
         path, keep = self.cfg.path, self.cfg.keep
@@ -125,11 +148,13 @@ class FileConnector(Connector):
 
     async def close(self) -> None:
         if self._writer is not None:
-            while self._pending:
-                self._wake.set()
-                await asyncio.sleep(0.01)
-            self._writer.cancel()
+            # Let the writer finish what was asked (and its thread let go of the file) first.
+            self._closing = True
+            self._wake.set()
+            await self._writer
             self._writer = None
+            self._closing = False
+        self._close_file()
 
     def health(self) -> Health:
         return Health(not self._error, self._error)

@@ -51,6 +51,7 @@ from gateway.contract import (
     TargetOptions,
     TransientError,
 )
+from gateway.deadlines import Deadlines
 from gateway.envelope import Envelope, from_cloudevent, media_type
 from gateway.http import Receive, Scope, Send, send_problem
 from gateway.logs import event
@@ -153,6 +154,7 @@ class RestConnector(Connector):
         self._session: aiohttp.ClientSession | None = None
         self._accepting = False
         self._inflight = 0
+        self._deadlines = Deadlines()
         self._endpoints = [(re.compile(_glob_to_regex(e.path)), set(e.methods), e.content_types)
                            for e in config.endpoints]
         self._tokens = [t.get_secret_value().strip().encode() for t in (config.auth.tokens if config.auth else [])]
@@ -247,7 +249,8 @@ class RestConnector(Connector):
             await send_problem(send, status, title, f"the body limit is {self.cfg.max_body} bytes")
             return
         try:
-            body = await asyncio.wait_for(_read_body(receive, self.cfg.max_body), timeout=self.cfg.read_timeout)
+            with self._deadlines.after(self.cfg.read_timeout):
+                body = await _read_body(receive, self.cfg.max_body)
         except _TooLarge:
             await send_problem(send, 413, "Content Too Large", f"the body limit is {self.cfg.max_body} bytes")
             return
@@ -292,7 +295,7 @@ class RestConnector(Connector):
         query = scope.get("query_string", b"").decode("latin-1")
         client = scope.get("client")
         attributes: dict[str, Any] = {
-            "http_method": scope["method"], "query": dict(parse_qsl(query)),
+            "http_method": scope["method"], "query": dict(parse_qsl(query)) if query else {},
             "peer": f"{client[0]}:{client[1]}" if client else "",
         }
         idem = headers.get("idempotency-key")
@@ -333,11 +336,11 @@ class RestConnector(Connector):
             await _respond(send, r.status if 200 <= r.status < 300 else 200, r.body, r.content_type.encode(),
                            [(b"x-envelope-id", env_id.encode())])
         elif outcome.acknowledge:
-            payload = {"id": env_id, "status": st.value}
             if outcome.reason:
-                payload["reason"] = outcome.reason
-            await _respond(send, 202, json.dumps(payload).encode(), b"application/json",
-                           [(b"x-envelope-id", env_id.encode())])
+                body = json.dumps({"id": env_id, "status": st.value, "reason": outcome.reason}).encode()
+            else:  # the common answer, built without a dict; the same bytes json.dumps gives
+                body = f'{{"id": {json.dumps(env_id)}, "status": "{st.value}"}}'.encode()
+            await _respond(send, 202, body, b"application/json", [(b"x-envelope-id", env_id.encode())])
         else:
             # A target's failure speaks through its own client-facing message (never the
             # reason, which may name internal hosts); its other details go in "upstream".

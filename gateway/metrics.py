@@ -6,12 +6,52 @@ A :class:`Metrics` has its own registry, so tests and several runtimes never sha
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from typing import Any, Self
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
 
 # The *_created series double the exposition for no use on a dashboard.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _QuickLabels:
+    """``labels(...)`` without the library's argument checks and lock once the child exists.
+
+    Every message looks up a few children; the library validates, converts and locks on each
+    call. A child, once made, stays in the parent's own table until ``remove``/``clear``, so
+    reading that table first returns the same object the slow path would.
+    """
+
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> Self:
+        if not labelkwargs:
+            try:
+                child: Self = self._metrics[labelvalues]  # type: ignore[attr-defined]
+                return child
+            except (AttributeError, KeyError, TypeError):
+                pass
+        return super().labels(*labelvalues, **labelkwargs)  # type: ignore[misc,no-any-return]
+
+
+class Counter(_QuickLabels, prometheus_client.Counter):
+    def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
+        if exemplar is None and amount >= 0:
+            try:
+                self._value.inc(amount)  # what the library does after its checks, on a child
+                return
+            except AttributeError:  # a parent with labels: the library says what is wrong
+                pass
+        super().inc(amount, exemplar)
+
+
+class Gauge(_QuickLabels, prometheus_client.Gauge):
+    pass
+
+
+class Histogram(_QuickLabels, prometheus_client.Histogram):
+    pass
 
 
 class Metrics:

@@ -93,6 +93,9 @@ __all__ = ["MqttConfig", "MqttConnector", "MqttTarget"]
 _PERMANENT_REASONS = {0x87, 0x90, 0x99}  # not authorized, topic name invalid, payload format invalid
 _REFUSE_GENERIC = 0x83  # implementation specific error: valid, but the receiver will not take it
 _REFUSE_QUOTA = 0x97
+#: How often overdue publishes are looked for (seconds): a send waits at most this much longer
+#: than its timeout for the broker's answer.
+_EXPIRY_SWEEP = 0.1
 
 
 class _ConnectFailed(Exception):
@@ -147,9 +150,13 @@ class MqttConnector(Connector):
         self._early: list[tuple[int, Received]] = []
         self._inflight_in = 0
         self._reading_paused = False
+        self._read_soon: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         # outbound
         self._waiters: dict[int, asyncio.Future[ReasonCode]] = {}
+        #: Per waiting publish: (loop time it is overdue, topic, qos, timeout), swept by one timer.
+        self._deadlines: dict[int, tuple[float, str, int, float]] = {}
+        self._expiry: asyncio.TimerHandle | None = None
         self._window = _Window(config.max_inflight)
         self._props_cache: dict[tuple[Any, ...], _PackedProperties] = {}
         self._rng = random.Random()
@@ -341,6 +348,7 @@ class MqttConnector(Connector):
         self._fd = sock.fileno()
         self._loop.add_reader(self._fd, self._on_readable)
         self._reading_paused = False
+        client.hold = False
         if client.want_write():
             self._on_register_write(client, None, sock)
         try:
@@ -364,6 +372,9 @@ class MqttConnector(Connector):
         if self._fd is not None and self._loop is not None:
             self._loop.remove_reader(self._fd)
             self._loop.remove_writer(self._fd)
+        if self._read_soon is not None:
+            self._read_soon.cancel()
+            self._read_soon = None
         self._fd = None
         self._writing = False
 
@@ -410,8 +421,16 @@ class MqttConnector(Connector):
             self._loop.remove_writer(self._fd)
 
     def _on_readable(self) -> None:
-        if self._client is not None:
-            self._client.read_available()
+        self._read_soon = None
+        client = self._client
+        if client is not None:
+            client.read_available()
+            if client.buffered() and not self._reading_paused:
+                self._read_buffered()  # read already; the socket will not tell us again
+
+    def _read_buffered(self) -> None:
+        if self._read_soon is None and self._loop is not None:
+            self._read_soon = self._loop.call_soon(self._on_readable)
 
     def _on_writable(self) -> None:
         if self._client is not None:
@@ -578,11 +597,17 @@ class MqttConnector(Connector):
         if not self._reading_paused and self._fd is not None and self._loop is not None:
             self._loop.remove_reader(self._fd)
             self._reading_paused = True
+            if self._client is not None:
+                self._client.hold = True
 
     def _resume_reading(self) -> None:
         if self._reading_paused and self._fd is not None and self._loop is not None:
             self._loop.add_reader(self._fd, self._on_readable)
+            if self._client is not None and self._client.buffered():
+                self._read_buffered()
         self._reading_paused = False
+        if self._client is not None:
+            self._client.hold = False
 
     async def _dead_letter(self, env: Envelope, reason: str, error: str) -> Outcome:
         """Keep a message the gateway will not route; only then may it be acknowledged.
@@ -625,16 +650,18 @@ class MqttConnector(Connector):
                 raise TransientError(f"publish to {out.topic!r} failed: {mqtt.error_string(info.rc)}")
             if out.qos == 0:
                 return None
-            fut: asyncio.Future[ReasonCode] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[ReasonCode] = loop.create_future()
             self._waiters[info.mid] = fut
+            self._deadlines[info.mid] = (loop.time() + max(0.1, target.timeout - 0.05), out.topic, out.qos,
+                                         target.timeout)
+            if self._expiry is None:
+                self._expiry = loop.call_later(_EXPIRY_SWEEP, self._expire_waiters)
             try:
-                async with asyncio.timeout(max(0.1, target.timeout - 0.05)):
-                    reason = await fut
-            except TimeoutError:
-                raise TransientError(f"no {'PUBACK' if out.qos == 1 else 'PUBCOMP'} for {out.topic!r} within "
-                                     f"{target.timeout:g}s", code=504) from None
+                reason = await fut
             finally:
                 self._waiters.pop(info.mid, None)
+                self._deadlines.pop(info.mid, None)
         if reason.is_failure:
             err = f"broker refused the publish to {out.topic!r}: {reason}"
             if reason.value in _PERMANENT_REASONS:
@@ -675,11 +702,29 @@ class MqttConnector(Connector):
         if fut is not None and not fut.done():
             fut.set_result(reason)
 
+    def _expire_waiters(self) -> None:
+        """Fail the publishes whose PUBACK/PUBCOMP is overdue. One timer sweeps them all: a timer
+        per publish cost more than the rest of the send."""
+        self._expiry = None
+        assert self._loop is not None
+        now = self._loop.time()
+        for mid, (deadline, topic, qos, timeout) in list(self._deadlines.items()):
+            fut = self._waiters.get(mid)
+            if deadline <= now and fut is not None and not fut.done():
+                fut.set_exception(TransientError(f"no {'PUBACK' if qos == 1 else 'PUBCOMP'} for {topic!r} within "
+                                                 f"{timeout:g}s", code=504))
+        if self._deadlines:
+            self._expiry = self._loop.call_later(_EXPIRY_SWEEP, self._expire_waiters)
+
     def _fail_waiters(self, why: str) -> None:
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(TransientError(why))
         self._waiters.clear()
+        self._deadlines.clear()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
 
 
 class _Window:

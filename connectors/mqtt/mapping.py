@@ -6,6 +6,7 @@ table-tested without a broker; :mod:`connectors.mqtt` converts paho's objects at
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -220,6 +221,17 @@ class MqttTarget(TargetOptions):
 
 def topic_error(topic: str, levels: int | str | None = None) -> str | None:
     """Why ``topic`` cannot be published to, or None."""
+    if len(topic) <= 512:  # most routes publish to a few short topics, again and again
+        return _checked_topic(topic, levels)
+    return _topic_error(topic, levels)
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked_topic(topic: str, levels: int | str | None) -> str | None:
+    return _topic_error(topic, levels)
+
+
+def _topic_error(topic: str, levels: int | str | None) -> str | None:
     if not topic:
         return "the topic is empty"
     try:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.contract import Connector, Outcome, PermanentError, Reply, Status, TransientError
+from gateway.deadlines import Deadlines
 from gateway.delivery.options import DeliveryMetrics, DeliveryOptions, RoutingState
 from gateway.delivery.store import Job, Remembered, SpoolBackend, SpoolError, SpoolFull
 from gateway.delivery.workers import Dispatcher, Worker, count_dead, count_failure
@@ -80,7 +81,11 @@ class Delivery:
         self.dispatcher = Dispatcher(spool=lambda: self.spool, connector=connector, state=lambda: self.state,
                                      options=lambda: self.options, metrics=metrics, log=log)
         self._inflight_direct = 0
+        self._deadlines = Deadlines()
         self._direct_tasks: set[asyncio.Future[Reply | None]] = set()
+        #: Tasks sending a message's single direct target themselves, and those a drain cancelled.
+        self._sending_here: set[asyncio.Task[Any]] = set()
+        self._drained: set[asyncio.Task[Any]] = set()
         self._claims: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._closing = False
         self._forgot_at = 0.0
@@ -194,8 +199,9 @@ class Delivery:
                 else:
                     target, reason = plan
                     dead.append(_Dead(route, target.connector, "template", env, reason))
-        event(self.log, "envelope.routed", logging.DEBUG, envelope_id=env.id, source=env.source,
-              routes=",".join(s.route.name for s in selected), config=state.version)
+        if self.log.isEnabledFor(logging.DEBUG):
+            event(self.log, "envelope.routed", logging.DEBUG, envelope_id=env.id, source=env.source,
+                  routes=",".join(s.route.name for s in selected), config=state.version)
         for d in dead:
             if d.route is not None and not d.route.dead_letter:
                 self.metrics.routed.labels(d.route.name, "rejected").inc()
@@ -263,8 +269,7 @@ class Delivery:
     async def _store(self, env: Envelope, spooled: list[Planned], dead: list[_Dead],
                      remember: Remembered | None) -> Outcome | None:
         """One durable write for the whole message; only then may it be acknowledged."""
-        jobs = [_job(p.envelope, p.route, p.spec.connector, json.dumps(p.spec.options.model_dump(mode="json")),
-                     p.route.timeout) for p in spooled]
+        jobs = [_spooled_job(p) for p in spooled]
         dead_jobs = [(_job(d.envelope, d.route, d.connector, json.dumps(d.options),
                            d.route.timeout if d.route else 30.0), d.reason, d.error) for d in dead]
         try:
@@ -313,10 +318,14 @@ class Delivery:
     async def _send_direct(self, env: Envelope, plans: list[Planned], dead: list[_Dead]) -> Outcome:
         """Send now. Permanent failures of targets that are not the reply join ``dead``."""
         self._inflight_direct += 1
-        tasks = [asyncio.ensure_future(self._send_one(p)) for p in plans]
-        self._direct_tasks.update(tasks)
+        tasks: list[asyncio.Future[Reply | None]] = []
         try:
-            results = await asyncio.gather(*tasks, return_exceptions=True)
+            if len(plans) == 1:
+                results: list[Reply | BaseException | None] = [await self._send_here(plans[0])]
+            else:
+                tasks = [asyncio.ensure_future(self._send_one(p)) for p in plans]
+                self._direct_tasks.update(tasks)
+                results = await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             self._inflight_direct -= 1
             self._direct_tasks.difference_update(tasks)
@@ -344,13 +353,34 @@ class Delivery:
                 reply = result
         return Outcome.accepted(env.id, reply)
 
+    async def _send_here(self, plan: Planned) -> Reply | BaseException | None:
+        """One target sent in the caller's own task (a task per send costs two trips through the
+        event loop), with ``gather(..., return_exceptions=True)``'s result. A drain cancels the
+        caller while it is in here; that send then ends as CancelledError, answered RETRY."""
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
+        self._sending_here.add(task)
+        try:
+            return await self._send_one(plan)
+        except asyncio.CancelledError as exc:
+            if task in self._drained and task.uncancel() <= cancelling:
+                return exc
+            raise
+        except Exception as exc:
+            return exc
+        finally:
+            self._sending_here.discard(task)
+            self._drained.discard(task)
+
     async def _send_one(self, plan: Planned) -> Reply | None:
         conn = self._connector(plan.spec.connector)
         if conn is None:
             raise TransientError(f"connector {plan.spec.connector!r} is not running")
         started = time.perf_counter()
         try:
-            reply = await asyncio.wait_for(conn.send(plan.envelope, plan.spec), timeout=plan.spec.timeout)
+            with self._deadlines.after(plan.spec.timeout):
+                reply = await conn.send(plan.envelope, plan.spec)
         except TimeoutError:
             count_failure(self.metrics, plan.spec, "transient", started)
             raise TransientError(f"{plan.spec.connector}: no answer within {plan.spec.timeout:g}s", code=504) from None
@@ -460,11 +490,17 @@ class Delivery:
         direct = list(self._direct_tasks)
         for t in direct:
             t.cancel()
+        here = list(self._sending_here)
+        for t in here:
+            self._drained.add(t)
+            t.cancel()
         attempts, loops = self.dispatcher.stop()
-        if attempts or direct:
-            event(self.log, "delivery.abandoned", logging.WARNING, count=len(attempts) + len(direct),
+        if attempts or direct or here:
+            event(self.log, "delivery.abandoned", logging.WARNING, count=len(attempts) + len(direct) + len(here),
                   note="spooled jobs stay for the next start; direct messages answered retry")
         await asyncio.gather(*direct, *attempts, *loops, return_exceptions=True)
+        while self._sending_here and time.monotonic() < deadline + 5:  # they answer RETRY now
+            await asyncio.sleep(0.01)
 
     async def refresh_gauges(self) -> None:
         now = time.time()
@@ -476,4 +512,13 @@ class Delivery:
 
 def _job(env: Envelope, route: CompiledRoute | None, connector: str, options: str, timeout: float) -> Job:
     return Job(envelope_id=env.id, route=route.name if route else "", connector=connector, envelope=env.to_json(),
-               options=options, policy=route.retry.model_dump_json() if route else "{}", timeout=timeout)
+               options=options, policy=route.policy_json if route else "{}", timeout=timeout)
+
+
+def _spooled_job(p: Planned) -> Job:
+    options = p.spec.options
+    # Untemplated options are the target's own object: serialize them once, not per message.
+    text = json.dumps(options.model_dump(mode="json")) if p.target.templated else p.target.options_json
+    job = _job(p.envelope, p.route, p.spec.connector, text, p.route.timeout)
+    job.loaded = (p.envelope, options)  # a worker that gets this job from memory need not parse it
+    return job

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
-from gateway.metrics import Metrics
+from gateway.metrics import Counter, Gauge, Metrics
 from gateway.routing.router import Router
 
 

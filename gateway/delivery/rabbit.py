@@ -36,7 +36,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
 import aio_pika
@@ -210,7 +210,7 @@ class RabbitSpool:
         """Publish and wait for the broker's confirm: to the connector's queue, or to ``queue``."""
         if self._pub is None or self._jobs_x is None:
             raise SpoolError("the RabbitMQ spool is not open")
-        body = json.dumps({k: v for k, v in asdict(job).items() if k in _JOB_FIELDS}).encode("utf-8")
+        body = json.dumps({k: getattr(job, k) for k in _JOB_FIELDS}).encode("utf-8")
         message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=job.envelope_id,
                                    content_type="application/json",
                                    headers={"connector": job.connector, "attempts": job.attempts})

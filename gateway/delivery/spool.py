@@ -12,6 +12,12 @@ delivered job, count an attempt, move a job to the dead letters) commits with
 undo it — the job is then retried, a duplicate, never a loss; the next FULL commit makes it
 durable too. That saves one fsync per delivered message.
 
+A job written while its connector's worker has nothing older to do from the disk is also handed
+to that worker in memory (leased at once, with the envelope and options it was made from), so
+the common path never reads back and parses what it has just written. A worker still queries
+the file whenever something may be waiting there (a retry, a replay, more jobs than the memory
+queue holds, another process's writes: checked at least once a second).
+
 All SQLite work runs on one dedicated thread; the asyncio loop never blocks on disk. The file
 is inspectable with ``sqlite3`` and carries its schema version in ``PRAGMA user_version``;
 older files are migrated on open, newer ones refused.
@@ -24,10 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -123,6 +131,15 @@ _STORAGE_ERRORS = {
 }
 #: How long a job whose update could not be written stays leased (not re-sent at once).
 _HOLD_AFTER_FAILED_WRITE = 5.0
+#: Jobs per connector handed to its worker in memory at most; beyond, they wait on disk.
+_MEMORY_QUEUE = 1024
+#: Jobs read from the file at once (the ones beyond the claim wait in memory, leased).
+_PREFETCH = 64
+#: A worker that takes jobs from memory still looks at the file this often (seconds), for jobs
+#: other processes wrote (``gateway dead-letters replay``).
+_RECHECK = 1.0
+#: ``?`` is a JSON array of leased job ids the query must skip.
+_UNLEASED = "id NOT IN (SELECT value FROM json_each(?))"
 
 
 def _storage_failure(exc: BaseException) -> bool:
@@ -153,6 +170,15 @@ class Spool:
         self._free_ok = True
         self._healthy = True
         self._leased: dict[str, set[int]] = {}
+        #: Per connector: jobs written and leased, waiting for the worker's next claim.
+        self._memory: dict[str, deque[Job]] = {}
+        #: Per connector: False once a claim found no unleased job in the file (so new ones
+        #: may go by memory); True again whenever one may be there. Absent = True.
+        self._on_disk: dict[str, bool] = {}
+        #: Per connector: bumped whenever ``_on_disk`` is set, so a claim that read the file
+        #: before that does not clear it.
+        self._disk_gen: dict[str, int] = {}
+        self._read_at: dict[str, float] = {}
         #: Group commits done, how many of them fsync'd, and writes they carried (tests, bench).
         self.commits = 0
         self.fsyncs = 0
@@ -324,7 +350,20 @@ class Spool:
             db.execute(f"PRAGMA synchronous={synchronous}")
             self._synchronous = synchronous
         db.execute("BEGIN IMMEDIATE")
-        results: list[Any] = []
+        try:
+            # Usually every write succeeds: run them together, without savepoints.
+            results = _run_merged(db, ops)
+            db.execute("COMMIT")
+            return results
+        except BaseException as exc:
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            if not isinstance(exc, Exception) or (isinstance(exc, sqlite3.Error) and _storage_failure(exc)):
+                raise
+        # One of them is wrong: again, each in a savepoint, so only that one fails.
+        db.execute("BEGIN IMMEDIATE")
+        results = []
         try:
             for op in ops:
                 db.execute("SAVEPOINT op")
@@ -349,39 +388,64 @@ class Spool:
     def _lease(self, connector: str) -> set[int]:
         return self._leased.setdefault(connector, set())
 
-    def _unlease(self, job: Job, *, failed: bool = False) -> None:
+    def _unlease(self, job: Job, *, failed: bool = False, gone: bool = False) -> None:
+        """The job is no longer taken; unless the write removed it, it waits on disk again."""
         if job.id is None:
             return
+        if failed or not gone:
+            self._mark_on_disk(job.connector)
         leased = self._lease(job.connector)
         if failed:
             # The update did not reach the disk: keep the job off the wire for a moment
             # instead of re-sending it in a tight loop while the disk is failing.
-            asyncio.get_running_loop().call_later(_HOLD_AFTER_FAILED_WRITE, leased.discard, job.id)
+            asyncio.get_running_loop().call_later(_HOLD_AFTER_FAILED_WRITE, self._release_held, job.connector, job.id)
         else:
             leased.discard(job.id)
 
-    async def _job_write(self, job: Job, op: Callable[[sqlite3.Connection], T]) -> T:
+    async def _job_write(self, job: Job, op: Callable[[sqlite3.Connection], T], *, gone: bool = False) -> T:
         try:
             result = await self._write(op, fsync=False)
         except SpoolError:
             self._unlease(job, failed=True)
             raise
-        self._unlease(job)
+        self._unlease(job, gone=gone)
         return result
+
+    def _release_held(self, connector: str, job_id: int) -> None:
+        self._lease(connector).discard(job_id)
+        self._mark_on_disk(connector)
+
+    def _mark_on_disk(self, connector: str) -> None:
+        self._on_disk[connector] = True
+        self._disk_gen[connector] = self._disk_gen.get(connector, 0) + 1
+
+    def _hand_over(self, job: Job, now: float) -> None:
+        """Queue a job just written for its worker in memory, unless it must wait its turn on disk."""
+        assert job.id is not None
+        c = job.connector
+        leased = self._lease(c)
+        if job.id in leased:
+            return  # a claim read it from the file first
+        memory = self._memory.setdefault(c, deque())
+        if self._on_disk.get(c, True) or job.next_at > now or len(memory) >= _MEMORY_QUEUE:
+            self._mark_on_disk(c)
+            return
+        leased.add(job.id)
+        memory.append(job)
 
     # --- jobs ------------------------------------------------------------------------
 
     async def put(
         self, jobs: Sequence[Job], *, dead: Sequence[tuple[Job, str, str]] = (), remember: Remembered | None = None,
     ) -> None:
+        """As :meth:`SpoolBackend.put`; the jobs also get their ids and times as stored, and may
+        be handed to their worker in memory."""
         self.check_space()
         now = time.time()
         rows = [_job_row(j, now) for j in jobs]
         dl_rows = [_dl_row(j, reason, error, now) for j, reason, error in dead]
 
-        def op(db: sqlite3.Connection) -> None:
-            if rows:
-                db.executemany(_INSERT_JOB, rows)
+        def extras(db: sqlite3.Connection) -> None:
             if dl_rows:
                 db.executemany(_INSERT_DL, dl_rows)
             if remember is not None:
@@ -390,43 +454,66 @@ class Spool:
                            (remember.source, remember.key, remember.envelope_id, remember.status,
                             remember.at or now))
 
-        await self._write(op)
+        ids: list[int] = await self._write(_Insert(rows, extras if dl_rows or remember else None))
+        for j, job_id, row in zip(jobs, ids, rows, strict=True):
+            j.id, j.created_at, j.next_at = job_id, row[7], row[8]  # as stored
+            self._hand_over(j, now)
 
     async def attach(self, connector: str, wake: Callable[[], None], prefetch: int) -> None:
         return None  # the engine wakes its workers on put and polls due times itself
 
     async def claim(self, connector: str, limit: int) -> list[Job]:
+        """Due jobs in order: from memory, read from the file when jobs may wait there (more than
+        asked for at once, so a busy worker does not query for every job)."""
         if limit <= 0:
             return []
         leased = self._lease(connector)
-        exclude = frozenset(leased)
+        memory = self._memory.setdefault(connector, deque())
         now = time.time()
+        if (self._on_disk.get(connector, True) and not memory) or now - self._read_at.get(connector, 0.0) >= _RECHECK:
+            gen = self._disk_gen.get(connector, 0)
+            exclude = json.dumps(list(leased))
+            want = max(limit, min(_PREFETCH, _MEMORY_QUEUE - len(memory)))
 
-        def q(db: sqlite3.Connection) -> list[Job]:
-            cur = db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE connector=? AND next_at<=? ORDER BY next_at, id LIMIT ?",
-                (connector, now, limit + len(exclude)))
-            return [_job(r) for r in cur.fetchall() if r[0] not in exclude][:limit]
+            def q(db: sqlite3.Connection) -> tuple[list[Job], bool]:
+                cur = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE connector=? AND next_at<=? AND {_UNLEASED}"
+                                 " ORDER BY next_at, id LIMIT ?", (connector, now, exclude, want + 1))
+                due = [_job(r) for r in cur.fetchall()]
+                if len(due) > want:
+                    return due[:want], False
+                later = db.execute(f"SELECT 1 FROM jobs WHERE connector=? AND next_at>? AND {_UNLEASED} LIMIT 1",
+                                   (connector, now, exclude)).fetchone()
+                return due, later is None
 
-        jobs = await self._read(q)
-        leased.update(j.id for j in jobs if j.id is not None)
+            due, drained = await self._read(q)
+            self._read_at[connector] = now
+            due = [j for j in due if j.id not in leased]  # not handed over in memory meanwhile
+            leased.update(j.id for j in due if j.id is not None)
+            memory.extendleft(reversed(due))  # due before anything handed over since
+            if drained and self._disk_gen.get(connector, 0) == gen:
+                self._on_disk[connector] = False
+        jobs: list[Job] = []
+        while memory and len(jobs) < limit:
+            jobs.append(memory.popleft())
         return jobs
 
     async def next_due_at(self, connector: str) -> float | None:
-        exclude = frozenset(self._lease(connector))
+        if self._memory.get(connector):
+            return time.time()
+        if not self._on_disk.get(connector, True):
+            return None  # nothing on disk that is not taken (claims still look once a second)
+        exclude = json.dumps(list(self._lease(connector)))
 
         def q(db: sqlite3.Connection) -> float | None:
-            cur = db.execute("SELECT id, next_at FROM jobs WHERE connector=? ORDER BY next_at LIMIT ?",
-                             (connector, len(exclude) + 1))
-            for row in cur.fetchall():
-                if row[0] not in exclude:
-                    return float(row[1])
-            return None
+            row = db.execute(f"SELECT MIN(next_at) FROM jobs WHERE connector=? AND {_UNLEASED}",
+                             (connector, exclude)).fetchone()
+            return float(row[0]) if row and row[0] is not None else None
 
         return await self._read(q)
 
     async def done(self, job: Job) -> None:
-        await self._job_write(job, lambda db: db.execute("DELETE FROM jobs WHERE id=?", (job.id,)))
+        assert job.id is not None
+        await self._job_write(job, _Delete(job.id), gone=True)
 
     async def reschedule(self, job: Job, next_at: float, error: str) -> None:
         await self._job_write(job, lambda db: db.execute(
@@ -475,7 +562,7 @@ class Spool:
                 db.execute("DELETE FROM jobs WHERE id=?", (job.id,))
             return int(db.execute(_INSERT_DL, row).lastrowid or 0)
 
-        return await self._job_write(job, op)
+        return await self._job_write(job, op, gone=True)
 
     async def dead_letters(self, flt: DeadLetterFilter | None = None, limit: int = 100) -> list[DeadLetter]:
         where, args = _dl_where(flt)
@@ -516,12 +603,85 @@ class Spool:
             return out
 
         result: list[str] = await self._write(op)
+        for name in set(result):
+            self._mark_on_disk(name)
         return result
 
     async def purge(self, ids: Sequence[int] | None = None, flt: DeadLetterFilter | None = None) -> int:
         where, args = _dl_select(ids, flt)
         result: int = await self._write(lambda db: db.execute(f"DELETE FROM dead_letters {where}", args).rowcount)
         return result
+
+
+class _Insert:
+    """A write that adds jobs (and maybe more: ``extras``); returns the new jobs' ids."""
+
+    __slots__ = ("extras", "rows")
+
+    def __init__(self, rows: list[tuple[Any, ...]], extras: Callable[[sqlite3.Connection], None] | None):
+        self.rows = rows
+        self.extras = extras
+
+    def __call__(self, db: sqlite3.Connection) -> list[int]:
+        ids = [int(db.execute(_INSERT_JOB, row).lastrowid or 0) for row in self.rows]
+        if self.extras is not None:
+            self.extras(db)
+        return ids
+
+
+class _Delete:
+    """A write that removes one delivered job."""
+
+    __slots__ = ("job_id",)
+
+    def __init__(self, job_id: int):
+        self.job_id = job_id
+
+    def __call__(self, db: sqlite3.Connection) -> None:
+        db.execute("DELETE FROM jobs WHERE id=?", (self.job_id,))
+
+
+#: Every job row of a group in one statement: the rows travel as one JSON array.
+_INSERT_JOBS = ("INSERT INTO jobs (envelope_id, route, connector, envelope, options, policy, attempts, created_at,"
+                " next_at, last_error, timeout) SELECT "
+                + ", ".join(f"json_extract(value, '$[{i}]')" for i in range(11)) + " FROM json_each(?) ORDER BY key")
+
+
+def _run_merged(db: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+    """Run a group's writes with as few statements as possible: the job rows of all its inserts
+    in one, its deletes in another. Statements are what a busy gateway waits for: sqlite3 lets go
+    of the GIL for each one and the spool thread must then win it back from the event loop,
+    which can take the interpreter's whole switch interval (5 ms)."""
+    results: list[Any] = [None] * len(ops)
+    inserts: list[tuple[int, _Insert]] = []
+    deletes: list[int] = []
+    for i, op in enumerate(ops):
+        if isinstance(op, _Insert):
+            inserts.append((i, op))
+            results[i] = []
+        elif isinstance(op, _Delete):
+            deletes.append(op.job_id)
+        else:
+            results[i] = op(db)
+    rows = [row for _, op in inserts for row in op.rows]
+    batch = json.dumps(rows, ensure_ascii=False) if rows else ""
+    if "\\u0000" in batch:  # SQLite's JSON functions end a string at NUL: insert those plainly
+        for i, op in inserts:
+            results[i] = op(db)
+    else:
+        if rows:
+            last = db.execute(_INSERT_JOBS, (batch,)).lastrowid
+            # An AUTOINCREMENT table numbers the rows of one statement consecutively, in order.
+            next_id = int(last or 0) - len(rows) + 1
+            for i, op in inserts:
+                results[i] = list(range(next_id, next_id + len(op.rows)))
+                next_id += len(op.rows)
+        for _, op in inserts:
+            if op.extras is not None:
+                op.extras(db)
+    if deletes:
+        db.execute("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(deletes),))
+    return results
 
 
 def make_spool(settings: Any) -> SpoolBackend:

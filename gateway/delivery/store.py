@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from gateway.contract import TargetOptions
+from gateway.envelope import Envelope
 
 
 class SpoolError(Exception):
@@ -43,6 +46,9 @@ class Job:
     #: Seconds one send attempt may take (the route's timeout).
     timeout: float = 30.0
     id: int | None = None
+    #: Not stored: the envelope and target options this job was made from, when the job is
+    #: handed from memory to its worker (they equal what ``envelope`` and ``options`` parse to).
+    loaded: tuple[Envelope, TargetOptions] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

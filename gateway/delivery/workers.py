@@ -19,19 +19,27 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
 
-from prometheus_client import Gauge
+from pydantic import BaseModel
 
 from gateway.config.models import RetryPolicy
-from gateway.contract import Connector, PermanentError, Target, TransientError
+from gateway.contract import Connector, PermanentError, Target, TargetOptions, TransientError
+from gateway.deadlines import Deadlines
 from gateway.delivery.options import DeliveryMetrics, DeliveryOptions, RoutingState
 from gateway.delivery.retry import Admit, CircuitBreaker, CircuitState, backoff
 from gateway.delivery.store import Job, SpoolBackend, SpoolError
 from gateway.envelope import Envelope
 from gateway.logs import event
-from gateway.metrics import Metrics
+from gateway.metrics import Gauge, Metrics
+
+M = TypeVar("M", bound=BaseModel)
 
 CIRCUIT_VALUE = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
+
+
+#: Parsed retry policies and target options kept at most (see Dispatcher._parsed).
+_PARSED_MAX = 1024
 
 
 def count_failure(metrics: Metrics, spec: Target, kind: str, started: float) -> None:
@@ -84,6 +92,10 @@ class Dispatcher:
         self.pending: dict[str, int] = {}
         self.closing = False
         self._rng = random.Random()
+        self._deadlines = Deadlines()
+        #: Retry policies and target options by their stored JSON: a route's jobs all carry the
+        #: same text and the models are frozen, so one parsed object serves them all.
+        self._parsed_cache: dict[tuple[type[Any], str], Any] = {}
 
     @property
     def spool(self) -> SpoolBackend:
@@ -168,6 +180,24 @@ class Dispatcher:
         level = logging.INFO if state is CircuitState.HALF_OPEN else logging.WARNING
         event(self.log, "circuit." + state.value, level, connector=connector)
 
+    def _parsed(self, model: type[M], text: str, parse: Callable[[], M]) -> M:
+        key = (model, text)
+        found = self._parsed_cache.get(key)
+        if found is None:
+            found = parse()
+            if len(self._parsed_cache) >= _PARSED_MAX:
+                self._parsed_cache.clear()
+            self._parsed_cache[key] = found
+        return cast(M, found)
+
+    def _policy(self, text: str) -> RetryPolicy:
+        if text.strip() in ("", "{}"):
+            return RetryPolicy()
+        return self._parsed(RetryPolicy, text, lambda: RetryPolicy.model_validate_json(text))
+
+    def _target_options(self, model: type[TargetOptions], text: str) -> TargetOptions:
+        return self._parsed(model, text, lambda: model.model_validate(json.loads(text)))
+
     # --- the worker loop -----------------------------------------------------------------------
 
     async def _work(self, w: Worker) -> None:
@@ -198,7 +228,14 @@ class Dispatcher:
                 delay = await self._idle(w)
                 if delay > 0:
                     try:
-                        await asyncio.wait_for(w.wake.wait(), timeout=delay)
+                        if len(w.inflight) >= self.options.concurrency:
+                            # Every slot is sending (each under its own deadline) and the first
+                            # to finish wakes us: the timer is only a safety net, a loose one will do.
+                            with self._deadlines.after(delay):
+                                await w.wake.wait()
+                        else:  # next_due_at says when a job is due: be on time
+                            async with asyncio.timeout(delay):
+                                await w.wake.wait()
                     except TimeoutError:
                         pass
             except asyncio.CancelledError:
@@ -259,10 +296,10 @@ class Dispatcher:
             w.wake.set()
 
     async def _try(self, w: Worker, job: Job, probe: bool) -> None:
+        loaded = job.loaded
         try:
-            env = Envelope.from_json(job.envelope)
-            policy = RetryPolicy.model_validate_json(job.policy) if job.policy.strip() not in ("", "{}") \
-                else RetryPolicy()
+            env = loaded[0] if loaded is not None else Envelope.from_json(job.envelope)
+            policy = self._policy(job.policy)
         except (ValueError, KeyError, TypeError) as exc:
             await self._final(job, "corrupt", f"unreadable job: {type(exc).__name__}: {exc}")
             return
@@ -274,8 +311,12 @@ class Dispatcher:
             else:
                 await self._final(job, "connector_missing", f"connector {job.connector!r} is not configured")
             return
+        options_type = type(conn).Options
         try:
-            options = type(conn).Options.model_validate(json.loads(job.options))
+            if loaded is not None and isinstance(loaded[1], options_type):
+                options = loaded[1]
+            else:  # from the spool, or the connector's kind changed since (a reload)
+                options = self._target_options(options_type, job.options)
         except ValueError as exc:
             await self._final(job, "permanent", f"invalid options for {job.connector!r}: {exc}")
             return
@@ -283,7 +324,8 @@ class Dispatcher:
         started = time.perf_counter()
         try:
             try:
-                await asyncio.wait_for(conn.send(env, spec), timeout=job.timeout)
+                with self._deadlines.after(job.timeout):
+                    await conn.send(env, spec)
             finally:
                 self._free_slot(w, job)
         except PermanentError as exc:
@@ -305,8 +347,9 @@ class Dispatcher:
             w.breaker.success()
             await self.spool.done(job)
             self.settled(job.connector)
-            event(self.log, "delivery.delivered", logging.DEBUG, envelope_id=job.envelope_id,
-                  connector=job.connector, route=job.route, attempts=job.attempts + 1)
+            if self.log.isEnabledFor(logging.DEBUG):
+                event(self.log, "delivery.delivered", logging.DEBUG, envelope_id=job.envelope_id,
+                      connector=job.connector, route=job.route, attempts=job.attempts + 1)
             return
         count_failure(self.metrics, spec, "transient", started)
         w.breaker.failure(probe=probe)

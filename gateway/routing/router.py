@@ -8,9 +8,11 @@ compiled config, so they are table-tested and shared by the runtime, the dry run
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -90,6 +92,25 @@ class CompiledTarget:
     content_type: str | None
     headers: dict[str, Template | str]
     reply: bool
+    #: Whether rendering reads the message at all (a body, header or option template).
+    templated_any: bool = field(init=False)
+    spec: Target | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.templated_any = (self.body is not None or bool(self.templated)
+                              or any(isinstance(v, Template) for v in self.headers.values()))
+
+    def make_spec(self, route: CompiledRoute) -> Target:
+        """Make, once, the Target every message of ``route`` (this target's route) gets here when
+        the options are not templated."""
+        self.spec = Target(route=route.name, connector=self.connector, options=self.options, want_reply=self.reply,
+                           timeout=route.timeout)
+        return self.spec
+
+    @cached_property
+    def options_json(self) -> str:
+        """The options as the spool stores them (for a target whose options are not templated)."""
+        return json.dumps(self.options.model_dump(mode="json"))
 
 
 @dataclass
@@ -109,6 +130,11 @@ class CompiledRoute:
     wants_reply: bool
     config: RouteConfig
     storm: Any = None  # gateway.routing.storm compiled controls, or None
+
+    @cached_property
+    def policy_json(self) -> str:
+        """The retry policy as the spool stores it with each job."""
+        return self.retry.model_dump_json()
 
 
 @dataclass
@@ -182,11 +208,14 @@ class Router:
 
     def reshape(self, env: Envelope, route: CompiledRoute) -> list[Planned | tuple[CompiledTarget, str]]:
         """Render every target of ``route`` for ``env``: a plan, or (target, reason) when it fails."""
-        scope: dict[str, Any] = dict(MessageScope(env))
+        # The scope parses the body: build it only for a target that renders something.
+        scope: dict[str, Any] | None = None
         out: list[Planned | tuple[CompiledTarget, str]] = []
         for t in route.targets:
             try:
-                out.append(self._plan(env, route, t, scope))
+                if scope is None and t.templated_any:
+                    scope = dict(MessageScope(env))
+                out.append(self._plan(env, route, t, scope or {}))
             except (TemplateError, ReshapeError, ValidationError) as exc:
                 out.append((t, f"route {route.name!r} target {t.index} ({t.connector}): {exc}"))
         return out
@@ -207,13 +236,14 @@ class Router:
                 headers[key] = rendered
             changes["headers"] = headers
         new_env = env.evolve(**changes) if changes else env
-        options = t.options
         if t.templated:
             # Validate what the templates produced (a rendered value may not fit the option).
             rendered = _render_tree(t.templated, scope)
-            options = type(options).model_validate({**options.model_dump(), **rendered})
-        spec = Target(route=route.name, connector=t.connector, options=options, want_reply=t.reply,
-                      timeout=route.timeout)
+            options = type(t.options).model_validate({**t.options.model_dump(), **rendered})
+            spec = Target(route=route.name, connector=t.connector, options=options, want_reply=t.reply,
+                          timeout=route.timeout)
+        else:  # the same for every message (a Target is frozen): made once
+            spec = t.spec or t.make_spec(route)
         return Planned(route, t, new_env, spec)
 
 

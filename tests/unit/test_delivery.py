@@ -351,6 +351,44 @@ async def test_a_hanging_direct_send_bounds_what_is_in_flight(tmp_path: Path) ->
         assert h.metric("gateway_backpressure_refusals_total", connector="api", reason="inflight") == 1
 
 
+async def test_a_direct_send_cut_by_the_drain_is_answered_retry_and_the_sender_goes_on(tmp_path: Path) -> None:
+    async def hangs(env: Envelope, target: Target) -> Reply | None:
+        await asyncio.sleep(30)
+        return None
+
+    h = Harness(tmp_path, route(extra="mode: direct"))
+    await h.__aenter__()
+    try:
+        h.out().behavior = hangs
+
+        async def sender() -> tuple[Outcome, int]:
+            outcome = await h.send({"n": 1})
+            await asyncio.sleep(0)  # still running: the drain's cancellation was taken back
+            return outcome, asyncio.current_task().cancelling()  # type: ignore[union-attr]
+
+        task = asyncio.ensure_future(sender())
+        await wait_for(lambda: h.out().active == 1, what="in flight")
+        await h.delivery.drain(time.monotonic() + 0.1)
+        outcome, cancelling = await task
+        assert outcome.status is Status.RETRY and "shutting down" in outcome.reason
+        assert cancelling == 0
+    finally:
+        await h.spool.close()
+
+
+async def test_a_direct_send_over_its_timeout_is_answered_retry(tmp_path: Path) -> None:
+    async def hangs(env: Envelope, target: Target) -> Reply | None:
+        await asyncio.sleep(30)
+        return None
+
+    async with Harness(tmp_path, route(extra="mode: direct\n    timeout: 0.1s")) as h:
+        h.out().behavior = hangs
+        started = time.monotonic()
+        outcome = await h.send({"n": 1})
+        assert outcome.status is Status.RETRY and "no answer within" in outcome.reason
+        assert time.monotonic() - started < 1.0
+
+
 # --- routing failures and unmatched messages ---------------------------------------------------
 
 

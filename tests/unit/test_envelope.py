@@ -21,6 +21,26 @@ def test_ids_are_unique_and_time_sortable() -> None:
     assert all(len(i) == 26 for i in ids)
 
 
+def test_ids_are_ulids_of_now() -> None:
+    import time
+
+    from ulid import ULID
+
+    before = time.time()
+    parsed = [ULID.from_str(i) for i in (new_id() for _ in range(5000))]
+    assert all(str(p) == str(p).upper() and len(str(p)) == 26 for p in parsed)
+    assert all(before - 0.01 <= p.timestamp <= time.time() + 0.01 for p in parsed)
+    assert len({int(p) for p in parsed}) == 5000
+
+
+def test_to_json_is_computed_once_and_matches_as_dict() -> None:
+    env = make(body=b"\xff\x00", attributes={"query": {"a": "1"}, "n": 2, "when": None})
+    text = env.to_json()
+    assert env.to_json() is text
+    assert json.loads(text) == env.as_dict()
+    assert env.evolve(subject="/y").to_json() != text
+
+
 def test_envelope_is_frozen_and_evolve_keeps_id() -> None:
     env = make(body=b'{"a":1}', content_type="application/json")
     with pytest.raises(FrozenInstanceError):
