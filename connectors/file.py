@@ -9,7 +9,6 @@ sends share one fsync (group commit). Address form: ``path: var/out/messages.jso
 
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import Literal
 
@@ -25,6 +24,7 @@ from gateway.contract import (
     TransientError,
 )
 from gateway.envelope import Envelope
+from gateway.groupthread import Closed, GroupThread
 
 
 class FileConfig(ConnectorConfig):
@@ -49,14 +49,12 @@ class FileConnector(Connector):
         super().__init__(config, ctx)
         assert isinstance(config, FileConfig)
         self.cfg = config
-        self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
-        self._wake = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
+        #: Appends the lines waiting, with one fsync for all of them (group commit).
+        self._writer: GroupThread[bytes, None] | None = None
         self._error = ""
         #: The open file and its (device, inode), used only by the writer's thread.
         self._fd: int | None = None
         self._identity: tuple[int, int] | None = None
-        self._closing = False
 
     async def open(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.cfg.path))
@@ -65,7 +63,8 @@ class FileConnector(Connector):
         except OSError as exc:
             raise TransientError(f"cannot create {directory}: {exc.strerror}") from exc
         if self._writer is None:
-            self._writer = asyncio.create_task(self._write_loop(), name=f"file-{self.name}")
+            self._writer = GroupThread(f"file-{self.name}", self._append)
+            self._writer.start()
 
     async def send(self, env: Envelope, target: Target) -> Reply | None:
         opts = target.options
@@ -76,32 +75,24 @@ class FileConnector(Connector):
             line = env.to_json().encode("utf-8") + b"\n"
         if self._writer is None:
             await self.open()
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((line, fut))
-        self._wake.set()
-        await fut
+        assert self._writer is not None
+        try:
+            await self._writer.submit(line)
+        except OSError as exc:
+            raise TransientError(f"cannot write {self.cfg.path}: {exc.strerror}") from exc
+        except Closed as exc:
+            raise TransientError(f"{self.name} is closing") from exc
         return None
 
-    async def _write_loop(self) -> None:
-        while True:
-            while not self._pending:
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-            batch, self._pending = self._pending, []
-            try:
-                await asyncio.to_thread(self._write, b"".join(line for line, _ in batch))
-                self._error = ""
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_result(None)
-            except OSError as exc:
-                self._error = f"write failed: {exc.strerror}"
-                err = TransientError(f"cannot write {self.cfg.path}: {exc.strerror}")
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(err)
+    def _append(self, lines: list[bytes]) -> list[None]:
+        """On the writer's thread: one write and one fsync for every line waiting."""
+        try:
+            self._write(b"".join(lines))
+        except OSError as exc:
+            self._error = f"write failed: {exc.strerror}"
+            raise
+        self._error = ""
+        return [None] * len(lines)
 
     def _write(self, data: bytes) -> None:
         """Append and fsync in the writer's thread. The file stays open between batches (each
@@ -149,11 +140,8 @@ class FileConnector(Connector):
     async def close(self) -> None:
         if self._writer is not None:
             # Let the writer finish what was asked (and its thread let go of the file) first.
-            self._closing = True
-            self._wake.set()
-            await self._writer
-            self._writer = None
-            self._closing = False
+            writer, self._writer = self._writer, None
+            await writer.stop()
         self._close_file()
 
     def health(self) -> Health:

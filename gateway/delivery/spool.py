@@ -37,8 +37,7 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from gateway.delivery.store import (
     DeadLetter,
@@ -49,6 +48,7 @@ from gateway.delivery.store import (
     SpoolError,
     SpoolFull,
 )
+from gateway.groupthread import Closed, GroupThread
 
 __all__ = ["SCHEMA_VERSION", "DeadLetter", "DeadLetterFilter", "Job", "Remembered", "Spool", "SpoolBackend",
            "SpoolError", "SpoolFull", "make_spool"]
@@ -149,6 +149,17 @@ def _storage_failure(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError)
 
 
+class _Request:
+    """One read or write for the spool thread."""
+
+    __slots__ = ("fsync", "op", "read")
+
+    def __init__(self, op: Callable[[sqlite3.Connection], Any], *, read: bool = False, fsync: bool = True):
+        self.op = op
+        self.read = read
+        self.fsync = fsync
+
+
 class Spool:
     """The SQLite :class:`~gateway.delivery.store.SpoolBackend`. One process owns the file;
     the CLI may open it alongside (WAL readers and a short-lived writer)."""
@@ -160,11 +171,10 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.probe_interval = probe_interval
         self._db: sqlite3.Connection | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
-        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], bool]] = []
+        #: The one thread that uses the connection: reads one by one, writes as group commits.
+        self._thread: GroupThread[_Request, Any] = GroupThread(
+            "spool", self._serve, idle=lambda: None if self._healthy else self.probe_interval, on_idle=self._probe)
         self._synchronous = "FULL"
-        self._wake = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
         self._stopping = False
         self._free_checked_at = 0.0
         self._free_ok = True
@@ -188,11 +198,11 @@ class Spool:
 
     async def open(self) -> None:
         try:
-            await self._run(self._open_sync)
+            await asyncio.to_thread(self._open_sync)
         except (sqlite3.Error, OSError) as exc:
             raise SpoolError(f"cannot open the spool {self.path}: {exc}") from exc
         self._stopping = False
-        self._writer = asyncio.create_task(self._write_loop(), name="spool-writer")
+        self._thread.start()
 
     def _open_sync(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -222,17 +232,12 @@ class Spool:
         self._db = db
 
     async def close(self) -> None:
-        """Finish every write already asked for, then close the file."""
+        """Finish every read and write already asked for, then close the file."""
         self._stopping = True
-        self._wake.set()
-        if self._writer is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
-            self._writer = None
+        await self._thread.stop()
         if self._db is not None:
             db, self._db = self._db, None
-            await self._run(db.close)
-        self._pool.shutdown(wait=True)
+            db.close()
 
     # --- health ----------------------------------------------------------------------
 
@@ -263,20 +268,16 @@ class Spool:
 
     # --- plumbing --------------------------------------------------------------------
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    def _ask(self, request: _Request) -> asyncio.Future[Any]:
+        if self._stopping:
+            raise SpoolError("spool is closed")
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-        except RuntimeError as exc:  # the executor was shut down
+            return self._thread.submit(request)
+        except Closed as exc:
             raise SpoolError("spool is closed") from exc
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def go() -> T:
-            return fn(self._conn())
-
-        try:
-            return await self._run(go)
-        except sqlite3.Error as exc:
-            raise SpoolError(f"spool read failed: {exc}") from exc
+        return cast(T, await self._ask(_Request(fn, read=True)))
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -286,62 +287,47 @@ class Spool:
     async def _write(self, op: Callable[[sqlite3.Connection], T], *, fsync: bool = True) -> T:
         """Queue ``op`` for the next group commit and wait until it is committed — and on disk
         when ``fsync`` (what an acknowledgement depends on)."""
-        if self._stopping or self._writer is None:
-            raise SpoolError("spool is closed")
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, fut, fsync))
-        self._wake.set()
-        return await fut
+        return cast(T, await self._ask(_Request(op, fsync=fsync)))
 
-    async def _write_loop(self) -> None:
-        while True:
-            timeout = None if self._healthy else self.probe_interval
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
-            except TimeoutError:
-                if not self._pending:
-                    await self._probe()
+    def _serve(self, requests: list[_Request]) -> list[Any]:
+        """On the spool thread: the reads one by one, then the writes as one group commit."""
+        answers: list[Any] = [None] * len(requests)
+        writes: list[int] = []
+        for i, r in enumerate(requests):
+            if not r.read:
+                writes.append(i)
                 continue
-            self._wake.clear()
-            await self._flush()
-            if self._stopping and not self._pending:
-                return
-
-    async def _probe(self) -> None:
-        def op(db: sqlite3.Connection) -> None:
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?)", (str(time.time()),))
-
+            try:
+                answers[i] = r.op(self._conn())
+            except sqlite3.Error as exc:
+                answers[i] = SpoolError(f"spool read failed: {exc}")
+            except Exception as exc:
+                answers[i] = exc
+        if not writes:
+            return answers
+        fsync = any(requests[i].fsync for i in writes)
         try:
-            await self._run(self._commit_batch, [op], True)
-        except Exception:
-            return
-        self._healthy = True
-
-    async def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        if not batch:
-            return
-        fsync = any(f for _, _, f in batch)
-        try:
-            results = await self._run(self._commit_batch, [op for op, _, _ in batch], fsync)
+            results = self._commit_batch([requests[i].op for i in writes], fsync)
         except Exception as exc:
             self._healthy = False
             err = exc if isinstance(exc, SpoolError) else SpoolError(f"spool write failed: {exc}")
-            for _, fut, _ in batch:
-                if not fut.done():
-                    fut.set_exception(err)
-            return
+            results = [err] * len(writes)
+        else:
+            self._healthy = True
+            self.commits += 1
+            self.fsyncs += fsync
+            self.writes += len(writes)
+        for i, result in zip(writes, results, strict=True):
+            answers[i] = result
+        return answers
+
+    def _probe(self) -> None:
+        """After a failed write: try a tiny one, so health comes back on its own with the disk."""
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?)", (str(time.time()),))
+
+        self._commit_batch([op], True)
         self._healthy = True
-        self.commits += 1
-        self.fsyncs += fsync
-        self.writes += len(batch)
-        for (_, fut, _), result in zip(batch, results, strict=True):
-            if fut.done():
-                continue
-            if isinstance(result, BaseException):
-                fut.set_exception(result)
-            else:
-                fut.set_result(result)
 
     def _commit_batch(self, ops: Sequence[Callable[[sqlite3.Connection], Any]], fsync: bool = True) -> list[Any]:
         db = self._conn()
@@ -623,7 +609,7 @@ class _Insert:
         self.extras = extras
 
     def __call__(self, db: sqlite3.Connection) -> list[int]:
-        ids = [int(db.execute(_INSERT_JOB, row).lastrowid or 0) for row in self.rows]
+        ids = _insert_rows(db, self.rows)
         if self.extras is not None:
             self.extras(db)
         return ids
@@ -641,42 +627,45 @@ class _Delete:
         db.execute("DELETE FROM jobs WHERE id=?", (self.job_id,))
 
 
-#: Every job row of a group in one statement: the rows travel as one JSON array.
-_INSERT_JOBS = ("INSERT INTO jobs (envelope_id, route, connector, envelope, options, policy, attempts, created_at,"
-                " next_at, last_error, timeout) SELECT "
-                + ", ".join(f"json_extract(value, '$[{i}]')" for i in range(11)) + " FROM json_each(?) ORDER BY key")
+#: Rows per multi-row INSERT: 11 parameters each, well under SQLite's 32,766 bound parameters.
+_ROWS_PER_INSERT = 256
+_JOB_VALUES = "(?,?,?,?,?,?,?,?,?,?,?)"
+_INSERT_JOBS_HEAD = _INSERT_JOB.split(" VALUES ", maxsplit=1)[0] + " VALUES "
+
+
+def _insert_rows(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[int]:
+    """Insert job rows with one statement per ``_ROWS_PER_INSERT`` (a multi-row ``VALUES``); their ids.
+
+    One statement, not one per row: sqlite3 lets go of the GIL for each statement and the spool
+    thread must then win it back from a busy event loop; and the values are bound as they are,
+    not re-encoded (an envelope is kilobytes of JSON already)."""
+    ids: list[int] = []
+    for start in range(0, len(rows), _ROWS_PER_INSERT):
+        chunk = rows[start:start + _ROWS_PER_INSERT]
+        sql = _INSERT_JOBS_HEAD + ",".join([_JOB_VALUES] * len(chunk))
+        last = int(db.execute(sql, [v for row in chunk for v in row]).lastrowid or 0)
+        # An AUTOINCREMENT table numbers the rows of one statement consecutively, in order.
+        ids.extend(range(last - len(chunk) + 1, last + 1))
+    return ids
 
 
 def _run_merged(db: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
     """Run a group's writes with as few statements as possible: the job rows of all its inserts
-    in one, its deletes in another. Statements are what a busy gateway waits for: sqlite3 lets go
-    of the GIL for each one and the spool thread must then win it back from the event loop,
-    which can take the interpreter's whole switch interval (5 ms)."""
+    in one, its deletes in another (see :func:`_insert_rows` for why statements count)."""
     results: list[Any] = [None] * len(ops)
     inserts: list[tuple[int, _Insert]] = []
     deletes: list[int] = []
     for i, op in enumerate(ops):
         if isinstance(op, _Insert):
             inserts.append((i, op))
-            results[i] = []
         elif isinstance(op, _Delete):
             deletes.append(op.job_id)
         else:
             results[i] = op(db)
-    rows = [row for _, op in inserts for row in op.rows]
-    batch = json.dumps(rows, ensure_ascii=False) if rows else ""
-    if "\\u0000" in batch:  # SQLite's JSON functions end a string at NUL: insert those plainly
+    if inserts:
+        ids = iter(_insert_rows(db, [row for _, op in inserts for row in op.rows]))
         for i, op in inserts:
-            results[i] = op(db)
-    else:
-        if rows:
-            last = db.execute(_INSERT_JOBS, (batch,)).lastrowid
-            # An AUTOINCREMENT table numbers the rows of one statement consecutively, in order.
-            next_id = int(last or 0) - len(rows) + 1
-            for i, op in inserts:
-                results[i] = list(range(next_id, next_id + len(op.rows)))
-                next_id += len(op.rows)
-        for _, op in inserts:
+            results[i] = [next(ids) for _ in op.rows]
             if op.extras is not None:
                 op.extras(db)
     if deletes:
