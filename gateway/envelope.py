@@ -38,19 +38,27 @@ _PAIRS = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)  # 10 bits → 2 c
 _RANDOM_MAX = (1 << 80) - 1
 _id_lock = threading.Lock()
 _id_last = [0, 0]  # milliseconds and randomness of the last id
+_POOL_BYTES = 10 * 400
+_id_pool = bytearray()  # random bytes not used yet
 
 
 def new_id() -> str:
     """A unique, time-sortable id (ULID, 26 Crockford base32 characters).
 
     Within one millisecond the ids count up from the first one's random part, as python-ulid's
-    monotonic generator does (at half its cost: this runs once per message)."""
+    monotonic generator does (at half its cost: this runs once per message). The random parts
+    come from ``os.urandom`` a few hundred at a time: one system call per id was a measurable
+    part of a busy gateway's time."""
     ms = time.time_ns() // 1_000_000
     with _id_lock:
         if ms == _id_last[0] and _id_last[1] < _RANDOM_MAX:
             randomness = _id_last[1] + 1
         else:
-            randomness = int.from_bytes(os.urandom(10), "big")
+            pool = _id_pool
+            if not pool:
+                pool.extend(os.urandom(_POOL_BYTES))
+            randomness = int.from_bytes(pool[-10:], "big")
+            del pool[-10:]
         _id_last[0], _id_last[1] = ms, randomness
     n = (ms << 80) | randomness
     p = _PAIRS
@@ -127,6 +135,11 @@ class Envelope:
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with every field; the body is base64 unless it is UTF-8 text."""
+        out = self._fields()
+        out["attributes"] = _jsonable(out["attributes"])
+        return out
+
+    def _fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "id": self.id,
             "source": self.source,
@@ -134,7 +147,7 @@ class Envelope:
             "subject": self.subject,
             "content_type": self.content_type,
             "headers": dict(self.headers),
-            "attributes": _jsonable(dict(self.attributes)),
+            "attributes": dict(self.attributes),
             "time": self.time.isoformat(),
             "correlation_id": self.correlation_id,
             "reply_to": self.reply_to,
@@ -173,13 +186,29 @@ class Envelope:
         """:meth:`as_dict` as compact JSON, computed once (the spool and the file sink both need it)."""
         cached: str | None = self.__dict__.get("_json")
         if cached is None:
-            cached = json.dumps(self.as_dict(), separators=(",", ":"), ensure_ascii=False)
+            out = self._fields()
+            try:  # JSON types go straight through the C encoder; ``_json_default`` takes the rest
+                cached = json.dumps(out, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+            except TypeError:  # e.g. a key that is neither a string nor a number
+                out["attributes"] = _jsonable(out["attributes"])
+                cached = json.dumps(out, separators=(",", ":"), ensure_ascii=False)
             self.__dict__["_json"] = cached  # frozen: cache beside the fields, like ``data``
         return cached
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Envelope:
         return cls.from_dict(json.loads(text))
+
+
+def _json_default(value: Any) -> Any:
+    """What ``json.dumps`` cannot encode itself, as :func:`_jsonable` would make it."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
 
 
 def _jsonable(value: Any) -> Any:
