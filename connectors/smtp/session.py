@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.smtp import SMTP, AuthResult, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
+from connectors.smtp.data import R_BARE_NEWLINE, DataReader, read_data
 from gateway.logs import event
 
 if TYPE_CHECKING:
@@ -37,9 +38,6 @@ MAX_AUTH_FAILURES = 3
 #: The socket reader's buffer limit; DATA lines are checked against max_line_length ourselves.
 READER_LIMIT = 64 * 1024
 
-R_BARE_NEWLINE = "550 5.5.2 Bare CR or LF in message data is not allowed (RFC 5321 2.3.8)"
-R_LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)"
-R_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 R_INTERNAL = "451 4.3.0 Internal error, try again later"
 R_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
 R_BUSY = "421 4.3.2 Too many connections, try again later"
@@ -291,48 +289,19 @@ class GatewaySMTP(SMTP):
 
     async def _read_data(self) -> tuple[bytes, str | None]:
         """Read DATA up to the one true terminator. Returns (message, problem reply or None)."""
-        reader = self._reader
-        limit = self.listener.cfg.max_message_size
-        max_line = self.listener.cfg.max_line_length + 1  # one more for dot-stuffing
-        chunks: list[bytes] = []
-        size = 0
-        problem: str | None = None
-        at_start = True  # the previous line ended with CRLF (or DATA just began)
-        split_cr = False  # an over-long line was cut between its CR and its LF
+        data = DataReader(self.listener.cfg.max_message_size, self.listener.cfg.max_line_length + 1)
         loop = self.loop
         last_reset = loop.time()
-        while True:
-            try:
-                line = await reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError as exc:
-                discarded = await reader.readexactly(exc.consumed)  # memory stays bounded
-                if problem is None:
-                    problem, chunks = R_LINE_TOO_LONG, []
-                at_start, split_cr = False, discarded.endswith(b"\r")
-                continue
-            if at_start and line == b".\r\n":
-                break
-            crlf = line.endswith(b"\r\n") or (split_cr and line == b"\n")
-            split_cr = False
-            if problem is None:
-                if not crlf or line.find(b"\r", 0, len(line) - 2) != -1:
-                    problem, chunks = R_BARE_NEWLINE, []
-                elif len(line) > max_line:
-                    problem, chunks = R_LINE_TOO_LONG, []
-                else:
-                    if at_start and line[:1] == b".":
-                        line = line[1:]
-                    size += len(line)
-                    if size > limit:
-                        problem, chunks = R_TOO_BIG, []
-                    else:
-                        chunks.append(line)
-            at_start = crlf
+
+        def flowing() -> None:
+            nonlocal last_reset
             now = loop.time()
             if now - last_reset > 1.0:  # data is flowing: not idle
                 last_reset = now
                 self._reset_timeout()
-        return b"".join(chunks), problem
+
+        await read_data(self._reader, data, flowing)
+        return data.message, data.problem
 
     # --- AUTH (only over TLS; aiosmtpd enforces that before calling these) ---------------
 
