@@ -100,24 +100,56 @@ class DataReader:
 async def read_data(reader: asyncio.StreamReader, data: DataReader, flowing: Callable[[], None]) -> None:
     """Read DATA from ``reader`` into ``data`` up to and with the terminator, nothing after it.
 
-    Blocks end at the next ``. CR LF``: the terminator when that dot begins a line and the line
-    before ended with CR LF, else a line that ends with a dot and the block goes on. A block that
-    reaches the reader's limit first is taken up to its last complete line (the reader keeps the
-    last bytes of a would-be separator, so none is cut in two). ``flowing`` is called after
-    every block (the caller's idle timer).
+    Only lines that begin with a dot need a closer look (the terminator, or dot-stuffing), so
+    the lines between them are read as one block, up to the next ``LF .``; the dot's line is
+    then read alone. Where a line begins whose LF was read already (when DATA begins, after a
+    dot's line) its first byte is read alone to see whether it is a dot. A block that reaches
+    the reader's limit first is taken up to its last complete line (the reader keeps the last
+    byte of a would-be ``LF .``, so none is cut in two). ``flowing`` is called after every
+    block (the caller's idle timer).
     """
     carry = b""  # the start of a line that the previous block did not finish
+    exposed = True  # the next byte begins a line and nothing of it was read yet
     while True:
+        if exposed:
+            exposed = False
+            first = await reader.readexactly(1)
+            if first == b".":
+                if await _dot_line(reader, data):
+                    return
+                exposed = True
+                continue
+            if first == b"\n":  # a line of its own (a bare LF): the next one begins right after
+                data.line(first)
+                exposed = True
+                continue
+            carry = first
         try:
-            block = carry + await reader.readuntil(b".\r\n")
+            block = carry + await reader.readuntil(b"\n.")
             carry = b""
         except asyncio.LimitOverrunError as exc:
             part = carry + await reader.readexactly(exc.consumed)
             cut = part.rfind(b"\n") + 1
             block, carry = part[:cut], part[cut:]
-        if block and data.block(block):
+            if cut and data.block(block):
+                return
+            if len(carry) > data.max_line:  # memory stays bounded
+                data.discarded(carry)
+                carry = b""
+            exposed = cut == len(part)
+            flowing()
+            continue
+        if data.block(block[:-1]) or await _dot_line(reader, data):
             return
-        if len(carry) > data.max_line:  # memory stays bounded
-            data.discarded(carry)
-            carry = b""
+        exposed = True
         flowing()
+
+
+async def _dot_line(reader: asyncio.StreamReader, data: DataReader) -> bool:
+    """The rest of a line whose first byte, a dot, was read; True if it was the terminator."""
+    try:
+        rest = await reader.readuntil(b"\n")
+    except asyncio.LimitOverrunError as exc:
+        data.discarded(b"." + await reader.readexactly(exc.consumed))  # memory stays bounded
+        return False
+    return data.line(b"." + rest)
