@@ -27,6 +27,13 @@ Delivery guarantee (at least once)
   QoS 0 means handed to the socket (at most once). Not connected or no answer in time → transient; a
   topic or payload that cannot be published, or MQTT 5 reason 0x87/0x90/0x99 → permanent.
 
+Readiness
+  ``health()`` is down while disconnected and, once routes read from the connector, until the
+  broker's SUBACK granted every filter on the current connection (again after each reconnect):
+  before that, a message published to a filter may pass the gateway by. A filter the broker
+  refuses (reason code ≥ 0x80, e.g. denied by an ACL) keeps it down with the filter in the
+  reason and an ``mqtt.subscribe_refused`` error in the log.
+
 Address form
   ``url: mqtt://host:1883`` or ``mqtts://host:8883``; subject = topic; routes match with
   MQTT filters (``plant/+/boiler/#``).
@@ -141,6 +148,10 @@ class MqttConnector(Connector):
         self._connected = False
         self._generation = 0
         self._error = "not connected yet"
+        # subscriptions of the current connection: SUBSCRIBE packet id → its (filter, qos) pairs
+        # until the SUBACK arrives; inbound readiness needs every filter granted
+        self._sub_pending: dict[int, list[tuple[str, int]]] = {}
+        self._sub_confirmed = False
         self._sub_error = ""
         self._closing = False
         # inbound
@@ -241,10 +252,20 @@ class MqttConnector(Connector):
         self._up.clear()
 
     def health(self) -> Health:
+        """Up when connected and, while listening, once the broker granted every subscription of
+        the current connection (SUBACK). Until then a message published to the filters may not
+        reach us, so the connector is not ready for inbound use; a refused filter keeps it down."""
         if not self._connected:
             return Health(False, self._error)
-        if self._sub_error:
-            return Health(False, self._sub_error)
+        if self._listening:
+            if self._sub_error:
+                return Health(False, self._sub_error)
+            if not self._sub_confirmed:
+                waiting = [f for subs in self._sub_pending.values() for f, _ in subs]
+                if not waiting:
+                    return Health(False, "not subscribed yet")
+                return Health(False, "waiting for the broker to confirm the subscription (SUBACK) to "
+                              + ", ".join(repr(f) for f in waiting))
         return Health(True)
 
     # --- the connection ------------------------------------------------------------------
@@ -447,6 +468,11 @@ class MqttConnector(Connector):
         self._generation += 1
         self._connected = True
         self._error = ""
+        # a new connection: readiness waits for its own SUBACKs (we subscribe again even when the
+        # broker kept the session; that is harmless and does not depend on what it kept)
+        self._sub_pending.clear()
+        self._sub_confirmed = False
+        self._sub_error = ""
         server_max = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
         if not isinstance(server_max, int) or server_max <= 0:
             server_max = 65535
@@ -454,10 +480,10 @@ class MqttConnector(Connector):
         # paho never queues: its queue is rescanned on every PUBACK.
         self._window.resize(min(self.cfg.max_inflight, server_max))
         self._client_or_fail().limit_inflight(0)
-        event(self.log, "mqtt.connected", connector=self.name, broker=f"{self.cfg.host}:{self.cfg.port}",
-              client_id=self.client_id, session_present=bool(getattr(flags, "session_present", False)))
         if self._listening:
             self._subscribe()
+        event(self.log, "mqtt.connected", connector=self.name, broker=f"{self.cfg.host}:{self.cfg.port}",
+              client_id=self.client_id, session_present=bool(getattr(flags, "session_present", False)))
         status = self.cfg.status
         if status is not None:
             client.publish(status.topic, status.online, status.qos, status.retain)
@@ -477,20 +503,50 @@ class MqttConnector(Connector):
         self._lost.set()
 
     def _subscribe(self) -> None:
+        """Send one SUBSCRIBE for every filter; :meth:`health` stays down until its SUBACK."""
         client = self._client_or_fail()
         subs = self.cfg.subscriptions()
-        if self.cfg.protocol == "5":
-            # retain handling 1: retained messages only for a new subscription, not on every reconnect
-            client.subscribe([(f, SubscribeOptions(qos=q, retainHandling=1)) for f, q in subs])
+        self._sub_pending.clear()
+        self._sub_confirmed = False
+        self._sub_error = ""
+        try:
+            if self.cfg.protocol == "5":
+                # retain handling 1: retained messages only for a new subscription, not on every reconnect
+                rc, mid = client.subscribe([(f, SubscribeOptions(qos=q, retainHandling=1)) for f, q in subs])
+            else:
+                rc, mid = client.subscribe(subs)
+        except ValueError as exc:  # paho's own checks; raised in on_connect it would be swallowed
+            rc, mid, why = MQTTErrorCode.MQTT_ERR_INVAL, None, str(exc)
         else:
-            client.subscribe(subs)
+            why = mqtt.error_string(rc)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            # not connected any more (the next connect subscribes again) or a filter paho refuses
+            self._sub_error = f"cannot subscribe: {why}"
+            event(self.log, "mqtt.subscribe_failed", logging.WARNING, connector=self.name, error=self._sub_error)
+            return
+        self._sub_pending[mid] = subs
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode],
                       properties: Properties | None) -> None:
-        failed = [f"{f}: {r}" for (f, _), r in zip(self.cfg.subscriptions(), reasons, strict=False) if r.is_failure]
-        self._sub_error = "subscription refused: " + "; ".join(failed) if failed else ""
-        if failed:
+        subs = self._sub_pending.pop(mid, None)
+        if subs is None:
+            return  # the answer to a SUBSCRIBE that a later one replaced
+        refused = [f"{f!r} ({r})" for (f, _), r in zip(subs, reasons, strict=False) if r.is_failure]
+        refused += [f"{f!r} (no reason code in the SUBACK)" for f, _ in subs[len(reasons):]]
+        if refused:
+            self._sub_error = ("the broker refused the subscription to " + ", ".join(refused)
+                               + ": no message on it would reach the gateway")
             event(self.log, "mqtt.subscribe_refused", logging.ERROR, connector=self.name, error=self._sub_error)
+            return
+        downgraded = [f"{f!r} (QoS {r.value} instead of {q})" for (f, q), r in zip(subs, reasons, strict=False)
+                      if r.value < q]
+        if downgraded:
+            # still a subscription, but with weaker guarantees than configured (QoS 0: at most once)
+            event(self.log, "mqtt.subscribe_downgraded", logging.WARNING, connector=self.name,
+                  filters=", ".join(downgraded))
+        if not self._sub_pending and not self._sub_error:
+            self._sub_confirmed = True
+            event(self.log, "mqtt.subscribed", connector=self.name, filters=", ".join(f for f, _ in subs))
 
     def _client_or_fail(self) -> GatewayClient:
         if self._client is None:

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.gwtest import free_port, running_gateway, wait_for
+from gateway.config.loader import load_config
+from gateway.registry import Registry
+from gateway.runtime import Runtime
+from tests.faultproxy import FaultProxy
+from tests.gwtest import free_port, running_gateway, wait_for, write_config
 from tests.integration.test_mqtt_amqp import RestPeer, gateway_yaml, mqtt_probe, require_port, unique
 
 pytestmark = pytest.mark.integration
@@ -95,6 +100,152 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], tmp: Path) -> None:
                 return
         time.sleep(0.05)
     pytest.fail(f"mosquitto did not listen on {port}")
+
+
+# --- readiness: not before the broker confirmed the subscriptions ----------------------------
+
+
+class _ReadinessAtEvents(logging.Handler):
+    """Records what the runtime's readiness said at the very moment a log event was emitted.
+
+    The events are emitted synchronously where the state changes (``connector.up`` right after
+    ``listen()`` sent SUBSCRIBE, ``mqtt.connected`` in the CONNACK callback, ``mqtt.subscribed``
+    in the SUBACK callback), so this observes those instants without sleeping."""
+
+    def __init__(self, rt: Runtime, connector: str, names: set[str]):
+        super().__init__(logging.DEBUG)
+        self.rt, self.connector, self.names = rt, connector, names
+        self.seen: list[tuple[str, bool, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", {}) or {}
+        name = record.getMessage()
+        if name in self.names and fields.get("connector") == self.connector:
+            ready, detail = self.rt.readiness()
+            self.seen.append((name, ready, detail["connectors"][self.connector]["detail"]))
+
+    def events(self) -> list[str]:
+        return [name for name, _, _ in self.seen]
+
+
+@asynccontextmanager
+async def _runtime_watched(tmp_path: Path, yaml: str, connector: str, names: set[str]) -> AsyncIterator[
+        tuple[Runtime, _ReadinessAtEvents]]:
+    """A runtime whose readiness is recorded at each of ``names`` from the very first connect."""
+    registry = Registry()
+    rt = Runtime(load_config(str(write_config(tmp_path, yaml)), registry), registry=registry)
+    watch = _ReadinessAtEvents(rt, connector, names)
+    log = logging.getLogger("gateway")
+    level = log.level
+    log.setLevel(logging.INFO)
+    log.addHandler(watch)
+    try:
+        await rt.start()
+        try:
+            yield rt, watch
+        finally:
+            await rt.stop()
+    finally:
+        log.removeHandler(watch)
+        log.setLevel(level)
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_ready_only_once_the_suback_arrived_and_again_after_a_reconnect(tmp_path: Path, protocol: str) -> None:
+    """/readyz must not say yes while a message published to the filters could still pass the
+    gateway by: after listen() (SUBSCRIBE sent) and after a reconnect (CONNACK, the session
+    kept by the broker) it waits for the SUBACK."""
+    require_port(1883, "Mosquitto")
+    root = unique("ready")
+    out = tmp_path / "out.jsonl"
+    async with FaultProxy("127.0.0.1", 1883) as proxy:
+        yaml = gateway_yaml(f"""
+  plant: {{type: mqtt, url: "mqtt://127.0.0.1:{proxy.port}", protocol: "{protocol}", client_id: {unique("gw")},
+           session_expiry: 60, reconnect_min: 0.1, reconnect_max: 0.5, subscribe: ["{root}/#"]}}
+  out: {{type: file, path: "{out}"}}
+""", """
+  - name: r
+    from: plant
+    to: [{connector: out}]
+""")
+        names = {"connector.up", "mqtt.connected", "mqtt.subscribed"}
+        async with _runtime_watched(tmp_path, yaml, "plant", names) as (rt, watch):
+            await wait_for(lambda: watch.events().count("mqtt.subscribed") == 1, 10, what="the first SUBACK")
+            assert watch.events() == ["mqtt.connected", "connector.up", "mqtt.subscribed"]
+            (_, ready_listening, why), (_, ready_subscribed, _) = watch.seen[1:]
+            assert not ready_listening, "ready before the SUBACK"
+            assert "SUBACK" in why and f"{root}/#" in why, why
+            assert ready_subscribed
+
+            proxy.cut()  # the connection dies; the connector reconnects by itself (same session)
+            await wait_for(lambda: watch.events().count("mqtt.subscribed") == 2, 10, what="the SUBACK after reconnect")
+            assert watch.events()[3:] == ["mqtt.connected", "mqtt.subscribed"]
+            (_, ready_reconnected, why), (_, ready_resubscribed, _) = watch.seen[3:]
+            assert not ready_reconnected, "ready again before the new SUBACK"
+            assert "SUBACK" in why, why
+            assert ready_resubscribed and rt.readiness()[0]
+            async with mqtt_probe(v5=protocol == "5") as probe:
+                probe.publish(f"{root}/x", b"after reconnect", qos=1)
+                await wait_for(lambda: out.exists() and b"after reconnect" in out.read_bytes(), 5, what="message")
+
+
+def _dynamic_security(tmp: Path, denied: str) -> str:
+    """Mosquitto config lines that make it refuse subscriptions to ``denied`` for anonymous
+    clients. Its ``acl_file`` cannot: it grants every subscription and filters at delivery; the
+    dynamic-security plugin (shipped with the Debian package) answers SUBACK 0x87 / 0x80."""
+    plugins = sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so")) + sorted(
+        Path("/usr/lib").glob("mosquitto_dynamic_security.so"))
+    if not plugins:
+        pytest.fail("mosquitto_dynamic_security.so not found (it comes with the mosquitto package)")
+    conf = tmp / "dynsec.json"
+    conf.write_text(json.dumps({
+        "defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True, "subscribe": True,
+                             "unsubscribe": True},
+        "clients": [], "groups": [{"groupname": "anonymous", "roles": [{"rolename": "no-denied"}]}],
+        "roles": [{"rolename": "no-denied",
+                   "acls": [{"acltype": "subscribePattern", "topic": denied, "priority": 0, "allow": False}]}],
+        "anonymousGroup": "anonymous"}))
+    return f"plugin {plugins[0]}\nplugin_opt_config_file {conf}\n"
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_a_refused_subscription_keeps_the_connector_unready_with_the_filter_named(
+        tmp_path: Path, protocol: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Mosquitto refuses a filter its access control denies (SUBACK 0x87 in MQTT 5, 0x80 in
+    3.1.1): the connector stays unready, names the filter, logs an error — and still consumes
+    the filter that was granted."""
+    root = unique("acl")
+    out = tmp_path / "out.jsonl"
+    with mosquitto(tmp_path / "broker", _dynamic_security(tmp_path, f"{root}/denied/#")) as port:
+        yaml = gateway_yaml(f"""
+  plant: {{type: mqtt, url: "mqtt://127.0.0.1:{port}", protocol: "{protocol}", client_id: {unique("gw")},
+           subscribe: ["{root}/allowed/#", "{root}/denied/#"]}}
+  out: {{type: file, path: "{out}"}}
+""", """
+  - name: r
+    from: plant
+    to: [{connector: out}]
+""")
+        async with running_gateway(tmp_path, yaml, wait_ready=False) as rt:
+            await wait_for(lambda: any(r.getMessage() == "mqtt.subscribe_refused" for r in caplog.records), 10,
+                           what="the refused SUBACK")
+            # the granted filter works (and the SUBACK is long processed once its message is through)
+            async with mqtt_probe(port=port, v5=protocol == "5") as probe:
+                probe.publish(f"{root}/allowed/a", b"granted", qos=1)
+                await wait_for(lambda: out.exists() and b"granted" in out.read_bytes(), 5, what="message")
+            ready, detail = rt.readiness()
+            why = detail["connectors"]["plant"]["detail"]
+            assert not ready and not detail["connectors"]["plant"]["up"]
+            assert f"'{root}/denied/#'" in why and "refused" in why, why
+            assert "allowed" not in why, why
+            admin = rt.config.model.gateway.admin.listen
+            async with httpx.AsyncClient() as http:
+                r = await http.get(f"http://{admin}/readyz")
+            assert r.status_code == 503 and f"{root}/denied/#" in r.text
+    refused = [r for r in caplog.records if r.getMessage() == "mqtt.subscribe_refused"]
+    assert refused and all(r.levelno >= logging.WARNING for r in refused)
+    assert f"{root}/denied/#" in refused[0].fields["error"]  # type: ignore[attr-defined]
+
 
 
 # --- inbound ---------------------------------------------------------------------------------
