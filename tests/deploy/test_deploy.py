@@ -247,6 +247,85 @@ def test_chart_accepts_drain_within_drain_seconds(helm: Helm, tmp_path: Path) ->
     assert proc.returncode == 0, explain(proc)
 
 
+# ------------------------------------------------- MQTT inbound with several replicas (sessions)
+
+def mqtt_routes(*, clean_start: bool = False, inbound: bool = True) -> str:
+    """routes.yaml with an MQTT connector; a route reads from it when ``inbound``, else it only publishes."""
+    route = ("{name: plant-to-log, from: plant, to: [{connector: console}]}" if inbound else
+             "{name: log-to-plant, from: console, to: [{connector: plant, topic: t}]}")
+    return f"""gateway: {{admin: {{listen: "0.0.0.0:8081"}}}}
+connectors:
+  plant: {{type: mqtt, url: "mqtt://mosquitto:1883", client_id: "gateway-${{POD_NAME}}", share: gw,
+           subscribe: ["plant/#"], clean_start: {str(clean_start).lower()}}}
+  console: {{type: log}}
+routes:
+  - {route}
+"""
+
+
+ORPHANS = "would run as a Deployment"
+OPT_OUT = "mqtt.acceptOrphanedSessionLoss=true"
+
+
+@pytest.mark.parametrize(("routes", "args", "messages"), [
+    (mqtt_routes(), ["--set", "replicaCount=2"],
+     ["receives over MQTT with a persistent session (connector plant)", ORPHANS, "spool.persistence.enabled=true",
+      OPT_OUT]),
+    (mqtt_routes(), ["--set", "autoscaling.enabled=true"], [ORPHANS, OPT_OUT]),
+    (None, ["-f", CHART / "ci" / "existing-configmap.yaml", "--set", "replicaCount=2"],
+     ["config.existingConfigMap hides routes.yaml", "set mqtt.inbound=false", "mqtt.inbound=true"]),
+    (None, ["-f", CHART / "ci" / "existing-configmap.yaml", "--set", "replicaCount=2", "--set", "mqtt.inbound=true"],
+     ["(mqtt.inbound=true)", ORPHANS, OPT_OUT]),
+    (mqtt_routes(), ["--set", "mqtt.inbound=false"], ["mqtt.inbound is false, but config.routes receives over MQTT"]),
+    (None, ["--set", "mqtt.inbound=true"], ["mqtt.inbound is true, but no route in config.routes"]),
+], ids=["replicas", "autoscaling", "existing-configmap-unknown", "existing-configmap-inbound",
+        "inbound-false-contradicts", "inbound-true-contradicts"])
+def test_chart_refuses_mqtt_inbound_replicas_without_stable_identities(
+    helm: Helm, tmp_path: Path, routes: str | None, args: list[str | Path], messages: list[str],
+) -> None:
+    """Several replicas of MQTT inbound as a Deployment would leave a persistent session behind on
+    every rollout, whose share of the shared subscription Mosquitto drops when it expires."""
+    if routes is not None:
+        (tmp_path / "routes.yaml").write_text(routes)
+        args = ["--set-file", f"config.routes={tmp_path / 'routes.yaml'}", *args]
+    proc = helm.template(*args)
+    assert proc.returncode != 0, explain(proc)
+    for message in messages:
+        assert message in proc.stderr, explain(proc)
+
+
+@pytest.mark.parametrize(("routes", "args", "kind", "replicas"), [
+    (mqtt_routes(), ["--set", "replicaCount=2", "--set", "mqtt.acceptOrphanedSessionLoss=true"], "Deployment", 2),
+    (mqtt_routes(), ["--set", "replicaCount=2", "--set", "spool.persistence.enabled=true"], "StatefulSet", 2),
+    (mqtt_routes(clean_start=True), ["--set", "replicaCount=2"], "Deployment", 2),
+    (mqtt_routes(inbound=False), ["--set", "replicaCount=2"], "Deployment", 2),
+    (mqtt_routes(), [], "Deployment", 1),
+    (None, ["--set", "replicaCount=3"], "Deployment", 3),
+    (None, ["-f", CHART / "ci" / "existing-configmap.yaml", "--set", "replicaCount=2", "--set", "mqtt.inbound=false"],
+     "Deployment", 2),
+    (None, ["-f", CHART / "ci" / "existing-configmap.yaml", "--set", "replicaCount=2", "--set", "mqtt.inbound=true",
+            "--set", "spool.persistence.enabled=true"], "StatefulSet", 2),
+], ids=["opt-out", "statefulset", "clean-start", "mqtt-outbound-only", "one-replica", "no-mqtt",
+        "existing-configmap-no-mqtt", "existing-configmap-statefulset"])
+def test_chart_renders_mqtt_replicas_when_safe_or_acknowledged(
+    helm: Helm, tmp_path: Path, routes: str | None, args: list[str | Path], kind: str, replicas: int,
+) -> None:
+    if routes is not None:
+        (tmp_path / "routes.yaml").write_text(routes)
+        args = ["--set-file", f"config.routes={tmp_path / 'routes.yaml'}", *args]
+    proc = helm.template(*args)
+    assert proc.returncode == 0, explain(proc)
+    workloads = [d for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] in WORKLOAD_KINDS]
+    assert [(w["kind"], w["spec"]["replicas"]) for w in workloads] == [(kind, replicas)]
+
+
+def test_mqtt_values_are_in_the_schema(helm: Helm) -> None:
+    proc = helm("lint", "--strict", CHART, "--set", "mqtt.inbound=yes")
+    assert proc.returncode != 0 and "mqtt.inbound" in proc.stdout + proc.stderr, explain(proc)
+    proc = helm("lint", "--strict", CHART, "--set", "mqtt.acknowledgeRisk=true")
+    assert proc.returncode != 0 and "acknowledgeRisk" in proc.stdout + proc.stderr, explain(proc)
+
+
 # ------------------------------------------------------------------------ kubernetes-validate
 
 @ci_values
@@ -395,6 +474,13 @@ def test_grace_period_follows_values(helm: Helm) -> None:
 
 
 @ci_values
+def test_pod_name_comes_from_the_downward_api(render: Callable[[Path], Rendered], values_file: Path) -> None:
+    """routes.yaml's documented per-pod MQTT identity, client_id: "gateway-${POD_NAME}", needs it."""
+    env = {e["name"]: e for e in render(values_file).container["env"]}
+    assert env["POD_NAME"] == {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+
+
+@ci_values
 def test_secrets_come_from_existing_secrets(render: Callable[[Path], Rendered], values_file: Path) -> None:
     r = render(values_file)
     env_from = r.container.get("envFrom", [])
@@ -536,21 +622,40 @@ def test_network_policy(render: Callable[[Path], Rendered], values_file: Path) -
         assert ("admin",) not in rules
 
 
-@ci_values
-def test_notes_render(helm: Helm, tmp_path: Path, values_file: Path) -> None:
+def render_notes(helm: Helm, tmp_path: Path, *args: str | Path) -> str:
     # helm template skips NOTES.txt; render it through tpl in a copy of the chart.
     chart = tmp_path / "gateway"
-    shutil.copytree(CHART, chart)
-    shutil.copy(chart / "templates" / "NOTES.txt", chart / "notes.tpl")
-    (chart / "templates" / "zz-notes.yaml").write_text(
-        'notes: |\n  {{- tpl (.Files.Get "notes.tpl") . | nindent 2 }}\n')
-    proc = helm.template("-f", values_file, "--show-only", "templates/zz-notes.yaml", chart=chart)
+    if not chart.exists():
+        shutil.copytree(CHART, chart)
+        shutil.copy(chart / "templates" / "NOTES.txt", chart / "notes.tpl")
+        (chart / "templates" / "zz-notes.yaml").write_text(
+            'notes: |\n  {{- tpl (.Files.Get "notes.tpl") . | nindent 2 }}\n')
+    proc = helm.template(*args, "--show-only", "templates/zz-notes.yaml", chart=chart)
     assert proc.returncode == 0, explain(proc)
-    notes = yaml.safe_load(proc.stdout)["notes"]
+    return yaml.safe_load(proc.stdout)["notes"]  # type: ignore[no-any-return]
+
+
+@ci_values
+def test_notes_render(helm: Helm, tmp_path: Path, values_file: Path) -> None:
+    notes = render_notes(helm, tmp_path, "-f", values_file)
     assert "kubectl -n gw-ns edit configmap" in notes
     values = chart_values(values_file)
     needs_env = "${" in values["config"]["routes"] and not values["config"]["existingConfigMap"]
     assert ("WARNING" in notes) == (needs_env and not values["envFromSecrets"])
+
+
+def test_notes_on_mqtt_sessions(helm: Helm, tmp_path: Path) -> None:
+    """The opt-out is reminded at every install; an autoscaled StatefulSet gets the scale-down caveat."""
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(mqtt_routes())
+    base = ["--set-file", f"config.routes={routes}", "--set", "envFromSecrets={gateway-api}"]
+    notes = render_notes(helm, tmp_path, *base, "--set", "replicaCount=2",
+                         "--set", "mqtt.acceptOrphanedSessionLoss=true")
+    assert "WARNING: mqtt.acceptOrphanedSessionLoss=true" in notes
+    notes = render_notes(helm, tmp_path, "-f", CHART / "ci" / "replicas-3.yaml")
+    assert "WARNING" not in notes and "the HPA scales the StatefulSet down" in notes
+    notes = render_notes(helm, tmp_path, *base, "--set", "replicaCount=2", "--set", "spool.persistence.enabled=true")
+    assert "WARNING" not in notes and "HPA" not in notes
 
 
 # ------------------------------------------------------------------------- chart documentation

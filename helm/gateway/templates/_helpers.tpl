@@ -104,6 +104,60 @@ Checks a pod needs from routes.yaml, made only when the chart renders routes.yam
 {{- end }}
 {{- end }}
 
+{{/*
+The MQTT connectors routes.yaml receives from with a persistent session (a route reads `from:`
+them and clean_start is not true), comma-separated; "" when there are none. Only meaningful when
+the chart renders routes.yaml itself.
+*/}}
+{{- define "gateway.mqttInboundConnectors" -}}
+{{- $routes := fromYaml .Values.config.routes }}
+{{- $connectors := default (dict) (get $routes "connectors") }}
+{{- $sources := list }}
+{{- range (default (list) (get $routes "routes")) }}
+{{- $from := get . "from" }}
+{{- $sources = concat $sources (kindIs "slice" $from | ternary $from (list $from)) }}
+{{- end }}
+{{- $found := list }}
+{{- range $name, $c := $connectors }}
+{{- if and (kindIs "map" $c) (eq (toString (get $c "type")) "mqtt") (has $name $sources) (ne (toString (get $c "clean_start")) "true") }}
+{{- $found = append $found $name }}
+{{- end }}
+{{- end }}
+{{- join "," $found }}
+{{- end }}
+
+{{/*
+Several replicas of MQTT inbound on a Deployment lose messages silently: each rollout gives the
+pods new names, so new "${POD_NAME}" client ids, and the persistent session an old pod leaves on
+the broker keeps receiving its share of a shared subscription until it expires, when Mosquitto
+drops what it queued although the publishers had their PUBACKs. Refuse that unless
+mqtt.acceptOrphanedSessionLoss says the user knows better.
+*/}}
+{{- define "gateway.validateMqttReplicas" -}}
+{{- $explicit := .Values.mqtt.inbound }}
+{{- $names := "" }}
+{{- if not .Values.config.existingConfigMap }}
+{{- $names = include "gateway.mqttInboundConnectors" . }}
+{{- if and (not (kindIs "invalid" $explicit)) (ne (toString $explicit) (toString (ne $names ""))) }}
+{{- if $names }}
+{{- fail (printf "mqtt.inbound is false, but config.routes receives over MQTT with a persistent session (connector %s); leave mqtt.inbound unset (null): the chart reads config.routes" $names) }}
+{{- else }}
+{{- fail "mqtt.inbound is true, but no route in config.routes reads from an MQTT connector with a persistent session; leave mqtt.inbound unset (null): the chart reads config.routes" }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $several := or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled }}
+{{- if and $several (not .Values.spool.persistence.enabled) (not .Values.mqtt.acceptOrphanedSessionLoss) }}
+{{- if and .Values.config.existingConfigMap (kindIs "invalid" $explicit) }}
+{{- fail "several replicas (replicaCount > 1 or autoscaling.enabled) as a Deployment, and config.existingConfigMap hides routes.yaml from the chart: set mqtt.inbound=false if no route reads from an MQTT connector with a persistent session (clean_start false, the default), or mqtt.inbound=true if one does (see the chart README, \"Scaling\")" }}
+{{- end }}
+{{- if or $names (and .Values.config.existingConfigMap $explicit) }}
+{{- $what := ne $names "" | ternary (printf "config.routes receives over MQTT with a persistent session (%s %s)" (contains "," $names | ternary "connectors" "connector") (replace "," ", " $names)) "routes.yaml receives over MQTT with a persistent session (mqtt.inbound=true)" }}
+{{- fail (printf "%s, and several replicas (replicaCount > 1 or autoscaling.enabled) would run as a Deployment: its pods get new names, so new \"${POD_NAME}\" client ids, on every rollout, and the session each old pod leaves on the broker keeps receiving its share of the shared subscription until session_expiry, when Mosquitto drops those messages although the publishers had their PUBACKs. Set spool.persistence.enabled=true (a StatefulSet: stable pod names, each pod resumes its own session and spool), or, if your broker or settings rule this out, mqtt.acceptOrphanedSessionLoss=true (see the chart README, \"Scaling\")" $what) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* The pod template shared by the Deployment and the StatefulSet. */}}
 {{- define "gateway.podTemplate" -}}
 metadata:
@@ -160,7 +214,8 @@ spec:
           value: /var/lib/gateway
         - name: TMPDIR
           value: /tmp
-        # For routes.yaml: per-replica identities, e.g. an MQTT client_id "gw-${POD_NAME}".
+        # For routes.yaml: per-replica identities, e.g. an MQTT client_id "gateway-${POD_NAME}"
+        # (stable across restarts only in a StatefulSet).
         - name: POD_NAME
           valueFrom:
             fieldRef:
