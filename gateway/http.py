@@ -126,8 +126,10 @@ class HttpHub:
             raise OSError(f"cannot listen on {lst.listen}: {exc.strerror}") from None
         sock.listen(2048)
         sock.setblocking(False)
+        # proxy_headers off: the peer is the TCP peer (an X-Forwarded-For from a local process is
+        # not trusted), and one ASGI layer less per request (measured: 5 % of a REST → MQTT request).
         config = uvicorn.Config(
-            lst, lifespan="off", log_config=None, access_log=False, server_header=False,
+            lst, lifespan="off", log_config=None, access_log=False, server_header=False, proxy_headers=False,
             limit_concurrency=self.limit_concurrency, timeout_keep_alive=int(self.keep_alive),
             h11_max_incomplete_event_size=16 * 1024, timeout_graceful_shutdown=5,
         )
