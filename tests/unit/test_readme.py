@@ -59,3 +59,26 @@ def test_every_readme_config_example_validates(index: int, tmp_path: Path) -> No
     text = block.replace("/run/secrets/", f"{tmp_path}/")
     cfg = load_config_text(text, env=env_for(block), base_dir=str(ROOT))
     assert cfg.connectors
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", ["README.md", "helm/gateway/README.md"])
+def test_every_link_inside_the_repository_leads_somewhere(doc: str) -> None:
+    path = ROOT / doc
+    text = path.read_text()
+    anchors = {_anchor(h) for h in re.findall(r"^#+ (.+)$", text, re.MULTILINE)}
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        file_part, _, fragment = target.partition("#")
+        if file_part and not (path.parent / file_part).exists():
+            broken.append(target)
+        elif not file_part and fragment not in anchors:
+            broken.append(target)
+    assert broken == []
