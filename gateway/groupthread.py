@@ -45,6 +45,7 @@ class GroupThread(Generic[I, R]):
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._group: list[asyncio.Future[R]] = []  # the futures of the group being handled
 
     @property
     def running(self) -> bool:
@@ -74,6 +75,14 @@ class GroupThread(Generic[I, R]):
             self._queue.put(None)
             await asyncio.to_thread(thread.join)
 
+    def answer_now(self, answers: dict[int, R | BaseException]) -> None:
+        """From inside ``handle``: answer these items of the group (by position) right away,
+        before the rest of the group is done (what ``handle`` returns for them later is ignored)."""
+        if answers and self._loop is not None:
+            futures = [self._group[i] for i in answers]
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(_settle, futures, list(answers.values()))
+
     def _serve(self) -> None:
         q = self._queue
         while True:
@@ -90,6 +99,7 @@ class GroupThread(Generic[I, R]):
             work = [g for g in group if g is not None]
             if work:
                 answers: Sequence[Any]
+                self._group = [fut for _, fut in work]
                 try:
                     answers = self._handle([item for item, _ in work])
                 except BaseException as exc:

@@ -10,7 +10,11 @@ Only what an acknowledgement depends on is fsync'd. Bookkeeping after a send (de
 delivered job, count an attempt, move a job to the dead letters) commits with
 ``synchronous=NORMAL``: in WAL mode that is crash-safe and ordered, and a power cut can only
 undo it — the job is then retried, a duplicate, never a loss; the next FULL commit makes it
-durable too. That saves one fsync per delivered message.
+durable too. That saves one fsync per delivered message. The two kinds go through two
+connections (one FULL, one NORMAL) as two group commits: the acknowledged writes first, answered
+as soon as they are on disk, then the bookkeeping. A group that is one statement (only new jobs,
+or only deletes) runs without BEGIN/COMMIT: every statement is a moment the spool thread must
+win the GIL back from a busy event loop.
 
 A job written while its connector's worker has nothing older to do from the disk is also handed
 to that worker in memory (leased at once, with the envelope and options it was made from), so
@@ -170,11 +174,14 @@ class Spool:
         self.path = path
         self.min_free_bytes = min_free_bytes
         self.probe_interval = probe_interval
+        #: Two connections to the file, both used only by the spool thread: ``_db`` commits with
+        #: ``synchronous=FULL`` (what an acknowledgement depends on) and serves reads, ``_book``
+        #: with ``synchronous=NORMAL`` (bookkeeping after a send). No PRAGMA switching between them.
         self._db: sqlite3.Connection | None = None
+        self._book: sqlite3.Connection | None = None
         #: The one thread that uses the connection: reads one by one, writes as group commits.
         self._thread: GroupThread[_Request, Any] = GroupThread(
             "spool", self._serve, idle=lambda: None if self._healthy else self.probe_interval, on_idle=self._probe)
-        self._synchronous = "FULL"
         self._stopping = False
         self._free_checked_at = 0.0
         self._free_ok = True
@@ -226,18 +233,22 @@ class Spool:
                     if db.in_transaction:
                         db.execute("ROLLBACK")
                     raise
+            book = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            book.execute("PRAGMA synchronous=NORMAL")
+            book.execute("PRAGMA busy_timeout=5000")
         except BaseException:
             db.close()
             raise
-        self._db = db
+        self._db, self._book = db, book
 
     async def close(self) -> None:
         """Finish every read and write already asked for, then close the file."""
         self._stopping = True
         await self._thread.stop()
-        if self._db is not None:
-            db, self._db = self._db, None
-            db.close()
+        for db in (self._db, self._book):
+            if db is not None:
+                db.close()
+        self._db = self._book = None
 
     # --- health ----------------------------------------------------------------------
 
@@ -284,18 +295,25 @@ class Spool:
             raise SpoolError("spool is not open")
         return self._db
 
+    def _bookkeeping(self) -> sqlite3.Connection:
+        if self._book is None:
+            raise SpoolError("spool is not open")
+        return self._book
+
     async def _write(self, op: Callable[[sqlite3.Connection], T], *, fsync: bool = True) -> T:
         """Queue ``op`` for the next group commit and wait until it is committed — and on disk
         when ``fsync`` (what an acknowledgement depends on)."""
         return cast(T, await self._ask(_Request(op, fsync=fsync)))
 
     def _serve(self, requests: list[_Request]) -> list[Any]:
-        """On the spool thread: the reads one by one, then the writes as one group commit."""
+        """On the spool thread: the reads one by one; then what acknowledgements wait for, as one
+        fsync'd group commit, answered at once; then the bookkeeping, as another (not fsync'd)."""
         answers: list[Any] = [None] * len(requests)
-        writes: list[int] = []
+        acked: list[int] = []
+        book: list[int] = []
         for i, r in enumerate(requests):
             if not r.read:
-                writes.append(i)
+                (acked if r.fsync else book).append(i)
                 continue
             try:
                 answers[i] = r.op(self._conn())
@@ -303,23 +321,27 @@ class Spool:
                 answers[i] = SpoolError(f"spool read failed: {exc}")
             except Exception as exc:
                 answers[i] = exc
-        if not writes:
-            return answers
-        fsync = any(requests[i].fsync for i in writes)
+        if acked:
+            self._group(requests, acked, answers, fsync=True)
+            self._thread.answer_now({i: answers[i] for i in acked})
+        if book:
+            self._group(requests, book, answers, fsync=False)
+        return answers
+
+    def _group(self, requests: list[_Request], which: list[int], answers: list[Any], *, fsync: bool) -> None:
         try:
-            results = self._commit_batch([requests[i].op for i in writes], fsync)
+            results = self._commit_batch([requests[i].op for i in which], fsync)
         except Exception as exc:
             self._healthy = False
             err = exc if isinstance(exc, SpoolError) else SpoolError(f"spool write failed: {exc}")
-            results = [err] * len(writes)
+            results = [err] * len(which)
         else:
             self._healthy = True
             self.commits += 1
             self.fsyncs += fsync
-            self.writes += len(writes)
-        for i, result in zip(writes, results, strict=True):
+            self.writes += len(which)
+        for i, result in zip(which, results, strict=True):
             answers[i] = result
-        return answers
 
     def _probe(self) -> None:
         """After a failed write: try a tiny one, so health comes back on its own with the disk."""
@@ -330,13 +352,14 @@ class Spool:
         self._healthy = True
 
     def _commit_batch(self, ops: Sequence[Callable[[sqlite3.Connection], Any]], fsync: bool = True) -> list[Any]:
-        db = self._conn()
-        synchronous = "FULL" if fsync else "NORMAL"
-        if synchronous != self._synchronous:  # only outside a transaction; cheap
-            db.execute(f"PRAGMA synchronous={synchronous}")
-            self._synchronous = synchronous
-        db.execute("BEGIN IMMEDIATE")
+        db = self._conn() if fsync else self._bookkeeping()
+        single = _single_statement(ops)
         try:
+            if single is not None:
+                # One statement is its own transaction: no BEGIN and COMMIT around it (each
+                # statement is a moment the spool thread must win the GIL back from the loop).
+                return single(db)
+            db.execute("BEGIN IMMEDIATE")
             # Usually every write succeeds: run them together, without savepoints.
             results = _run_merged(db, ops)
             db.execute("COMMIT")
@@ -647,6 +670,31 @@ def _insert_rows(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[in
         # An AUTOINCREMENT table numbers the rows of one statement consecutively, in order.
         ids.extend(range(last - len(chunk) + 1, last + 1))
     return ids
+
+
+def _single_statement(
+    ops: Sequence[Callable[[sqlite3.Connection], Any]],
+) -> Callable[[sqlite3.Connection], list[Any]] | None:
+    """The group as one statement when it can be: only plain inserts (up to one INSERT's rows),
+    or only deletes. Its results, one per write, as :func:`_run_merged` gives them."""
+    if all(type(op) is _Delete for op in ops):
+        ids = json.dumps([op.job_id for op in ops])  # type: ignore[attr-defined]
+
+        def delete(db: sqlite3.Connection) -> list[Any]:
+            db.execute("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
+            return [None] * len(ops)
+        return delete
+    if all(type(op) is _Insert and op.extras is None for op in ops):
+        inserts = cast(Sequence[_Insert], ops)
+        rows = [row for op in inserts for row in op.rows]
+        if not rows or len(rows) > _ROWS_PER_INSERT:
+            return None
+
+        def insert(db: sqlite3.Connection) -> list[Any]:
+            ids = iter(_insert_rows(db, rows))
+            return [[next(ids) for _ in op.rows] for op in inserts]
+        return insert
+    return None
 
 
 def _run_merged(db: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connection], Any]]) -> list[Any]:

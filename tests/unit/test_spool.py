@@ -105,10 +105,12 @@ async def test_only_what_an_acknowledgement_depends_on_is_fsynced(spool: Spool) 
     b.attempts = 1
     await spool.reschedule(b, time.time() + 60, "x")
     assert (spool.commits, spool.fsyncs) == (3, 1)
-    assert await synchronous(spool) == 1  # NORMAL on the spool's connection
-    await asyncio.gather(spool.put([job(3)]), spool.done(b))  # one group: the put makes it FULL
-    assert spool.fsyncs == 2
+    # the two connections: FULL (2) for what acknowledgements wait for, NORMAL (1) for bookkeeping
     assert await synchronous(spool) == 2
+    assert await spool._read(lambda _: spool._bookkeeping().execute("PRAGMA synchronous").fetchone()[0]) == 1
+    await asyncio.gather(spool.put([job(3)]), spool.done(b))  # one group: two commits, one fsync'd
+    assert (spool.commits, spool.fsyncs) == (5, 2)
+    assert [j.envelope_id for j in await spool.claim("out", 10)] == ["env-3"]
 
 
 async def synchronous(spool: Spool) -> int:
