@@ -47,8 +47,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import random
-import ssl
 import time
 import uuid
 from collections import OrderedDict
@@ -63,8 +61,8 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from connectors.amqp.mapping import AmqpConfig, AmqpTarget, Delivery, Publish, to_envelope, to_publish
+from connectors.broker_common.connection import BrokerConnector, describe, tls_context
 from gateway.contract import (
-    Connector,
     ConnectorConfig,
     ConnectorContext,
     Deliver,
@@ -91,13 +89,14 @@ class _InFlight:
     ready: bool = False  # decided: acknowledge
 
 
-class AmqpConnector(Connector):
+class AmqpConnector(BrokerConnector):
     kind = "amqp"
     Config = AmqpConfig
     Options = AmqpTarget
     supports_inbound = True
     supports_outbound = True
     subject_syntax = "dotted"
+    cfg: AmqpConfig
 
     def __init__(self, config: ConnectorConfig, ctx: ConnectorContext) -> None:
         super().__init__(config, ctx)
@@ -110,14 +109,7 @@ class AmqpConnector(Connector):
         self._consume_raw: aiormq.abc.AbstractChannel | None = None
         self._consume_channel: AbstractChannel | None = None
         self._consumer_tag: str | None = None
-        self._runner: asyncio.Task[None] | None = None
-        self._up = asyncio.Event()
-        self._lost = asyncio.Event()
-        self._connected = False
-        self._closing = False
-        self._error = "not connected yet"
         self._generation = 0
-        self._rng = random.Random()
         # inbound
         self._deliver: Deliver | None = None
         self._listening = False
@@ -135,16 +127,6 @@ class AmqpConnector(Connector):
         self._replies: dict[str, asyncio.Future[DeliveredMessage]] = {}
 
     # --- lifecycle -----------------------------------------------------------------------
-
-    async def open(self) -> None:
-        """Start the connection loop; wait up to ``connect_timeout`` for the first connection."""
-        if self._runner is None:
-            self._closing = False
-            self._runner = asyncio.create_task(self._run(), name=f"amqp-{self.name}")
-        try:
-            await asyncio.wait_for(self._up.wait(), timeout=self.cfg.connect_timeout + 1)
-        except TimeoutError:
-            raise TransientError(f"AMQP broker {self._where()}: {self._error}") from None
 
     async def listen(self, deliver: Deliver) -> None:
         if self.cfg.queue is None:
@@ -174,11 +156,7 @@ class AmqpConnector(Connector):
     async def close(self) -> None:
         self._closing = True
         self._listening = False
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._runner
-            self._runner = None
+        await self._stop_runner()
         for task in list(self._tasks):
             task.cancel()
         await self._close_connection()
@@ -196,30 +174,6 @@ class AmqpConnector(Connector):
 
     # --- the connection ------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        delay = self.cfg.reconnect_min
-        while not self._closing:
-            try:
-                await self._connect_once()
-                delay = self.cfg.reconnect_min
-                await self._lost.wait()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._error = f"connect failed: {_describe(exc)}"
-                event(self.log, "amqp.connect_failed", logging.WARNING, connector=self.name, broker=self._where(),
-                      error=self._error, retry_in=round(delay, 2))
-            was = self._connected
-            self._connected = False
-            self._up.clear()
-            await self._close_connection()
-            if was:
-                event(self.log, "amqp.disconnected", logging.WARNING, connector=self.name, error=self._error)
-            if self._closing:
-                break
-            await asyncio.sleep(delay * (0.5 + self._rng.random() / 2))
-            delay = min(self.cfg.reconnect_max, delay * 2)
-
     async def _connect_once(self) -> None:
         cfg = self.cfg
         self._lost.clear()
@@ -231,7 +185,7 @@ class AmqpConnector(Connector):
             kwargs["password"] = cfg.password.get_secret_value()
         if cfg.use_tls:
             kwargs["ssl"] = True
-            kwargs["ssl_context"] = self._tls_context()
+            kwargs["ssl_context"] = tls_context(cfg.tls)
         url = cfg.url.replace("amqp://", "amqps://", 1) if cfg.use_tls else cfg.url
         sep = "&" if "?" in url else "?"
         conn = await aio_pika.connect(f"{url}{sep}heartbeat={cfg.heartbeat}", **kwargs)
@@ -253,23 +207,9 @@ class AmqpConnector(Connector):
         self._up.set()
         event(self.log, "amqp.connected", connector=self.name, broker=self._where())
 
-    def _tls_context(self) -> ssl.SSLContext:
-        tls = self.cfg.tls
-        ctx = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.server_name = tls.server_name if tls else None
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if tls and tls.ca_file:
-            ctx.load_verify_locations(cafile=tls.ca_file)
-        else:
-            ctx.load_default_certs()
-        if tls and tls.cert_file:
-            ctx.load_cert_chain(tls.cert_file, tls.key_file,
-                                tls.key_password.get_secret_value() if tls.key_password else None)
-        return ctx
-
     def _on_connection_closed(self, _sender: Any, exc: BaseException | None = None) -> None:
         if not self._closing and exc is not None:
-            self._error = f"connection closed: {_describe(exc)}"
+            self._error = f"connection closed: {describe(exc)}"
         self._connected = False
         self._up.clear()
         self._lost.set()
@@ -349,7 +289,7 @@ class AmqpConnector(Connector):
     def _on_consume_channel_closed(self, _sender: Any, exc: BaseException | None = None) -> None:
         if self._closing or not self._listening:
             return
-        self._error = f"consumer channel closed: {_describe(exc) if exc else 'closed'}"
+        self._error = f"consumer channel closed: {describe(exc) if exc else 'closed'}"
         self._lost.set()  # reconnect everything: re-declare, re-consume
 
     async def _on_delivery(self, message: DeliveredMessage, generation: int) -> None:
@@ -415,7 +355,7 @@ class AmqpConnector(Connector):
                 else:
                     await raw.basic_reject(entry.tag, requeue=False)
             except Exception as exc:
-                event(self.log, "amqp.settle_failed", logging.WARNING, connector=self.name, error=_describe(exc))
+                event(self.log, "amqp.settle_failed", logging.WARNING, connector=self.name, error=describe(exc))
             finally:
                 if self._unsettled.get(entry.tag) is entry:
                     del self._unsettled[entry.tag]
@@ -463,7 +403,7 @@ class AmqpConnector(Connector):
                 self._unsettled.pop(tag, None)
                 await raw.basic_ack(tag, multiple=False)
         except Exception as exc:
-            event(self.log, "amqp.ack_failed", logging.WARNING, connector=self.name, error=_describe(exc))
+            event(self.log, "amqp.ack_failed", logging.WARNING, connector=self.name, error=describe(exc))
 
     def _count_attempt(self, delivery: Delivery) -> int:
         """How many times this message has been delivered: the broker's ``x-delivery-count``
@@ -521,7 +461,7 @@ class AmqpConnector(Connector):
         except TimeoutError as exc:
             raise TransientError(f"no publisher confirm within {timeout:g}s for {where}", code=504) from exc
         except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
-            raise TransientError(f"publish to {where} failed: {_describe(exc)}") from exc
+            raise TransientError(f"publish to {where} failed: {describe(exc)}") from exc
         finally:
             self._publishing_ids.pop(message_id, None)
             done.set_result(None)
@@ -542,13 +482,13 @@ class AmqpConnector(Connector):
         try:
             channel = await conn.channel(publisher_confirms=False)
         except Exception as exc:
-            raise TransientError(f"cannot open a channel: {_describe(exc)}") from exc
+            raise TransientError(f"cannot open a channel: {describe(exc)}") from exc
         try:
             await channel.get_exchange(name, ensure=True)
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise TransientError(f"exchange {name!r} does not exist", code=503) from exc
         except Exception as exc:
-            raise TransientError(f"cannot check exchange {name!r}: {_describe(exc)}") from exc
+            raise TransientError(f"cannot check exchange {name!r}: {describe(exc)}") from exc
         finally:
             with contextlib.suppress(Exception):
                 await channel.close()
@@ -649,22 +589,3 @@ def _status(raw: str | None) -> int:
         return 200
     return value if 200 <= value <= 599 else 200
 
-
-class _NamedContext(ssl.SSLContext):
-    """Checks the broker's certificate against ``server_name`` when set (asyncio uses wrap_bio)."""
-
-    server_name: str | None = None
-
-    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
-        if self.server_name:
-            kwargs["server_hostname"] = self.server_name
-        return super().wrap_bio(*args, **kwargs)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS: {exc.reason or exc}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

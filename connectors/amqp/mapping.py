@@ -12,8 +12,9 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
-from gateway.config.models import ByteSize, Duration, Secret, Strict
-from gateway.contract import ConnectorConfig, PermanentError, TargetOptions
+from connectors.broker_common.config import BrokerConfig, BrokerTls
+from gateway.config.models import ByteSize, Duration, Strict
+from gateway.contract import PermanentError, TargetOptions
 from gateway.envelope import Envelope, from_cloudevent, media_type
 
 _EXCHANGE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{0,127}$")
@@ -22,12 +23,8 @@ _MAX_ID = 200
 ArgValue = str | int | float | bool
 
 
-class AmqpTls(Strict):
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    key_password: Secret | None = None
-    server_name: str | None = None
+class AmqpTls(BrokerTls):
+    pass  # the fields are BrokerTls's; the name is what validation errors and the JSON schema show
 
 
 class ExchangeSpec(Strict):
@@ -72,17 +69,13 @@ class QueueSpec(Strict):
         return args
 
 
-class AmqpConfig(ConnectorConfig):
+class AmqpConfig(BrokerConfig):
+    # from BrokerConfig: connect_timeout, reconnect_min, reconnect_max, username, password
     type: Literal["amqp"] = "amqp"
     #: ``amqp://host:5672/vhost`` or ``amqps://host:5671/vhost``. Credentials never go in the URL.
     url: str = "amqp://127.0.0.1:5672/"
-    username: str | None = None
-    password: Secret | None = None
     tls: AmqpTls | None = None
     heartbeat: int = Field(default=30, ge=0, le=600)
-    connect_timeout: Duration = 10.0
-    reconnect_min: Duration = 0.5
-    reconnect_max: Duration = 30.0
     #: Exchanges to declare on every connect (and re-declare after a reconnect).
     exchanges: list[ExchangeSpec] = Field(default_factory=list)
     #: Inbound: the queue to consume.
@@ -110,12 +103,6 @@ class AmqpConfig(ConnectorConfig):
         if parts.username or parts.password:
             raise ValueError("credentials never go in the url: use username and password: \"${AMQP_PASSWORD}\"")
         return v
-
-    def model_post_init(self, _: Any) -> None:
-        if self.password is not None and not self.username:
-            raise ValueError("password needs username")
-        if self.reconnect_min <= 0 or self.reconnect_max < self.reconnect_min:
-            raise ValueError("reconnect_min must be > 0 and at most reconnect_max")
 
     @property
     def use_tls(self) -> bool:

@@ -53,9 +53,7 @@ import contextlib
 import json
 import logging
 import os
-import random
 import socket
-import ssl
 import threading
 import time
 from collections import deque
@@ -70,6 +68,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from connectors.broker_common.connection import BrokerConnector, tls_context
 from connectors.mqtt.client import GatewayClient, Received
 from connectors.mqtt.mapping import (
     Incoming,
@@ -80,7 +79,6 @@ from connectors.mqtt.mapping import (
     to_publish,
 )
 from gateway.contract import (
-    Connector,
     ConnectorConfig,
     ConnectorContext,
     Deliver,
@@ -120,13 +118,14 @@ class _Pending:
     outcome: Outcome | None = None
 
 
-class MqttConnector(Connector):
+class MqttConnector(BrokerConnector):
     kind = "mqtt"
     Config = MqttConfig
     Options = MqttTarget
     supports_inbound = True
     supports_outbound = True
     subject_syntax = "topic"
+    cfg: MqttConfig
 
     def __init__(self, config: ConnectorConfig, ctx: ConnectorContext) -> None:
         super().__init__(config, ctx)
@@ -136,24 +135,18 @@ class MqttConnector(Connector):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._client: GatewayClient | None = None
-        self._runner: asyncio.Task[None] | None = None
         self._misc: asyncio.TimerHandle | None = None
         self._fd: int | None = None
         self._writing = False
         self._in_connect = False
         self._connack: asyncio.Future[None] | None = None
         self._connect_job: asyncio.Future[MQTTErrorCode] | None = None
-        self._lost = asyncio.Event()
-        self._up = asyncio.Event()
-        self._connected = False
         self._generation = 0
-        self._error = "not connected yet"
         # subscriptions of the current connection: SUBSCRIBE packet id → its (filter, qos) pairs
         # until the SUBACK arrives; inbound readiness needs every filter granted
         self._sub_pending: dict[int, list[tuple[str, int]]] = {}
         self._sub_confirmed = False
         self._sub_error = ""
-        self._closing = False
         # inbound
         self._deliver: Deliver | None = None
         self._listening = False
@@ -170,26 +163,17 @@ class MqttConnector(Connector):
         self._expiry: asyncio.TimerHandle | None = None
         self._window = _Window(config.max_inflight)
         self._props_cache: dict[tuple[Any, ...], _PackedProperties] = {}
-        self._rng = random.Random()
 
     # --- lifecycle -----------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Start the connection loop and wait up to ``connect_timeout`` for the first CONNACK.
-
-        Raises TransientError when the broker cannot be reached; the loop keeps trying in the
-        background, so the supervisor's next ``open`` just waits again.
-        """
+        """Make the paho client on the first call; then :meth:`BrokerConnector.open` (the first
+        connection is up once the CONNACK arrived)."""
         if self._runner is None:
             self._loop = asyncio.get_running_loop()
             self._loop_thread = threading.get_ident()
             self._client = self._make_client()
-            self._closing = False
-            self._runner = asyncio.create_task(self._run(), name=f"mqtt-{self.name}")
-        try:
-            await asyncio.wait_for(self._up.wait(), timeout=self.cfg.connect_timeout + 1)
-        except TimeoutError:
-            raise TransientError(f"MQTT broker {self.cfg.host}:{self.cfg.port}: {self._error}") from None
+        await super().open()
 
     async def listen(self, deliver: Deliver) -> None:
         if not self.cfg.subscribe:
@@ -232,11 +216,7 @@ class MqttConnector(Connector):
                     if self._fd is None:
                         break
                     await asyncio.sleep(0.01)
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._runner
-            self._runner = None
+        await self._stop_runner()
         for task in list(self._tasks):
             task.cancel()
         job = self._connect_job
@@ -285,7 +265,7 @@ class MqttConnector(Connector):
         if cfg.username:
             client.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
         if cfg.use_tls:
-            client.tls_set_context(self._tls_context())
+            client.tls_set_context(tls_context(cfg.tls))
         if cfg.status is not None:
             client.will_set(cfg.status.topic, cfg.status.offline, cfg.status.qos, cfg.status.retain)
         props: Properties | None = None
@@ -307,43 +287,6 @@ class MqttConnector(Connector):
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
         return client
-
-    def _tls_context(self) -> ssl.SSLContext:
-        tls = self.cfg.tls
-        server_name = tls.server_name if tls else None
-        ctx: ssl.SSLContext = _NamedContext(ssl.PROTOCOL_TLS_CLIENT) if server_name else \
-            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        if isinstance(ctx, _NamedContext):
-            ctx.server_name = server_name
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if tls and tls.ca_file:
-            ctx.load_verify_locations(cafile=tls.ca_file)
-        else:
-            ctx.load_default_certs()
-        if tls and tls.cert_file:
-            ctx.load_cert_chain(tls.cert_file, tls.key_file,
-                                tls.key_password.get_secret_value() if tls.key_password else None)
-        return ctx
-
-    async def _run(self) -> None:
-        """Connect, wait for the connection to end, back off with jitter, again — until closed."""
-        delay = self.cfg.reconnect_min
-        while not self._closing:
-            try:
-                await self._connect_once()
-                delay = self.cfg.reconnect_min
-                await self._lost.wait()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._error = f"connect failed: {_describe(exc)}"
-                event(self.log, "mqtt.connect_failed", logging.WARNING, connector=self.name,
-                      broker=f"{self.cfg.host}:{self.cfg.port}", error=self._error, retry_in=round(delay, 2))
-            self._set_down()
-            if self._closing:
-                break
-            await asyncio.sleep(delay * (0.5 + self._rng.random() / 2))
-            delay = min(self.cfg.reconnect_max, delay * 2)
 
     async def _connect_once(self) -> None:
         client = self._client
@@ -378,13 +321,12 @@ class MqttConnector(Connector):
             raise _ConnectFailed("no CONNACK in time") from None
         self._schedule_misc()
 
-    def _set_down(self) -> None:
-        was = self._connected
-        self._connected = False
-        self._up.clear()
+    async def _close_connection(self) -> None:
+        """Stop watching the lost connection's socket (paho closes the socket itself)."""
         self._teardown_socket()
-        if was:
-            event(self.log, "mqtt.disconnected", logging.WARNING, connector=self.name, error=self._error)
+
+    def _where(self) -> str:
+        return f"{self.cfg.host}:{self.cfg.port}"
 
     def _teardown_socket(self) -> None:
         if self._misc is not None:
@@ -837,16 +779,6 @@ class _PackedProperties(Properties):
         return packed  # type: ignore[no-any-return]
 
 
-class _NamedContext(ssl.SSLContext):
-    """Verifies the broker certificate against ``server_name`` instead of the URL's host."""
-
-    server_name: str | None = None
-
-    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        kwargs["server_hostname"] = self.server_name
-        return super().wrap_socket(sock, *args, **kwargs)
-
-
 def _incoming(msg: Received) -> Incoming:
     """A decoded PUBLISH as mapping input (raises UnicodeDecodeError for a topic that is not UTF-8)."""
     p = msg.properties
@@ -868,11 +800,3 @@ def _append_fsync(path: str, line: bytes) -> None:
         fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS: {exc.reason or exc}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

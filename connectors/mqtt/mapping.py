@@ -15,8 +15,9 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from gateway.config.models import ByteSize, Duration, Secret, Strict
-from gateway.contract import ConnectorConfig, PermanentError, TargetOptions
+from connectors.broker_common.config import BrokerConfig, BrokerTls
+from gateway.config.models import ByteSize, Duration, Strict
+from gateway.contract import PermanentError, TargetOptions
 from gateway.envelope import Envelope, from_cloudevent, media_type
 
 #: CloudEvents context attributes carried as MQTT 5 user properties (binary mode).
@@ -30,15 +31,8 @@ _MAX_ID = 200
 # --- config --------------------------------------------------------------------------------
 
 
-class MqttTls(Strict):
-    #: CA bundle that signs the broker's certificate (system CAs when omitted).
-    ca_file: str | None = None
-    #: Client certificate and key for mutual TLS.
-    cert_file: str | None = None
-    key_file: str | None = None
-    key_password: Secret | None = None
-    #: Name to verify in the broker's certificate when it differs from the URL's host.
-    server_name: str | None = None
+class MqttTls(BrokerTls):
+    pass  # the fields are BrokerTls's; the name is what validation errors and the JSON schema show
 
 
 class Subscription(Strict):
@@ -56,7 +50,8 @@ class StatusTopic(Strict):
     retain: bool = True
 
 
-class MqttConfig(ConnectorConfig):
+class MqttConfig(BrokerConfig):
+    # from BrokerConfig: connect_timeout, reconnect_min, reconnect_max, username, password
     type: Literal["mqtt"] = "mqtt"
     #: ``mqtt://host:1883`` or ``mqtts://host:8883`` (TLS). Credentials never go in the URL.
     url: str = "mqtt://127.0.0.1:1883"
@@ -64,8 +59,6 @@ class MqttConfig(ConnectorConfig):
     #: Fixed client id so the broker keeps the session across restarts. Default:
     #: ``gateway-<connector name>``; give each replica its own (and use ``share``).
     client_id: str | None = None
-    username: str | None = None
-    password: Secret | None = None
     tls: MqttTls | None = None
     #: Topic filters (``+``/``#`` wildcards) to receive from, as strings or {filter, qos}.
     subscribe: list[str | Subscription] = Field(default_factory=list)
@@ -86,9 +79,6 @@ class MqttConfig(ConnectorConfig):
     max_payload: ByteSize = 1024 * 1024
     #: Content type of inbound payloads that carry none (MQTT 3.1.1, or no MQTT 5 content type).
     content_type: str = "application/octet-stream"
-    connect_timeout: Duration = 10.0
-    reconnect_min: Duration = 0.5
-    reconnect_max: Duration = 30.0
     status: StatusTopic | None = None
 
     @field_validator("url")
@@ -126,12 +116,6 @@ class MqttConfig(ConnectorConfig):
         if not 0 < v <= 256 * 1024 * 1024:
             raise ValueError("max_payload must be between 1 byte and 256MiB")
         return v
-
-    def model_post_init(self, _: Any) -> None:
-        if self.password is not None and not self.username:
-            raise ValueError("password needs username")
-        if self.reconnect_min <= 0 or self.reconnect_max < self.reconnect_min:
-            raise ValueError("reconnect_min must be > 0 and at most reconnect_max")
 
     @property
     def use_tls(self) -> bool:
