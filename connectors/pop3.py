@@ -49,6 +49,7 @@ from pydantic import Field, field_validator
 from connectors.imap.mapping import authenticate, mail_envelope
 from connectors.imap.session import tls_reason
 from connectors.imap.state import CheckpointStore, StateError
+from connectors.mail_common.mailbox import RetryLater, auth_verifier
 from connectors.mailauth import AuthCheckSettings, Verifier
 from gateway.config.models import ByteSize, Duration, Secret
 from gateway.contract import Connector, ConnectorConfig, ConnectorContext, Deliver, Health, Status
@@ -206,12 +207,6 @@ def _text(exc: BaseException) -> str:
     return str(exc)[:300]
 
 
-class _Retry(Exception):
-    def __init__(self, after: float) -> None:
-        super().__init__(after)
-        self.after = after
-
-
 class Pop3Connector(Connector):
     kind = "pop3"
     Config = Pop3Config
@@ -233,9 +228,8 @@ class Pop3Connector(Connector):
         self._verifier: Verifier | None = None
 
     async def listen(self, deliver: Deliver) -> None:
-        check = self.cfg.auth_check
-        if self._verifier is None and check is not None and check.policy != "off":
-            self._verifier = Verifier(check, log=self.log)  # ValueError: no resolver; the supervisor retries
+        if self._verifier is None:
+            self._verifier = auth_verifier(self.cfg.auth_check, self.log)
         self._deliver = deliver
         self._listening = True
         self._stop.clear()
@@ -276,7 +270,7 @@ class Pop3Connector(Connector):
                     wait = 0.0
             except asyncio.CancelledError:
                 raise
-            except _Retry as retry:
+            except RetryLater as retry:
                 self._error = ""
                 wait = retry.after
             except LoginFailed as exc:
@@ -307,7 +301,7 @@ class Pop3Connector(Connector):
         try:
             try:
                 more = await self._take_new(drop)
-            except _Retry:
+            except RetryLater:
                 await asyncio.to_thread(drop.quit)  # commit what was taken before it
                 quit_ok = True
                 raise
@@ -363,7 +357,7 @@ class Pop3Connector(Connector):
             return
         if outcome.status is Status.RETRY:
             event(self.log, "pop3.retry_later", envelope_id=env.id, reason=outcome.reason, **where)
-            raise _Retry(max(1.0, outcome.retry_after or 5.0))
+            raise RetryLater.after_outcome(outcome)
         event(self.log, "pop3.rejected", logging.WARNING, envelope_id=env.id, reason=outcome.reason,
               note="left on the server", **where)
         await self.store.pop3_mark(uidl, "rejected")

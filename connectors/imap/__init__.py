@@ -69,6 +69,7 @@ from connectors.imap.mapping import authenticate, mail_envelope
 from connectors.imap.session import ImapRefused, LoginFailed, Session, SessionLost, open_session
 from connectors.imap.state import CheckpointStore, FolderCheckpoint, StateError
 from connectors.mail_common import HeaderInjection, MailError, build_mail, validated_options
+from connectors.mail_common.mailbox import RetryLater, auth_verifier
 from connectors.mailauth import OutboundSealing, Verifier
 from gateway.contract import (
     Connector,
@@ -88,14 +89,6 @@ from gateway.logs import event
 __all__ = ["ImapConfig", "ImapConnector", "ImapTarget"]
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-class _Retry(Exception):
-    """The gateway asked to be offered this message again later."""
-
-    def __init__(self, after: float) -> None:
-        super().__init__(after)
-        self.after = after
 
 
 class ImapConnector(Connector):
@@ -139,9 +132,8 @@ class ImapConnector(Connector):
             await self._outbound()
 
     async def listen(self, deliver: Deliver) -> None:
-        check = self.cfg.auth_check
-        if self._verifier is None and check is not None and check.policy != "off":
-            self._verifier = Verifier(check, log=self.log)  # ValueError: no resolver; the supervisor retries
+        if self._verifier is None:
+            self._verifier = auth_verifier(self.cfg.auth_check, self.log)
         self._deliver = deliver
         self._listening = True
         self._stop.clear()
@@ -263,7 +255,7 @@ class ImapConnector(Connector):
                         await self.store.set_folder(folder, cp)
                     finally:
                         self._busy -= 1
-            except _Retry as retry:
+            except RetryLater as retry:
                 await self._until_stopped(asyncio.sleep(retry.after))
                 continue
             if len(uids) > self.cfg.batch:
@@ -305,7 +297,7 @@ class ImapConnector(Connector):
 
     async def _take(self, session: Session, folder: str, uidvalidity: int, uid: int) -> None:
         """Hand one message to the router and answer the server as the outcome says. Returns
-        when the checkpoint may pass it; raises _Retry to be offered it again later."""
+        when the checkpoint may pass it; raises RetryLater to be offered it again later."""
         assert self._deliver is not None
         meta = await session.fetch_meta(uid)
         if meta is None:
@@ -331,7 +323,7 @@ class ImapConnector(Connector):
             return
         if outcome.status is Status.RETRY:
             event(self.log, "imap.retry_later", envelope_id=env.id, reason=outcome.reason, **where)
-            raise _Retry(max(1.0, outcome.retry_after or 5.0))
+            raise RetryLater.after_outcome(outcome)
         event(self.log, "imap.rejected", logging.WARNING, envelope_id=env.id, reason=outcome.reason,
               moved_to=self.cfg.error_folder or "", **where)
         await self._set_aside(session, uid)

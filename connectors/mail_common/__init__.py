@@ -15,6 +15,10 @@ bytes with its MAIL FROM and RCPT TO, or passes an inbound ``message/rfc822`` bo
 unchanged (``forward``); :func:`build_message` returns the :class:`EmailMessage` itself. Every header value is
 checked for CR, LF and NUL first (:class:`HeaderInjection`): Python 3.11's ``email`` does not
 refuse them on every path.
+
+Taking mail from a mailbox (``imap``, ``pop3``): :mod:`connectors.mail_common.mailbox` builds the
+``auth_check`` verifier and holds :class:`~connectors.mail_common.mailbox.RetryLater`, the signal
+that the gateway wants a message offered again later (imported from there: it needs mailauth).
 """
 
 from connectors.mail_common.build import (

@@ -4,6 +4,7 @@ messages the mail targets build (headers, parts, injection refusals), read back 
 from __future__ import annotations
 
 import json
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ from connectors.mail_common import (
     parse_message,
     validated_options,
 )
-from gateway.contract import Target
+from connectors.mail_common.mailbox import RetryLater, auth_verifier
+from connectors.mailauth import AuthCheck
+from gateway.contract import Outcome, Target
 from gateway.envelope import Envelope
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "mail"
@@ -319,3 +322,20 @@ def test_build_message_gives_the_email_message() -> None:
     assert msg["Subject"] == "s" and msg["To"] == "ops@example.com" and msg.get_content() == "t\n"
     with pytest.raises(HeaderInjection):
         build_message(env(), opts(subject="a\nb"), route="r", default_sender="gw@example.com")
+
+
+# --- what the mailbox readers (imap, pop3) share ----------------------------------------------
+
+
+def test_retry_later_waits_at_least_a_second_and_five_without_a_retry_after() -> None:
+    assert RetryLater.after_outcome(Outcome.retry("e1", "spool full", retry_after=30)).after == 30
+    assert RetryLater.after_outcome(Outcome.retry("e1", "busy", retry_after=0.2)).after == 1.0
+    assert RetryLater.after_outcome(Outcome.retry("e1", "timeout")).after == 5.0
+
+
+def test_auth_verifier_only_for_a_check_that_is_on() -> None:
+    log = logging.getLogger("test.mailbox")
+    assert auth_verifier(None, log) is None
+    assert auth_verifier(AuthCheck(policy="off", resolver=["127.0.0.1"]), log) is None
+    verifier = auth_verifier(AuthCheck(policy="tag", resolver=["127.0.0.1"]), log)
+    assert verifier is not None and verifier.cfg.policy == "tag" and verifier.log is log
