@@ -295,7 +295,7 @@ def parse_body(body: bytes, content_type: str) -> Any:
 
 
 def parse_json(body: bytes) -> Any:
-    if _json_depth_exceeds(body, MAX_PARSE_DEPTH):
+    if json_depth_exceeds(body, MAX_PARSE_DEPTH):
         raise ParseError(f"JSON nested deeper than {MAX_PARSE_DEPTH} levels")
     try:
         return json.loads(body)
@@ -303,8 +303,9 @@ def parse_json(body: bytes) -> Any:
         raise ParseError(f"invalid JSON: {exc}") from None
 
 
-def _json_depth_exceeds(body: bytes, limit: int) -> bool:
-    """Cheap pre-scan so hostile nesting never reaches the recursive parser."""
+def json_depth_exceeds(body: bytes, limit: int) -> bool:
+    """Cheap pre-scan so hostile nesting never reaches the recursive parser: True when ``body``
+    nests deeper than ``limit``. Linear in the body; brackets inside strings do not count."""
     if body.count(b"[") + body.count(b"{") <= limit:
         return False
     depth = 0

@@ -130,28 +130,3 @@ def public_base(listener: Listener, scope: Scope, headers: dict[str, str]) -> st
         host = f"{server[0]}:{server[1]}"
     scheme = scope.get("scheme", "http")
     return f"{scheme}://{host}{listener.prefix}"
-
-
-def json_depth_exceeds(body: bytes, limit: int) -> bool:
-    """Cheap pre-scan so hostile nesting never reaches the recursive JSON parser."""
-    if body.count(b"[") + body.count(b"{") <= limit:
-        return False
-    depth = 0
-    in_string = escaped = False
-    for byte in body:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:
-                escaped = True
-            elif byte == 0x22:
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):
-            depth += 1
-            if depth > limit:
-                return True
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return False

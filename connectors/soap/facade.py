@@ -23,7 +23,6 @@ from connectors.soap.asgi import (
     TooLarge,
     forwarded_headers,
     headers_of,
-    json_depth_exceeds,
     problem,
     public_base,
     read_body,
@@ -33,7 +32,7 @@ from connectors.soap.config import Listener
 from connectors.soap.model import JsonSchemaBuilder, MappingError, RenderOptions
 from connectors.soap.wsdl import Contract, Operation, Port
 from gateway.contract import Deliver, Status
-from gateway.envelope import Envelope, is_json_type
+from gateway.envelope import Envelope, is_json_type, json_depth_exceeds
 from gateway.http import Receive, Scope, Send
 from gateway.logs import event
 
