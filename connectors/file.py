@@ -10,6 +10,7 @@ sends share one fsync (group commit). Address form: ``path: var/out/messages.jso
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Literal
 
 from gateway.config.models import ByteSize
@@ -39,11 +40,20 @@ class FileTarget(TargetOptions):
     format: Literal["envelope", "body"] = "envelope"
 
 
+def _line(env: Envelope, target: Target) -> bytes:
+    opts = target.options
+    assert isinstance(opts, FileTarget)
+    if opts.format == "body":
+        return env.body.rstrip(b"\n") + b"\n"
+    return env.to_json().encode("utf-8") + b"\n"
+
+
 class FileConnector(Connector):
     kind = "file"
     Config = FileConfig
     Options = FileTarget
     supports_outbound = True
+    batches = True
 
     def __init__(self, config: ConnectorConfig, ctx: ConnectorContext) -> None:
         super().__init__(config, ctx)
@@ -67,22 +77,24 @@ class FileConnector(Connector):
             self._writer.start()
 
     async def send(self, env: Envelope, target: Target) -> Reply | None:
-        opts = target.options
-        assert isinstance(opts, FileTarget)
-        if opts.format == "body":
-            line = env.body.rstrip(b"\n") + b"\n"
-        else:
-            line = env.to_json().encode("utf-8") + b"\n"
+        await self._append_lines(_line(env, target))
+        return None
+
+    async def send_batch(self, items: Sequence[tuple[Envelope, Target]]) -> Sequence[Reply | BaseException | None]:
+        """Every line in one write and one fsync; all are delivered or none."""
+        await self._append_lines(b"".join(_line(env, target) for env, target in items))
+        return [None] * len(items)
+
+    async def _append_lines(self, data: bytes) -> None:
         if self._writer is None:
             await self.open()
         assert self._writer is not None
         try:
-            await self._writer.submit(line)
+            await self._writer.submit(data)
         except OSError as exc:
             raise TransientError(f"cannot write {self.cfg.path}: {exc.strerror}") from exc
         except Closed as exc:
             raise TransientError(f"{self.name} is closing") from exc
-        return None
 
     def _append(self, lines: list[bytes]) -> list[None]:
         """On the writer's thread: one write and one fsync for every line waiting."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -210,6 +210,9 @@ class Connector:
     #: Which directions this kind supports.
     supports_inbound: ClassVar[bool] = False
     supports_outbound: ClassVar[bool] = False
+    #: Spooled jobs for this connector go to :meth:`send_batch` several at a time (when more than
+    #: one is due), not to :meth:`send` one by one.
+    batches: ClassVar[bool] = False
     #: Subject matching style for routes reading from this kind: "topic" (MQTT + and #),
     #: "dotted" (AMQP * and #) or "glob" (paths, mail addresses).
     subject_syntax: ClassVar[str] = "glob"
@@ -231,6 +234,12 @@ class Connector:
 
     async def send(self, env: Envelope, target: Target) -> Reply | None:
         raise PermanentError(f"connector kind {self.kind!r} cannot send")
+
+    async def send_batch(self, items: Sequence[tuple[Envelope, Target]]) -> Sequence[Reply | BaseException | None]:
+        """Send several envelopes at once (called only when :attr:`batches` is set): one answer per
+        item, in order — what :meth:`send` would return, or the exception that failed that item.
+        Raising fails them all. Delivered means the same as for :meth:`send`."""
+        raise NotImplementedError(f"connector kind {self.kind!r} does not send in batches")
 
     async def close(self) -> None:
         return None

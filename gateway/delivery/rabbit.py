@@ -312,6 +312,10 @@ class RabbitSpool:
     async def done(self, job: Job) -> None:
         await self._settle(self._message(job))
 
+    async def done_many(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            await self.done(job)
+
     async def reschedule(self, job: Job, next_at: float, error: str) -> None:
         await self._move(replace(job, last_error=error), max(0.0, next_at - time.time()))
 

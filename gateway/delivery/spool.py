@@ -524,6 +524,17 @@ class Spool:
         assert job.id is not None
         await self._job_write(job, _Delete(job.id), gone=True)
 
+    async def done_many(self, jobs: Sequence[Job]) -> None:
+        """Several delivered jobs removed with one write."""
+        try:
+            await self._write(_Delete(*(j.id for j in jobs if j.id is not None)), fsync=False)
+        except SpoolError:
+            for job in jobs:
+                self._unlease(job, failed=True)
+            raise
+        for job in jobs:
+            self._unlease(job, gone=True)
+
     async def reschedule(self, job: Job, next_at: float, error: str) -> None:
         await self._job_write(job, lambda db: db.execute(
             "UPDATE jobs SET attempts=?, next_at=?, last_error=? WHERE id=?",
@@ -639,15 +650,15 @@ class _Insert:
 
 
 class _Delete:
-    """A write that removes one delivered job."""
+    """A write that removes delivered jobs."""
 
-    __slots__ = ("job_id",)
+    __slots__ = ("job_ids",)
 
-    def __init__(self, job_id: int):
-        self.job_id = job_id
+    def __init__(self, *job_ids: int):
+        self.job_ids = job_ids
 
     def __call__(self, db: sqlite3.Connection) -> None:
-        db.execute("DELETE FROM jobs WHERE id=?", (self.job_id,))
+        db.execute("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(self.job_ids),))
 
 
 #: Rows per multi-row INSERT: 11 parameters each, well under SQLite's 32,766 bound parameters.
@@ -678,7 +689,7 @@ def _single_statement(
     """The group as one statement when it can be: only plain inserts (up to one INSERT's rows),
     or only deletes. Its results, one per write, as :func:`_run_merged` gives them."""
     if all(type(op) is _Delete for op in ops):
-        ids = json.dumps([op.job_id for op in ops])  # type: ignore[attr-defined]
+        ids = json.dumps([i for op in ops for i in op.job_ids])  # type: ignore[attr-defined]
 
         def delete(db: sqlite3.Connection) -> list[Any]:
             db.execute("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
@@ -707,7 +718,7 @@ def _run_merged(db: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connecti
         if isinstance(op, _Insert):
             inserts.append((i, op))
         elif isinstance(op, _Delete):
-            deletes.append(op.job_id)
+            deletes.extend(op.job_ids)
         else:
             results[i] = op(db)
     if inserts:

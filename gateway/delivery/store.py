@@ -150,6 +150,9 @@ class SpoolBackend(Protocol):
 
     async def done(self, job: Job) -> None: ...
 
+    async def done_many(self, jobs: Sequence[Job]) -> None:
+        """:meth:`done` for several jobs at once."""
+
     async def reschedule(self, job: Job, next_at: float, error: str) -> None:
         """Keep the job for another attempt at ``next_at``; ``job.attempts`` is already counted."""
 

@@ -17,7 +17,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -34,6 +34,7 @@ from gateway.logs import event
 from gateway.metrics import Gauge, Metrics
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 CIRCUIT_VALUE = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
 
@@ -221,8 +222,12 @@ class Dispatcher:
                         finally:
                             if not jobs:
                                 w.breaker.cancel_probe()
-                for job in jobs:
-                    self._launch(w, job, probe=admit is Admit.PROBE)
+                conn = self._connector(w.connector) if admit is Admit.SEND and len(jobs) > 1 else None
+                if conn is not None and type(conn).batches:
+                    self._launch_batch(w, jobs)
+                else:
+                    for job in jobs:
+                        self._launch(w, job, probe=admit is Admit.PROBE)
                 if admit is Admit.SEND and jobs and len(jobs) == room:
                     continue  # there may be more due right now
                 delay = await self._idle(w)
@@ -258,6 +263,34 @@ class Dispatcher:
     def _launch(self, w: Worker, job: Job, *, probe: bool) -> None:
         assert job.id is not None
         w.inflight[job.id] = asyncio.create_task(self._attempt(w, job, probe), name=f"attempt-{job.envelope_id}")
+
+    def _launch_batch(self, w: Worker, jobs: list[Job]) -> None:
+        """One attempt for several jobs (a connector that sends in batches): each job holds its slot."""
+        task = asyncio.create_task(self._attempt_batch(w, jobs), name=f"attempt-{len(jobs)}-{w.connector}")
+        for job in jobs:
+            assert job.id is not None
+            w.inflight[job.id] = task
+
+    async def _attempt_batch(self, w: Worker, jobs: list[Job]) -> None:
+        task = asyncio.current_task()
+        try:
+            await self._try_batch(w, jobs)
+        except asyncio.CancelledError:
+            raise
+        except SpoolError as exc:  # the jobs stay leased a while, then come back
+            event(self.log, "spool.update_failed", logging.ERROR, connector=w.connector, jobs=len(jobs),
+                  error=str(exc))
+        except Exception:
+            self.log.exception("delivery.bug", extra={"fields": {"connector": w.connector, "jobs": len(jobs)}})
+            for job in jobs:
+                with contextlib.suppress(Exception):
+                    await self.spool.release(job, delay=5.0)  # not leased forever: tried again later
+        finally:
+            for job in jobs:
+                w.inflight.pop(job.id or -1, None)
+            if task is not None:
+                w.settling.discard(task)
+            w.wake.set()
 
     async def _attempt(self, w: Worker, job: Job, probe: bool) -> None:
         assert job.id is not None
@@ -295,22 +328,23 @@ class Dispatcher:
             w.settling.add(w.inflight.pop(job.id))
             w.wake.set()
 
-    async def _try(self, w: Worker, job: Job, probe: bool) -> None:
+    async def _prepare(self, job: Job, conn: Connector | None) -> tuple[Envelope, RetryPolicy, Target] | None:
+        """What sending ``job`` needs; None when the job was settled here instead (unreadable,
+        its connector gone or being replaced, options that no longer fit)."""
         loaded = job.loaded
         try:
             env = loaded[0] if loaded is not None else Envelope.from_json(job.envelope)
             policy = self._policy(job.policy)
         except (ValueError, KeyError, TypeError) as exc:
             await self._final(job, "corrupt", f"unreadable job: {type(exc).__name__}: {exc}")
-            return
-        conn = self._connector(job.connector)
+            return None
         if conn is None:
             if self.referenced(job.connector):
                 # Being replaced by a reload right now: try again in a moment, no attempt counted.
                 await self.spool.release(job, delay=1.0)
             else:
                 await self._final(job, "connector_missing", f"connector {job.connector!r} is not configured")
-            return
+            return None
         options_type = type(conn).Options
         try:
             if loaded is not None and isinstance(loaded[1], options_type):
@@ -319,8 +353,16 @@ class Dispatcher:
                 options = self._target_options(options_type, job.options)
         except ValueError as exc:
             await self._final(job, "permanent", f"invalid options for {job.connector!r}: {exc}")
+            return None
+        return env, policy, Target(route=job.route, connector=job.connector, options=options, timeout=job.timeout)
+
+    async def _try(self, w: Worker, job: Job, probe: bool) -> None:
+        conn = self._connector(job.connector)
+        prepared = await self._prepare(job, conn)
+        if prepared is None:
             return
-        spec = Target(route=job.route, connector=job.connector, options=options, timeout=job.timeout)
+        assert conn is not None
+        env, policy, spec = prepared
         started = time.perf_counter()
         try:
             try:
@@ -328,29 +370,89 @@ class Dispatcher:
                     await conn.send(env, spec)
             finally:
                 self._free_slot(w, job)
-        except PermanentError as exc:
+        except Exception as exc:
+            await self._failed(w, job, policy, spec, started, exc, probe)
+            return
+        self._count_delivered(w, job, started)
+        await self.spool.done(job)
+        self._settled_done(job)
+
+    async def _try_batch(self, w: Worker, jobs: list[Job]) -> None:
+        """Several jobs through :meth:`Connector.send_batch`; each settles on its own answer. The
+        batch is bounded by the shortest of their timeouts."""
+        conn = self._connector(w.connector)
+        ready: list[tuple[Job, Envelope, RetryPolicy, Target]] = []
+        for job in jobs:
+            prepared = await self._each(job, self._prepare(job, conn))
+            if prepared is None:
+                self._free_slot(w, job)
+            else:
+                ready.append((job, *prepared))
+        if not ready:
+            return
+        assert conn is not None
+        started = time.perf_counter()
+        answers: Sequence[Any]
+        try:
+            try:
+                with self._deadlines.after(min(job.timeout for job, *_ in ready)):
+                    answers = await conn.send_batch([(env, spec) for _, env, _, spec in ready])
+            finally:
+                for job, *_ in ready:
+                    self._free_slot(w, job)
+            if len(answers) != len(ready):
+                raise RuntimeError(f"send_batch gave {len(answers)} answers for {len(ready)} envelopes")
+        except Exception as exc:
+            answers = [exc] * len(ready)
+        delivered: list[Job] = []
+        for (job, _, policy, spec), answer in zip(ready, answers, strict=True):
+            if isinstance(answer, BaseException):
+                await self._each(job, self._failed(w, job, policy, spec, started, answer, False))
+            else:
+                self._count_delivered(w, job, started)
+                delivered.append(job)
+        if delivered:
+            await self.spool.done_many(delivered)
+            for job in delivered:
+                self._settled_done(job)
+
+    async def _each(self, job: Job, work: Awaitable[T]) -> T | None:
+        """One job's part of a batch: a spool write that fails leaves that job leased a while
+        (it comes back) and the others go on."""
+        try:
+            return await work
+        except SpoolError as exc:
+            event(self.log, "spool.update_failed", logging.ERROR, envelope_id=job.envelope_id,
+                  connector=job.connector, error=str(exc))
+            return None
+
+    def _count_delivered(self, w: Worker, job: Job, started: float) -> None:
+        self.metrics.duration.labels(job.connector).observe(time.perf_counter() - started)
+        self.metrics.delivered.labels(job.connector, job.route).inc()
+        w.breaker.success()
+
+    def _settled_done(self, job: Job) -> None:
+        self.settled(job.connector)
+        if self.log.isEnabledFor(logging.DEBUG):
+            event(self.log, "delivery.delivered", logging.DEBUG, envelope_id=job.envelope_id,
+                  connector=job.connector, route=job.route, attempts=job.attempts + 1)
+
+    async def _failed(self, w: Worker, job: Job, policy: RetryPolicy, spec: Target, started: float,
+                      exc: BaseException, probe: bool) -> None:
+        """A send of ``job`` failed with ``exc``: dead letter (permanent) or retry later."""
+        if isinstance(exc, PermanentError):
             count_failure(self.metrics, spec, "permanent", started)
             w.breaker.success()  # the peer is up: it answered, with a no
             await self._final(job, "permanent", str(exc))
             return
-        except TimeoutError:
+        if isinstance(exc, TimeoutError):
             error = f"{job.connector}: no answer within {job.timeout:g}s"
-        except TransientError as exc:
+        elif isinstance(exc, TransientError):
             error = str(exc)
-        except Exception as exc:
-            self.log.exception("connector.bug", extra={"fields": {"connector": job.connector,
-                                                                   "envelope_id": job.envelope_id}})
-            error = f"{job.connector}: unexpected {type(exc).__name__}"
         else:
-            self.metrics.duration.labels(job.connector).observe(time.perf_counter() - started)
-            self.metrics.delivered.labels(job.connector, job.route).inc()
-            w.breaker.success()
-            await self.spool.done(job)
-            self.settled(job.connector)
-            if self.log.isEnabledFor(logging.DEBUG):
-                event(self.log, "delivery.delivered", logging.DEBUG, envelope_id=job.envelope_id,
-                      connector=job.connector, route=job.route, attempts=job.attempts + 1)
-            return
+            self.log.error("connector.bug", exc_info=exc, extra={"fields": {"connector": job.connector,
+                                                                             "envelope_id": job.envelope_id}})
+            error = f"{job.connector}: unexpected {type(exc).__name__}"
         count_failure(self.metrics, spec, "transient", started)
         w.breaker.failure(probe=probe)
         await self._retry_later(job, policy, error)

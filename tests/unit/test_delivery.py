@@ -88,7 +88,7 @@ FAST = "on_failure: {retry: {attempts: 4, initial: 0.02, max: 0.05}}"
 
 class Harness:
     def __init__(self, tmp_path: Path, routes: str, *, unmatched: str = "reject", spool: SpoolBackend | None = None,
-                 **options: Any) -> None:
+                 connector_class: type[Fake] | None = None, **options: Any) -> None:
         text = f"""
 connectors:
   api: {{type: fake}}
@@ -103,7 +103,7 @@ routes:
         for name, cfg in self.config.connectors.items():
             ctx = ConnectorContext(name=name, logger=logging.getLogger(f"test.{name}"), http=None,  # type: ignore[arg-type]
                                    state_dir=str(tmp_path))
-            self.conns[name] = Fake(cfg, ctx)
+            self.conns[name] = (connector_class or Fake)(cfg, ctx)
         self.missing: set[str] = set()
         self.metrics = Metrics()
         self.delivery = Delivery(

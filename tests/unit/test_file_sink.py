@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from connectors.file import FileConfig, FileConnector, FileTarget
-from gateway.contract import ConnectorContext, Target
+from gateway.contract import ConnectorContext, Target, TransientError
 from gateway.envelope import Envelope
 
 
@@ -60,3 +60,28 @@ async def test_a_file_moved_or_removed_behind_its_back_is_written_again(tmp_path
     await out.close()
     assert json.loads(path.read_text())["body"] == "message 3"
     assert json.loads((tmp_path / "moved.jsonl").read_text())["body"] == "message 1"
+
+
+async def test_a_batch_is_one_append_in_order_and_fails_as_one(tmp_path: Path) -> None:
+    path = tmp_path / "out" / "b.jsonl"
+    out = sink(path)
+    await out.open()
+    body = Target(route="r", connector="out", options=FileTarget(format="body"))
+    answers = await out.send_batch([(env(1), TARGET), (env(2), body), (env(3), TARGET)])
+    assert answers == [None, None, None]
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[0])["body"] == "message 1" and lines[1] == "message 2"
+    assert json.loads(lines[2])["body"] == "message 3"
+    await out.close()
+    path.unlink()
+    path.mkdir()  # the path is a directory now: nothing can be appended
+    broken = sink(path)
+    await broken.open()
+    try:
+        await broken.send_batch([(env(4), TARGET), (env(5), TARGET)])
+    except TransientError as exc:
+        assert "cannot write" in str(exc)
+    else:
+        raise AssertionError("a batch that cannot be written must fail")
+    finally:
+        await broken.close()
