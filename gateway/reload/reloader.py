@@ -1,51 +1,32 @@
-"""Hot reload without loss: validate, swap routes atomically, restart only what changed.
+"""The reloader: applies a validated config to the running gateway, one change at a time.
 
-Every trigger (the file changing on disk, SIGHUP, the admin API) ends in :class:`Reloader`,
-which applies one change at a time under a lock:
-
-1. The whole new config is validated by the one validator (:mod:`gateway.config.loader`). An
-   invalid one is refused with its issues; the running routes stay, and
-   ``gateway_config_reloads_total{outcome="invalid"}`` and a ``config.invalid`` log line say so.
-2. Connectors the new config adds are opened first, so no route can name one that is not there.
-3. Inbound connectors whose settings changed (or that are removed) stop taking messages and
-   drain: their senders get the protocol's temporary failure meanwhile (a shared HTTP path
-   answers ``503`` + ``Retry-After`` instead of ``404``).
-4. The routing state is swapped in one assignment: a message already in the router finishes on
-   the routes it started with (it holds its snapshot), every later one takes the new routes.
-5. Changed and removed connectors are drained (in-flight sends finish, a removed connector's
-   spooled jobs are delivered) within ``gateway.drain``, closed, and the changed ones replaced.
-   Unchanged connectors are not touched: they keep their connections and sessions.
-6. The outcome is confirmed, not guessed: the result says which connectors were restarted,
-   added or removed and the state each new one reached; the version (content hash) shows in
-   ``/api/config``, in ``gateway_config_info`` and in the history.
+It opens what the new config adds, drains what it replaces or removes, swaps the routing state
+in one assignment, and records the outcome (:class:`Status`, the history, metrics and log
+events). Its errors: :class:`ReloadRefused` (the change cannot be applied now) and
+:class:`ReloadFailed` (applying it failed part-way).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import io
 import logging
 import os
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway.config.loader import LoadedConfig, load_config, load_config_text
-from gateway.config.yamlsrc import ConfigError, Issue
+from gateway.config.yamlsrc import ConfigError
 from gateway.contract import Connector
 from gateway.delivery.engine import RoutingState
 from gateway.history import History, atomic_write
-from gateway.http import HttpHub, Receive, Scope, Send, send_problem
 from gateway.logs import event
+from gateway.reload.mounts import Mounts
+from gateway.reload.plan import Plan, inbound_names, plan_reload
 
 if TYPE_CHECKING:
     from gateway.runtime import ConnectorSlot, Runtime
-
-#: Gateway settings a reload cannot change in a running process (they need a restart).
-_RESTART_ONLY = (("admin", "listen"), ("spool",), ("state_dir",), ("log",))
 
 
 def version_of(text: str) -> str:
@@ -64,127 +45,6 @@ class ReloadRefused(Exception):
 
 class ReloadFailed(Exception):
     """Applying a valid config failed part-way; the result says how far it got."""
-
-
-# --- the plan (pure) -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a reload from ``old`` to ``new`` does to the connectors."""
-
-    restart: frozenset[str]
-    added: frozenset[str]
-    removed: frozenset[str]
-    #: Unchanged connectors that start or stop being a route's source (listen / stop listening).
-    start_listening: frozenset[str]
-    stop_listening: frozenset[str]
-    #: Gateway settings that changed but only take effect after a restart.
-    restart_required: tuple[str, ...] = ()
-
-    @property
-    def untouched(self) -> bool:
-        return not (self.restart or self.added or self.removed or self.start_listening or self.stop_listening)
-
-
-def inbound_names(config: LoadedConfig) -> set[str]:
-    return {s for r in config.router.routes for s in r.sources}
-
-
-def plan_reload(old: LoadedConfig, new: LoadedConfig) -> Plan:
-    old_in, new_in = inbound_names(old), inbound_names(new)
-    common = set(old.connectors) & set(new.connectors)
-    restart = {n for n in common if new.connectors[n] != old.connectors[n] or new.kinds[n] is not old.kinds[n]}
-    kept = common - restart
-    needs_restart = []
-    old_gw, new_gw = old.model.gateway.model_dump(), new.model.gateway.model_dump()
-    for path in _RESTART_ONLY:
-        a, b = _dig(old_gw, path), _dig(new_gw, path)
-        if a != b:
-            needs_restart.append("gateway." + ".".join(path))
-    return Plan(
-        restart=frozenset(restart),
-        added=frozenset(set(new.connectors) - set(old.connectors)),
-        removed=frozenset(set(old.connectors) - set(new.connectors)),
-        start_listening=frozenset(n for n in kept if n in new_in and n not in old_in),
-        stop_listening=frozenset(n for n in kept if n in old_in and n not in new_in),
-        restart_required=tuple(needs_restart),
-    )
-
-
-def _dig(data: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    cur: Any = data
-    for p in path:
-        cur = cur.get(p) if isinstance(cur, Mapping) else None
-    return cur
-
-
-# --- shared HTTP paths across a restart ------------------------------------------------------
-
-
-def _key(listen: str, prefix: str) -> tuple[str, str]:
-    return listen, "/" + prefix.strip("/") if prefix.strip("/") else "/"
-
-
-async def _reloading(scope: Scope, receive: Receive, send: Send) -> None:
-    if scope["type"] == "http":
-        await send_problem(send, 503, "Service Unavailable", "this endpoint is being reloaded; retry shortly",
-                           [(b"retry-after", b"1")])
-
-
-class Mounts:
-    """Keeps a shared HTTP path answering ``503`` (retry) while its connector is replaced.
-
-    Connectors made by a reload mount through :meth:`for_connector`. A connector being retired
-    gets :meth:`retiring`: its ``unmount`` leaves a 503 placeholder, or does nothing when a newer
-    connector already serves that path; the replacement's ``mount`` removes the placeholder.
-    """
-
-    def __init__(self, hub: HttpHub):
-        self.hub = hub
-        self._claims: dict[tuple[str, str], _ConnectorMounts] = {}
-        self._placeholders: set[tuple[str, str]] = set()
-
-    def for_connector(self) -> _ConnectorMounts:
-        return _ConnectorMounts(self, retiring=False)
-
-    def retiring(self) -> _ConnectorMounts:
-        return _ConnectorMounts(self, retiring=True)
-
-    def clear_placeholders(self) -> None:
-        for key in self._placeholders:
-            self.hub.unmount(*key)
-        self._placeholders.clear()
-
-
-class _ConnectorMounts:
-    """The :class:`~gateway.contract.HttpMount` one connector sees."""
-
-    def __init__(self, mounts: Mounts, *, retiring: bool):
-        self._m = mounts
-        self._retiring = retiring
-
-    def mount(self, listen: str, prefix: str, app: Any, *, owner: str) -> None:
-        key = _key(listen, prefix)
-        if key in self._m._placeholders:
-            self._m.hub.unmount(*key)
-            self._m._placeholders.discard(key)
-        self._m.hub.mount(listen, prefix, app, owner=owner)
-        self._m._claims[key] = self
-
-    def unmount(self, listen: str, prefix: str) -> None:
-        key = _key(listen, prefix)
-        holder = self._m._claims.get(key)
-        if holder is not None and holder is not self:
-            return  # a newer connector serves this path now
-        self._m._claims.pop(key, None)
-        self._m.hub.unmount(*key)
-        if self._retiring:
-            self._m.hub.mount(listen, prefix, _reloading, owner="reload")
-            self._m._placeholders.add(key)
-
-
-# --- the reloader ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -432,119 +292,3 @@ def _inflight(rt: Runtime, connector: str) -> tuple[set[int], int]:
         direct = 0
     return spooled, direct
 
-
-# --- watching the file -----------------------------------------------------------------------
-
-
-async def watch(reloader: Reloader, path: str, *, debounce_ms: int = 300, poll_seconds: float = 5.0,
-                force_polling: bool | None = None) -> None:
-    """Reload when the config's contents change, however they change.
-
-    Watches the file's directory (non-recursively): that sees an in-place write, an editor's
-    write-and-rename, and a Kubernetes ConfigMap update, where ``routes.yaml`` is a symlink into
-    ``..data``, itself a symlink to a timestamped directory that is swapped by renaming a new
-    ``..data`` over the old one. When the file is a symlink, its target's directory is watched
-    too (and follows the link when it changes). Whatever the event, the file is re-read
-    and acted on only when its content hash changed; a slow periodic check catches what the OS
-    did not report (a full inotify queue, a network file system, a replaced directory).
-    """
-    from watchfiles import awatch
-
-    while True:
-        directories = _watched_directories(path)
-        try:
-            async for _changes in awatch(*directories, watch_filter=None, debounce=debounce_ms, recursive=False,
-                                         rust_timeout=int(poll_seconds * 1000), yield_on_timeout=True,
-                                         force_polling=force_polling, ignore_permission_denied=True):
-                await check_file(reloader, path)
-                if _watched_directories(path) != directories:
-                    break  # the symlink points elsewhere now: watch there too
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the directory vanished, inotify limits...: poll until it is back
-            event(reloader.log, "config.watch_failed", logging.WARNING, path=path, error=str(exc))
-            await asyncio.sleep(poll_seconds)
-            with contextlib.suppress(Exception):
-                await check_file(reloader, path)
-
-
-def _watched_directories(path: str) -> tuple[str, ...]:
-    """The file's own directory, and its symlink target's when that is elsewhere."""
-    own = os.path.dirname(os.path.abspath(path))
-    target = os.path.dirname(os.path.realpath(path))
-    return (own,) if target == own or not os.path.isdir(target) else (own, target)
-
-
-async def check_file(reloader: Reloader, path: str) -> dict[str, Any] | None:
-    """Reload if the file's content differs from what was last acted on."""
-    try:
-        text = await asyncio.to_thread(_read, path)
-    except (OSError, UnicodeDecodeError):
-        return None  # mid-swap or removed: the next event or poll looks again
-    version = version_of(text)
-    if version == reloader.seen_on_disk:
-        return None
-    reloader.seen_on_disk = version  # acted on once: a bad save is reported once, not every poll
-    try:
-        return await reloader.from_file(by="file")
-    except ConfigError:
-        return None  # logged and counted; the running routes stay
-    except ReloadFailed:
-        return None
-
-
-# --- round-trip edits --------------------------------------------------------------------------
-
-
-def merge_document(text: str, updates: Mapping[str, Any]) -> str:
-    """Apply ``updates`` (top-level keys, e.g. ``{"routes": [...]}``) to routes.yaml text.
-
-    Round-trip YAML: comments and layout of everything that did not change stay as they were.
-    Mappings merge key by key, lists of named items (routes) match by ``name``, so an edited
-    route keeps the comments of its unchanged keys. Raises :class:`ConfigError` for YAML that
-    cannot be parsed.
-    """
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import YAMLError
-
-    yaml = YAML(typ="rt")
-    yaml.preserve_quotes = True
-    yaml.width = 4096
-    try:
-        doc = yaml.load(text) if text.strip() else None
-    except YAMLError as exc:
-        raise ConfigError([Issue((), f"YAML syntax error: {exc}")]) from None
-    if doc is None:
-        from ruamel.yaml.comments import CommentedMap
-
-        doc = CommentedMap()
-    if not isinstance(doc, dict):
-        raise ConfigError([Issue((), "the top level must be a mapping with 'connectors' and 'routes'")])
-    for key, value in updates.items():
-        if key in doc:
-            doc[key] = _merge(doc[key], value)
-        else:
-            doc[key] = value
-    out = io.StringIO()
-    yaml.dump(doc, out)
-    return out.getvalue()
-
-
-def _merge(old: Any, new: Any) -> Any:
-    if isinstance(old, dict) and isinstance(new, Mapping):
-        for k in [k for k in old if k not in new]:
-            del old[k]
-        for k, v in new.items():
-            old[k] = _merge(old[k], v) if k in old else v
-        return old
-    if isinstance(old, list) and isinstance(new, list):
-        named = {item.get("name"): item for item in old if isinstance(item, dict) and item.get("name") is not None}
-        merged = []
-        for i, item in enumerate(new):
-            prior = named.get(item.get("name")) if isinstance(item, Mapping) else None
-            if prior is None and i < len(old) and not named:
-                prior = old[i]
-            merged.append(_merge(prior, item) if prior is not None else item)
-        old[:] = merged
-        return old
-    return new if old != new else old

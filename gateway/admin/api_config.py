@@ -1,0 +1,242 @@
+"""The config API: read, validate, dry-run, save and apply routes.yaml, reload, history and rollback, schema.
+
+Every write goes through :meth:`~gateway.reload.Reloader.save_and_apply`: an edit carries
+``If-Match: "<version>"`` and an edit of a stale version answers ``409``. An invalid config
+answers ``422`` with every problem and its line; the running routes stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from gateway.admin.auth import Principal
+from gateway.admin.body import MAX_CONFIG_BYTES, read_body, read_json
+from gateway.config.loader import LoadedConfig, load_config_text
+from gateway.config.yamlsrc import ConfigError
+from gateway.history import unified_diff
+from gateway.logs import event
+from gateway.reload import ReloadFailed, ReloadRefused, merge_document, version_of
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
+
+_log = logging.getLogger("gateway.admin")
+
+
+def config_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> None:
+    """``/api/config``, ``/api/routes`` (and its validate, test), ``/api/reload``, ``/api/history``, ``/api/schema``."""
+    reloader = runtime.reloader
+
+    @app.get("/api/config")
+    async def config(response: Response, _: Principal = Depends(auth)) -> dict[str, Any]:  # noqa: B008
+        cfg = runtime.config
+        response.headers["ETag"] = f'"{cfg.version}"'
+        return {"version": cfg.version, "path": runtime.config_path, "routes": len(cfg.router),
+                "connectors": sorted(cfg.connectors), "last_reload": reloader.status.as_dict(),
+                "history": [e.as_dict() for e in reloader.history.entries()]}
+
+    @app.get("/api/routes", response_model=None)
+    async def routes(request: Request, _: Principal = Depends(auth)) -> Any:  # noqa: B008
+        cfg = runtime.config
+        etag = {"ETag": f'"{cfg.version}"'}
+        if "yaml" in request.headers.get("accept", "") or request.query_params.get("format") == "yaml":
+            return PlainTextResponse(cfg.source.text, media_type="application/yaml", headers=etag)
+        return JSONResponse({
+            "version": cfg.version,
+            "routes": [
+                {"name": r.name, "from": r.sources, "subjects": r.subjects, "when": r.config.match.when,
+                 "mode": r.mode, "targets": [t.connector for t in r.targets], "reply": r.wants_reply}
+                for r in cfg.router.routes
+            ],
+            # The file as written (before ${VAR} substitution, so no secret value appears).
+            "document": json.loads(json.dumps(yaml.safe_load(cfg.source.text) or {}, default=str)),
+        }, headers=etag)
+
+    @app.put("/api/routes")
+    async def put_routes(request: Request, p: Principal = Depends(editor)) -> JSONResponse:  # noqa: B008
+        base = _if_match(request)
+        text = await _config_text(request, runtime.config.source.text)
+        return await _save(text, base, p, "")
+
+    @app.post("/api/routes/validate")
+    async def validate(request: Request, _: Principal = Depends(auth)) -> dict[str, Any]:  # noqa: B008
+        text = await _config_text(request, runtime.config.source.text)
+        running = runtime.config
+        out: dict[str, Any] = {"version": version_of(text), "running": running.version,
+                               "diff": unified_diff(running.source.text, text, f"running ({running.version})",
+                                                    "candidate")}
+        try:
+            cfg = await _candidate(runtime, text)
+        except ConfigError as exc:
+            return {**out, "valid": False, "errors": [i.as_dict() for i in exc.issues]}
+        return {**out, "valid": True, "errors": [], "routes": len(cfg.router), "connectors": sorted(cfg.connectors)}
+
+    @app.post("/api/routes/test")
+    async def test_routes(request: Request, _: Principal = Depends(auth)) -> JSONResponse:  # noqa: B008
+        from gateway.dryrun import SampleError, dry_run, run_tests, sample_envelope
+
+        body = await read_json(request, MAX_CONFIG_BYTES)
+        text = body.get("config")
+        if text is not None and not isinstance(text, str):
+            raise HTTPException(422, "config is the candidate routes.yaml as a string")
+        try:
+            cfg = runtime.config if text is None else await _candidate(runtime, text)
+        except ConfigError as exc:
+            return JSONResponse({"detail": "the candidate config is invalid",
+                                 "errors": [i.as_dict() for i in exc.issues]}, status_code=422)
+        try:
+            if "tests" in body:
+                cases = run_tests(cfg, {"tests": _yaml_or_value(body["tests"])})
+                return JSONResponse({"version": cfg.version, "tests": [
+                    {"name": c.name, "ok": c.ok, "failures": c.failures, "result": c.result} for c in cases]})
+            messages = body.get("messages", [body["message"]] if "message" in body else None)
+            if not isinstance(messages, list) or not messages:
+                raise SampleError("give message (one sample), messages (a list) or tests")
+            results = []
+            for i, raw in enumerate(messages[:100]):
+                try:
+                    results.append(dry_run(cfg, sample_envelope(_yaml_or_value(raw), cfg)))
+                except SampleError as exc:
+                    raise SampleError(f"messages[{i}]: {exc}") from None
+        except SampleError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=422)
+        return JSONResponse({"version": cfg.version, "sent": False, "results": results})
+
+    @app.post("/api/reload")
+    async def reload_file(p: Principal = Depends(editor)) -> JSONResponse:  # noqa: B008
+        try:
+            result = await reloader.from_file(by=p.name)
+        except ConfigError as exc:
+            return _invalid(exc)
+        except ReloadRefused as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        except ReloadFailed as exc:
+            return JSONResponse({"detail": f"reload failed: {exc}"}, status_code=500)
+        return JSONResponse(result, headers={"ETag": f'"{result["version"]}"'})
+
+    @app.get("/api/history")
+    async def history(_: Principal = Depends(auth)) -> dict[str, Any]:  # noqa: B008
+        return {"running": runtime.config.version, "entries": [e.as_dict() for e in reloader.history.entries()]}
+
+    @app.get("/api/history/diff")
+    async def history_diff(
+        _: Principal = Depends(auth),  # noqa: B008
+        from_: str = Query(..., alias="from"), to: str | None = None,
+    ) -> dict[str, Any]:
+        to = to or runtime.config.version
+        return {"from": from_, "to": to,
+                "diff": unified_diff(_history_text(runtime, from_), _history_text(runtime, to), from_, to)}
+
+    @app.get("/api/history/{version}", response_model=None)
+    async def history_version(version: str, request: Request, _: Principal = Depends(auth)) -> Any:  # noqa: B008
+        text = _history_text(runtime, version)
+        if "json" in request.headers.get("accept", ""):
+            return {"version": version, "text": text}
+        return PlainTextResponse(text, media_type="application/yaml")
+
+    @app.post("/api/history/{version}/rollback")
+    async def rollback(version: str, request: Request, p: Principal = Depends(editor)) -> JSONResponse:  # noqa: B008
+        base = _if_match(request)
+        return await _save(_history_text(runtime, version), base, p, f"rollback to {version}")
+
+    @app.get("/api/schema")
+    async def schema(_: Principal = Depends(auth)) -> dict[str, Any]:  # noqa: B008
+        from gateway.registry import Registry
+        from gateway.schema import build_schema
+
+        kinds = {}
+        for kind in runtime.registry.kinds():
+            try:
+                kinds[kind] = runtime.registry.get(kind)
+            except Exception as exc:  # a kind that cannot load is left out of the suggestions
+                event(_log, "schema.kind_unavailable", logging.DEBUG, kind=kind, error=str(exc))
+        return build_schema(Registry(kinds, use_entry_points=False))
+
+    async def _save(text: str, base: str, p: Principal, note: str) -> JSONResponse:
+        try:
+            result = await reloader.save_and_apply(text, base=base, by=p.name, note=note)
+        except ConfigError as exc:
+            return _invalid(exc)
+        except ReloadRefused as exc:
+            return JSONResponse({"detail": str(exc), "running": exc.current or runtime.config.version},
+                                status_code=exc.status)
+        except ReloadFailed as exc:
+            return JSONResponse({"detail": f"saved, but applying it failed: {exc}"}, status_code=500)
+        return JSONResponse(result, headers={"ETag": f'"{result["version"]}"'})
+
+
+def _invalid(exc: ConfigError) -> JSONResponse:
+    return JSONResponse({"detail": f"the config is invalid ({len(exc.issues)} problem(s)); the running routes stay",
+                         "errors": [i.as_dict() for i in exc.issues]}, status_code=422)
+
+
+def _if_match(request: Request) -> str:
+    raw = request.headers.get("if-match", "").strip()
+    if not raw:
+        raise HTTPException(428, "If-Match is required: send the version your edit is based on "
+                                 "(the ETag of GET /api/routes)")
+    return raw.removeprefix("W/").strip('"')
+
+
+async def _candidate(runtime: Runtime, text: str) -> LoadedConfig:
+    path = runtime.config_path or "routes.yaml"
+    return await asyncio.to_thread(load_config_text, text, file=path,
+                                   base_dir=os.path.dirname(os.path.abspath(path)), registry=runtime.registry)
+
+
+def _history_text(runtime: Runtime, version: str) -> str:
+    if version == runtime.config.version:
+        return runtime.config.source.text
+    text = runtime.reloader.history.text(version)
+    if text is None:
+        raise HTTPException(404, f"version {version!r} is not in the history")
+    return text
+
+
+async def _config_text(request: Request, current: str) -> str:
+    """The candidate routes.yaml of a request: YAML text, {"yaml": text}, or JSON top-level keys
+    to merge into the current file (round-trip: comments and layout stay)."""
+    raw = await read_body(request, MAX_CONFIG_BYTES)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPException(400, "the config must be UTF-8") from None
+    if "json" not in request.headers.get("content-type", ""):
+        return text
+    try:
+        body = json.loads(text or "{}")
+    except ValueError:
+        raise HTTPException(400, "body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise HTTPException(422, "body must be a JSON object")
+    if isinstance(body.get("yaml"), str):
+        return str(body["yaml"])
+    unknown = set(body) - {"gateway", "connectors", "routes"}
+    if unknown or not body:
+        raise HTTPException(422, "a JSON body is {\"yaml\": \"...\"} or any of gateway, connectors, routes")
+    try:
+        return merge_document(current, body)
+    except ConfigError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+def _yaml_or_value(raw: Any) -> Any:
+    """A sample pasted as YAML/JSON text, or already structured."""
+    if isinstance(raw, str):
+        try:
+            return yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            from gateway.dryrun import SampleError
+
+            raise SampleError(f"the sample is not valid YAML/JSON: {exc}") from None
+    return raw
+
+

@@ -1,0 +1,74 @@
+"""The editor's dashboard: ``/api/overview`` (routes and connectors with health and counters) and ``/api/live``."""
+
+from __future__ import annotations
+
+import collections
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query
+
+from gateway.admin.auth import Principal
+from gateway.admin.live import LiveLog
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
+
+
+def overview_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any, live: LiveLog) -> None:
+    """``GET /api/overview``, ``GET /api/live`` and, for editors, a recorded message as a sample."""
+
+    @app.get("/api/overview")
+    async def overview(_: Principal = Depends(auth)) -> dict[str, Any]:  # noqa: B008
+        return _overview(runtime)
+
+    @app.get("/api/live")
+    async def live_view(_: Principal = Depends(auth), limit: int = Query(20, ge=1, le=100)) -> dict[str, Any]:  # noqa: B008
+        return {"version": runtime.config.version, "routes": live.recent(limit)}
+
+    @app.get("/api/live/{envelope_id}/sample")
+    async def live_sample(envelope_id: str, _: Principal = Depends(editor)) -> dict[str, Any]:  # noqa: B008
+        sample = live.sample(envelope_id)
+        if sample is None:
+            raise HTTPException(404, f"no recorded sample for {envelope_id} (only recent text bodies are kept)")
+        return sample
+
+
+def _samples(metric: Any) -> list[tuple[dict[str, str], float]]:
+    out = []
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                out.append((dict(sample.labels), float(sample.value)))
+    return out
+
+
+def _overview(runtime: Runtime) -> dict[str, Any]:
+    m = runtime.metrics
+    routed: dict[str, dict[str, float]] = collections.defaultdict(dict)
+    for labels, value in _samples(m.routed):
+        routed[labels["route"]][labels["outcome"]] = value
+    delivered: dict[str, float] = collections.defaultdict(float)
+    sent: dict[str, float] = collections.defaultdict(float)
+    for labels, value in _samples(m.delivered):
+        delivered[labels["route"]] += value
+        sent[labels["connector"]] += value
+    failed: dict[str, float] = collections.defaultdict(float)
+    for labels, value in _samples(m.failures):
+        failed[labels["route"]] += value
+    received = {labels["connector"]: value for labels, value in _samples(m.received)}
+    routes = []
+    for r in runtime.config.router.routes:
+        counts = routed.get(r.name, {})
+        routes.append({"name": r.name, "from": r.sources, "subjects": r.subjects, "mode": r.mode,
+                       "targets": [t.connector for t in r.targets],
+                       "matched": counts.get("matched", 0), "dead_lettered": counts.get("dead_lettered", 0),
+                       "delivered": delivered.get(r.name, 0), "failed": failed.get(r.name, 0)})
+    connectors = {}
+    for name, slot in runtime.slots.items():
+        h = slot.health()
+        connectors[name] = {"type": type(slot.connector).kind, "up": h.up, "detail": h.detail, "state": slot.state,
+                            "inbound": slot.inbound, "received": received.get(name, 0), "sent": sent.get(name, 0)}
+    unmatched = routed.get("", {}).get("unmatched", 0)
+    return {"version": runtime.config.version, "routes": routes, "connectors": connectors, "unmatched": unmatched,
+            "last_reload": runtime.reloader.status.as_dict()}
+

@@ -1,0 +1,66 @@
+"""The admin listener's ASGI app: the open probes and metrics, and the API and editor routes put together."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse, Response
+
+from gateway.admin.api_config import config_api
+from gateway.admin.api_deadletters import dead_letters_api
+from gateway.admin.api_overview import overview_api
+from gateway.admin.auth import AuthState, Principal, login_api, make_auth, make_editor
+from gateway.admin.live import LiveLog
+from gateway.admin.ui import editor_ui
+from gateway.metrics import CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
+
+
+def build_admin(runtime: Runtime, live: LiveLog | None = None) -> FastAPI:
+    app = FastAPI(title="gateway admin", version="1", docs_url="/api/docs", openapi_url="/api/openapi.json",
+                  redoc_url=None)
+    auth_state = AuthState()
+    auth = make_auth(runtime, auth_state)
+    editor = make_editor(auth)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "uptime_seconds": round(time.time() - runtime.started_at, 1)}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        ready, detail = runtime.readiness()
+        return JSONResponse(detail, status_code=200 if ready else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        runtime.readiness()  # refresh gauges derived from health
+        return Response(runtime.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    login_api(app, runtime, auth, auth_state)
+    config_api(app, runtime, auth, editor)
+    overview_api(app, runtime, auth, editor, live or LiveLog())
+    editor_ui(app)
+
+    @app.get("/api/connectors")
+    async def connectors(_: Principal = Depends(auth)) -> dict[str, Any]:  # noqa: B008
+        out = {}
+        for name, slot in runtime.slots.items():
+            h = slot.health()
+            out[name] = {"type": type(slot.connector).kind, "up": h.up, "detail": h.detail, "state": slot.state,
+                         "inbound": slot.inbound, "circuit": runtime.delivery.circuit(name)}
+        return {"connectors": out}
+
+    dead_letters_api(app, runtime, auth, editor)
+
+    return app
+
+
+def mount_admin(runtime: Runtime) -> None:
+    live = LiveLog()
+    runtime.delivery.add_observer(live.observe)
+    runtime.http.mount(runtime.config.model.gateway.admin.listen, "/", build_admin(runtime, live), owner="admin")
