@@ -143,6 +143,10 @@ def describe(exc: BaseException) -> str:
     """A driver's exception as the short text errors and logs carry."""
     if isinstance(exc, ssl.SSLError):
         return f"TLS: {exc.reason or exc}"
+    # aiormq wraps the ssl module's error as AMQPConnectionError(errno, "[SSL: …] …")
+    wrapped = next((a for a in exc.args if isinstance(a, str) and a.startswith("[SSL")), None)
+    if wrapped is not None:
+        return f"TLS: {wrapped}"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     text = str(exc)

@@ -135,14 +135,14 @@ async def test_mosquitto_restart_mid_stream_loses_nothing(tmp_path: Path) -> Non
 class RabbitNode:
     """A private RabbitMQ node (own node name, ports and data) as PEERS.md §2.1 describes."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, extra_conf: str = ""):
         if not os.path.exists("/usr/lib/rabbitmq/bin/rabbitmq-server"):
             pytest.fail("RabbitMQ is not installed: apt-get install -y rabbitmq-server")
         self.tmp = tmp
         self.port, dist = free_port(), free_port()
         (tmp / "home").mkdir(parents=True, exist_ok=True)
         (tmp / "rabbitmq.conf").write_text(f"listeners.tcp.1 = 127.0.0.1:{self.port}\nlog.console = false\n"
-                                           "loopback_users = none\n")
+                                           "loopback_users = none\n" + extra_conf)
         (tmp / "enabled_plugins").write_text("[].\n")
         self.node = f"gw{uuid_hex()}@localhost"
         self.env = {**os.environ, "HOME": str(tmp / "home"), "RABBITMQ_NODENAME": self.node,

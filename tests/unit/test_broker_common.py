@@ -151,6 +151,9 @@ def test_describe_gives_the_short_reason() -> None:
     assert describe(ConnectionRefusedError(111, "Connection refused")) == "Connection refused"
     assert describe(TimeoutError()) == "TimeoutError"
     assert describe(RuntimeError("channel closed")) == "RuntimeError: channel closed"
+    # aiormq's wrapping of a certificate failure
+    wrapped = RuntimeError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    assert describe(wrapped) == "TLS: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"
 
 
 # --- the reconnect loop ----------------------------------------------------------------------
