@@ -43,6 +43,21 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
+from gateway.delivery.spool.schema import (
+    _DL_COLUMNS,
+    _INSERT_DL,
+    _INSERT_JOB,
+    _JOB_COLUMNS,
+    _MIGRATIONS,
+    SCHEMA_VERSION,
+    _dl_row,
+    _dl_select,
+    _dl_where,
+    _job,
+    _job_row,
+    _storage_failure,
+)
+from gateway.delivery.spool.writes import _Delete, _Insert, _run_merged, _single_statement
 from gateway.delivery.store import (
     DeadLetter,
     DeadLetterFilter,
@@ -59,80 +74,6 @@ __all__ = ["SCHEMA_VERSION", "DeadLetter", "DeadLetterFilter", "Job", "Remembere
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
-
-_MIGRATIONS: dict[int, list[str]] = {
-    1: [
-        """CREATE TABLE jobs (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            envelope_id TEXT NOT NULL,
-            route TEXT NOT NULL,
-            connector TEXT NOT NULL,
-            envelope TEXT NOT NULL,
-            options TEXT NOT NULL,
-            policy TEXT NOT NULL,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            created_at REAL NOT NULL,
-            next_at REAL NOT NULL,
-            last_error TEXT NOT NULL DEFAULT ''
-        )""",
-        "CREATE INDEX jobs_due ON jobs (connector, next_at)",
-        """CREATE TABLE dead_letters (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            envelope_id TEXT NOT NULL,
-            route TEXT NOT NULL,
-            connector TEXT NOT NULL,
-            envelope TEXT NOT NULL,
-            options TEXT NOT NULL,
-            reason TEXT NOT NULL,
-            last_error TEXT NOT NULL,
-            attempts INTEGER NOT NULL,
-            first_at REAL NOT NULL,
-            dead_at REAL NOT NULL
-        )""",
-        "CREATE INDEX dead_letters_route ON dead_letters (route, dead_at)",
-    ],
-    # v2: per-job send timeout; dead letters keep the retry policy so a replay keeps it too;
-    # idempotency records; a scratch table the health probe writes to.
-    2: [
-        "ALTER TABLE jobs ADD COLUMN timeout REAL NOT NULL DEFAULT 30",
-        "ALTER TABLE dead_letters ADD COLUMN policy TEXT NOT NULL DEFAULT '{}'",
-        "ALTER TABLE dead_letters ADD COLUMN timeout REAL NOT NULL DEFAULT 30",
-        "CREATE INDEX dead_letters_connector ON dead_letters (connector, dead_at)",
-        "CREATE INDEX dead_letters_dead_at ON dead_letters (dead_at)",
-        """CREATE TABLE idempotency (
-            source TEXT NOT NULL,
-            key TEXT NOT NULL,
-            envelope_id TEXT NOT NULL,
-            status TEXT NOT NULL,
-            at REAL NOT NULL,
-            PRIMARY KEY (source, key)
-        ) WITHOUT ROWID""",
-        "CREATE INDEX idempotency_at ON idempotency (at)",
-        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    ],
-}
-
-_DL_COLUMNS = ("id, envelope_id, route, connector, envelope, options, reason, last_error, attempts, "
-               "first_at, dead_at, policy, timeout")
-_JOB_COLUMNS = ("id, envelope_id, route, connector, envelope, options, policy, attempts, created_at, next_at, "
-                "last_error, timeout")
-_INSERT_JOB = ("INSERT INTO jobs (envelope_id, route, connector, envelope, options, policy, attempts, created_at,"
-               " next_at, last_error, timeout) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
-_INSERT_DL = ("INSERT INTO dead_letters (envelope_id, route, connector, envelope, options, reason, last_error,"
-              " attempts, first_at, dead_at, policy, timeout) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
-
-#: SQLite primary result codes that mean the storage, not one statement, failed: the whole
-#: group commit fails and the spool turns unhealthy.
-_STORAGE_ERRORS = {
-    5,  # SQLITE_BUSY (another process holds the file past busy_timeout)
-    8,  # SQLITE_READONLY
-    10,  # SQLITE_IOERR
-    11,  # SQLITE_CORRUPT
-    13,  # SQLITE_FULL
-    14,  # SQLITE_CANTOPEN
-    26,  # SQLITE_NOTADB
-}
 #: How long a job whose update could not be written stays leased (not re-sent at once).
 _HOLD_AFTER_FAILED_WRITE = 5.0
 #: Jobs per connector handed to its worker in memory at most; beyond, they wait on disk.
@@ -144,13 +85,6 @@ _PREFETCH = 64
 _RECHECK = 1.0
 #: ``?`` is a JSON array of leased job ids the query must skip.
 _UNLEASED = "id NOT IN (SELECT value FROM json_each(?))"
-
-
-def _storage_failure(exc: BaseException) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if isinstance(code, int):
-        return (code & 0xFF) in _STORAGE_ERRORS
-    return isinstance(exc, sqlite3.OperationalError)
 
 
 class _Request:
@@ -633,105 +567,6 @@ class Spool:
         return result
 
 
-class _Insert:
-    """A write that adds jobs (and maybe more: ``extras``); returns the new jobs' ids."""
-
-    __slots__ = ("extras", "rows")
-
-    def __init__(self, rows: list[tuple[Any, ...]], extras: Callable[[sqlite3.Connection], None] | None):
-        self.rows = rows
-        self.extras = extras
-
-    def __call__(self, db: sqlite3.Connection) -> list[int]:
-        ids = _insert_rows(db, self.rows)
-        if self.extras is not None:
-            self.extras(db)
-        return ids
-
-
-class _Delete:
-    """A write that removes delivered jobs."""
-
-    __slots__ = ("job_ids",)
-
-    def __init__(self, *job_ids: int):
-        self.job_ids = job_ids
-
-    def __call__(self, db: sqlite3.Connection) -> None:
-        db.execute("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(self.job_ids),))
-
-
-#: Rows per multi-row INSERT: 11 parameters each, well under SQLite's 32,766 bound parameters.
-_ROWS_PER_INSERT = 256
-_JOB_VALUES = "(?,?,?,?,?,?,?,?,?,?,?)"
-_INSERT_JOBS_HEAD = _INSERT_JOB.split(" VALUES ", maxsplit=1)[0] + " VALUES "
-
-
-def _insert_rows(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[int]:
-    """Insert job rows with one statement per ``_ROWS_PER_INSERT`` (a multi-row ``VALUES``); their ids.
-
-    One statement, not one per row: sqlite3 lets go of the GIL for each statement and the spool
-    thread must then win it back from a busy event loop; and the values are bound as they are,
-    not re-encoded (an envelope is kilobytes of JSON already)."""
-    ids: list[int] = []
-    for start in range(0, len(rows), _ROWS_PER_INSERT):
-        chunk = rows[start:start + _ROWS_PER_INSERT]
-        sql = _INSERT_JOBS_HEAD + ",".join([_JOB_VALUES] * len(chunk))
-        last = int(db.execute(sql, [v for row in chunk for v in row]).lastrowid or 0)
-        # An AUTOINCREMENT table numbers the rows of one statement consecutively, in order.
-        ids.extend(range(last - len(chunk) + 1, last + 1))
-    return ids
-
-
-def _single_statement(
-    ops: Sequence[Callable[[sqlite3.Connection], Any]],
-) -> Callable[[sqlite3.Connection], list[Any]] | None:
-    """The group as one statement when it can be: only plain inserts (up to one INSERT's rows),
-    or only deletes. Its results, one per write, as :func:`_run_merged` gives them."""
-    if all(type(op) is _Delete for op in ops):
-        ids = json.dumps([i for op in ops for i in op.job_ids])  # type: ignore[attr-defined]
-
-        def delete(db: sqlite3.Connection) -> list[Any]:
-            db.execute("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
-            return [None] * len(ops)
-        return delete
-    if all(type(op) is _Insert and op.extras is None for op in ops):
-        inserts = cast(Sequence[_Insert], ops)
-        rows = [row for op in inserts for row in op.rows]
-        if not rows or len(rows) > _ROWS_PER_INSERT:
-            return None
-
-        def insert(db: sqlite3.Connection) -> list[Any]:
-            ids = iter(_insert_rows(db, rows))
-            return [[next(ids) for _ in op.rows] for op in inserts]
-        return insert
-    return None
-
-
-def _run_merged(db: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
-    """Run a group's writes with as few statements as possible: the job rows of all its inserts
-    in one, its deletes in another (see :func:`_insert_rows` for why statements count)."""
-    results: list[Any] = [None] * len(ops)
-    inserts: list[tuple[int, _Insert]] = []
-    deletes: list[int] = []
-    for i, op in enumerate(ops):
-        if isinstance(op, _Insert):
-            inserts.append((i, op))
-        elif isinstance(op, _Delete):
-            deletes.extend(op.job_ids)
-        else:
-            results[i] = op(db)
-    if inserts:
-        ids = iter(_insert_rows(db, [row for _, op in inserts for row in op.rows]))
-        for i, op in inserts:
-            results[i] = [next(ids) for _ in op.rows]
-            if op.extras is not None:
-                op.extras(db)
-    if deletes:
-        db.execute("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(deletes),))
-    return results
-
-
 def make_spool(settings: Any) -> SpoolBackend:
     """The spool ``gateway.spool`` asks for: SQLite (the default) or RabbitMQ (``type: rabbitmq``)."""
     kind = getattr(settings, "type", "sqlite")
@@ -740,49 +575,3 @@ def make_spool(settings: Any) -> SpoolBackend:
 
         return RabbitSpool.from_settings(settings)
     return Spool(settings.path, min_free_bytes=settings.min_free_bytes)
-
-
-def _job_row(j: Job, now: float) -> tuple[Any, ...]:
-    return (j.envelope_id, j.route, j.connector, j.envelope, j.options, j.policy, j.attempts, j.created_at or now,
-            j.next_at or now, j.last_error, j.timeout)
-
-
-def _dl_row(j: Job, reason: str, error: str, now: float) -> tuple[Any, ...]:
-    return (j.envelope_id, j.route, j.connector, j.envelope, j.options, reason, error, j.attempts,
-            j.created_at or now, now, j.policy, j.timeout)
-
-
-def _job(r: Sequence[Any]) -> Job:
-    return Job(id=r[0], envelope_id=r[1], route=r[2], connector=r[3], envelope=r[4], options=r[5], policy=r[6],
-               attempts=r[7], created_at=r[8], next_at=r[9], last_error=r[10], timeout=r[11])
-
-
-def _dl_where(flt: DeadLetterFilter | None) -> tuple[str, tuple[Any, ...]]:
-    if flt is None:
-        return "", ()
-    clauses: list[str] = []
-    args: list[Any] = []
-    for col, val in (("route", flt.route), ("connector", flt.connector), ("reason", flt.reason),
-                     ("envelope_id", flt.envelope_id)):
-        if val is not None:
-            clauses.append(f"{col}=?")
-            args.append(val)
-    if flt.since is not None:
-        clauses.append("dead_at>=?")
-        args.append(flt.since)
-    if flt.until is not None:
-        clauses.append("dead_at<=?")
-        args.append(flt.until)
-    return ("WHERE " + " AND ".join(clauses)) if clauses else "", tuple(args)
-
-
-def _dl_select(ids: Sequence[int] | None, flt: DeadLetterFilter | None) -> tuple[str, tuple[Any, ...]]:
-    """Ids win over a filter; with neither, nothing is selected (never "all" by accident)."""
-    if ids is not None:
-        id_list = [int(i) for i in ids]
-        if not id_list:
-            return "WHERE 0", ()
-        return f"WHERE id IN ({','.join('?' * len(id_list))})", tuple(id_list)
-    if flt is None:
-        return "WHERE 0", ()
-    return _dl_where(flt)
