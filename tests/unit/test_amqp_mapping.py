@@ -122,7 +122,7 @@ def test_queue_arguments_and_config() -> None:
 
 
 def test_redeliveries_without_message_id_are_counted_by_content() -> None:
-    from connectors.amqp import _attempt_key
+    from connectors.amqp.inbound import _attempt_key
 
     a = Delivery(body=b"poison", exchange="x", routing_key="k")
     assert _attempt_key(a) == _attempt_key(Delivery(body=b"poison", exchange="x", routing_key="k", redelivered=True))

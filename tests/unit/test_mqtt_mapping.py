@@ -11,8 +11,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
-from connectors.mqtt import _incoming
 from connectors.mqtt.client import GatewayClient, MalformedPublish, Received, decode_publish
+from connectors.mqtt.inbound import _incoming
 from connectors.mqtt.mapping import Incoming, MqttConfig, MqttTarget, to_envelope, to_publish, topic_error
 from gateway.contract import PermanentError
 from gateway.envelope import Envelope

@@ -1,0 +1,208 @@
+"""The AMQP connector's outbound side: publish with publisher confirms, and RPC.
+
+:class:`AmqpOutbound` publishes on a confirm-mode channel (opened again when the broker closed
+it), checks an exchange it has not seen lately before publishing to it, never has two publishes
+with one message id in flight, and for a target with ``reply: true`` publishes with
+``reply_to`` (a private exclusive queue) and a fresh ``correlation_id`` and waits for the
+answer. The guarantees are described in :mod:`connectors.amqp`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+import aiormq
+from aio_pika.abc import AbstractChannel
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
+
+from connectors.amqp.connection import AmqpConnection
+from connectors.amqp.mapping import AmqpTarget, Publish, to_publish
+from connectors.broker_common.connection import describe
+from gateway.contract import ConnectorConfig, ConnectorContext, PermanentError, Reply, Target, TransientError
+from gateway.envelope import Envelope
+from gateway.logs import event
+
+_EXCHANGE_CHECK_TTL = 30.0
+
+
+class AmqpOutbound(AmqpConnection):
+    """The confirm-mode publisher channel, its publishes and RPC calls."""
+
+    def __init__(self, config: ConnectorConfig, ctx: ConnectorContext) -> None:
+        super().__init__(config, ctx)
+        self._pub: AbstractChannel | None = None
+        self._pub_raw: aiormq.abc.AbstractChannel | None = None
+        self._pub_lock = asyncio.Lock()
+        self._known_exchanges: dict[str, float] = {}
+        self._publishing_ids: dict[str, asyncio.Future[None]] = {}
+        self._reply_queue: str | None = None
+        self._replies: dict[str, asyncio.Future[DeliveredMessage]] = {}
+
+    async def _open_publisher(self) -> None:
+        assert self._conn is not None
+        self._pub = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
+        self._pub_raw = await self._pub.get_underlay_channel()
+        self._reply_queue = None
+
+    async def _publisher(self) -> aiormq.abc.AbstractChannel:
+        """The confirm-mode channel, reopened if the broker closed it (e.g. after a 404)."""
+        raw = self._pub_raw
+        if raw is not None and not raw.is_closed:
+            return raw
+        async with self._pub_lock:
+            if self._pub_raw is not None and not self._pub_raw.is_closed:
+                return self._pub_raw
+            if self._conn is None or not self._connected:
+                raise TransientError(f"AMQP broker {self._where()} not connected: {self._error}")
+            await self._open_publisher()
+            assert self._pub_raw is not None
+            return self._pub_raw
+
+    async def send(self, env: Envelope, target: Target) -> Reply | None:
+        opts = target.options
+        assert isinstance(opts, AmqpTarget)
+        pub = to_publish(env, opts, persistent=self.cfg.persistent, mandatory=self.cfg.mandatory,
+                         max_body=self.cfg.max_body)
+        if not self._connected:
+            raise TransientError(f"AMQP broker {self._where()} not connected: {self._error}")
+        timeout = max(0.1, target.timeout - 0.05)
+        if target.want_reply:
+            return await self._call(pub, timeout)
+        await self._publish(pub, timeout)
+        return None
+
+    async def _publish(self, pub: Publish, timeout: float) -> None:  # noqa: ASYNC109 - the confirm deadline
+        raw = await self._publisher()
+        await self._check_exchange(pub.exchange)
+        message_id = str(pub.properties.get("message_id", ""))
+        # aiormq matches a returned message to its publish by message id: never have two
+        # publishes with one id in flight on the channel.
+        while message_id in self._publishing_ids:
+            await asyncio.shield(self._publishing_ids[message_id])
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._publishing_ids[message_id] = done
+        where = f"exchange {pub.exchange or '(default)'!r} routing key {pub.routing_key!r}"
+        try:
+            result = await raw.basic_publish(pub.body, exchange=pub.exchange, routing_key=pub.routing_key,
+                                             properties=_properties(pub.properties), mandatory=pub.mandatory,
+                                             timeout=timeout)
+        except aiormq.exceptions.PublishError as exc:
+            raise TransientError(f"unroutable: the broker returned the message ({where}, "
+                                 f"{getattr(exc.frame, 'reply_text', 'NO_ROUTE')})", code=503) from exc
+        except aiormq.exceptions.DeliveryError as exc:
+            raise TransientError(f"the broker refused the message (basic.nack) for {where}") from exc
+        except TimeoutError as exc:
+            raise TransientError(f"no publisher confirm within {timeout:g}s for {where}", code=504) from exc
+        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
+            raise TransientError(f"publish to {where} failed: {describe(exc)}") from exc
+        finally:
+            self._publishing_ids.pop(message_id, None)
+            done.set_result(None)
+        if not isinstance(result, Basic.Ack):
+            raise TransientError(f"unexpected publisher confirm {type(result).__name__} for {where}")
+
+    async def _check_exchange(self, name: str) -> None:
+        """Publishing to a missing exchange closes the channel (failing every publish in flight),
+        so a name not seen lately is checked passively on a throwaway channel first."""
+        if not name or name.startswith("amq."):
+            return
+        now = time.monotonic()
+        if self._known_exchanges.get(name, 0.0) > now:
+            return
+        conn = self._conn
+        if conn is None:
+            raise TransientError(f"AMQP broker {self._where()} not connected: {self._error}")
+        try:
+            channel = await conn.channel(publisher_confirms=False)
+        except Exception as exc:
+            raise TransientError(f"cannot open a channel: {describe(exc)}") from exc
+        try:
+            await channel.get_exchange(name, ensure=True)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise TransientError(f"exchange {name!r} does not exist", code=503) from exc
+        except Exception as exc:
+            raise TransientError(f"cannot check exchange {name!r}: {describe(exc)}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        self._known_exchanges[name] = now + _EXCHANGE_CHECK_TTL
+
+    async def _call(self, pub: Publish, timeout: float) -> Reply:  # noqa: ASYNC109 - the reply deadline
+        """RPC: publish with reply_to + a fresh correlation id, wait for the answer."""
+        reply_queue = await self._ensure_reply_queue()
+        correlation = uuid.uuid4().hex
+        props = {**pub.properties, "reply_to": reply_queue, "correlation_id": correlation}
+        fut: asyncio.Future[DeliveredMessage] = asyncio.get_running_loop().create_future()
+        self._replies[correlation] = fut
+        started = time.monotonic()
+        try:
+            await self._publish(Publish(pub.exchange, pub.routing_key, pub.body, pub.mandatory, props), timeout)
+            remaining = max(0.05, timeout - (time.monotonic() - started))
+            try:
+                answer = await asyncio.wait_for(fut, timeout=remaining)
+            except TimeoutError:
+                raise TransientError(f"no RPC reply within {timeout:g}s", code=504) from None
+        finally:
+            self._replies.pop(correlation, None)
+        props_in = answer.header.properties
+        headers = {str(k): _text(v) for k, v in (props_in.headers or {}).items()}
+        status = _status(headers.get("x-http-status"))
+        body = answer.body or b""
+        ctype = props_in.content_type or "application/octet-stream"
+        if status >= 400:
+            detail = {"status": status, "body": body[:300].decode("utf-8", errors="replace")}
+            raise PermanentError(f"RPC reply with status {status}", code=status, detail=detail)
+        return Reply(body=body, content_type=ctype, headers=headers, status=status)
+
+    async def _ensure_reply_queue(self) -> str:
+        if self._reply_queue is not None and self._pub is not None and not self._pub.is_closed:
+            return self._reply_queue
+        async with self._pub_lock:
+            if self._reply_queue is not None:
+                return self._reply_queue
+            if self._pub is None or self._pub.is_closed:
+                raise TransientError(f"AMQP broker {self._where()} not connected: {self._error}")
+            name = f"gateway.rpc.{self.name}.{uuid.uuid4().hex[:12]}"
+            queue = await self._pub.declare_queue(name, exclusive=True, auto_delete=True, durable=False)
+            raw = await self._pub.get_underlay_channel()
+            await raw.basic_consume(queue.name, self._on_reply, no_ack=True)
+            self._reply_queue = name
+            return name
+
+    async def _on_reply(self, message: DeliveredMessage) -> None:
+        correlation = message.header.properties.correlation_id
+        fut = self._replies.get(correlation or "")
+        if fut is None:
+            event(self.log, "amqp.reply_unmatched", logging.INFO, connector=self.name)
+            return
+        if not fut.done():
+            fut.set_result(message)
+
+
+def _properties(props: dict[str, Any]) -> aiormq.spec.Basic.Properties:
+    p = dict(props)
+    if "type" in p:
+        p["message_type"] = p.pop("type")
+    return aiormq.spec.Basic.Properties(**p)
+
+
+def _text(value: Any) -> str:
+    from connectors.amqp.mapping import header_text
+
+    return header_text(value)
+
+
+def _status(raw: str | None) -> int:
+    if raw is None:
+        return 200
+    try:
+        value = int(raw)
+    except ValueError:
+        return 200
+    return value if 200 <= value <= 599 else 200
