@@ -32,7 +32,8 @@ Readiness
   broker's SUBACK granted every filter on the current connection (again after each reconnect):
   before that, a message published to a filter may pass the gateway by. A filter the broker
   refuses (reason code ≥ 0x80, e.g. denied by an ACL) keeps it down with the filter in the
-  reason and an ``mqtt.subscribe_refused`` error in the log.
+  reason and an ``mqtt.subscribe_refused`` error in the log, and is asked for again with backoff
+  (``reconnect_min`` doubling to ``reconnect_max``) until the broker grants it.
 
 Address form
   ``url: mqtt://host:1883`` or ``mqtts://host:8883``; subject = topic; routes match with

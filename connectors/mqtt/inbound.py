@@ -56,6 +56,9 @@ class MqttInbound(MqttConnection):
         self._sub_pending: dict[int, list[tuple[str, int]]] = {}
         self._sub_confirmed = False
         self._sub_error = ""
+        #: After a refused SUBSCRIBE: the wait before asking again (backoff from reconnect_min to
+        #: reconnect_max), so an access rule fixed on the broker takes effect without a restart.
+        self._resub_delay = 0.0
         self._deliver: Deliver | None = None
         self._listening = False
         self._ackq: deque[_Pending] = deque()
@@ -87,6 +90,11 @@ class MqttInbound(MqttConnection):
             return
         self._sub_pending[mid] = subs
 
+    def _subscribe_again(self, generation: int) -> None:
+        """Ask again for what the broker refused, if still on the connection that was refused."""
+        if generation == self._generation and self._connected and self._listening and not self._closing:
+            self._subscribe()
+
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode],
                       properties: Properties | None) -> None:
         subs = self._sub_pending.pop(mid, None)
@@ -97,7 +105,10 @@ class MqttInbound(MqttConnection):
         if refused:
             self._sub_error = ("the broker refused the subscription to " + ", ".join(refused)
                                + ": no message on it would reach the gateway")
-            event(self.log, "mqtt.subscribe_refused", logging.ERROR, connector=self.name, error=self._sub_error)
+            delay = self._resub_delay = min(self.cfg.reconnect_max, max(self.cfg.reconnect_min, self._resub_delay * 2))
+            event(self.log, "mqtt.subscribe_refused", logging.ERROR, connector=self.name, error=self._sub_error,
+                  retry_in=round(delay, 2))
+            asyncio.get_running_loop().call_later(delay, self._subscribe_again, self._generation)
             return
         downgraded = [f"{f!r} (QoS {r.value} instead of {q})" for (f, q), r in zip(subs, reasons, strict=False)
                       if r.value < q]
@@ -107,6 +118,7 @@ class MqttInbound(MqttConnection):
                   filters=", ".join(downgraded))
         if not self._sub_pending and not self._sub_error:
             self._sub_confirmed = True
+            self._resub_delay = 0.0
             event(self.log, "mqtt.subscribed", connector=self.name, filters=", ".join(f for f, _ in subs))
 
     def _on_received(self, msg: Received) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import logging
 import os
@@ -12,9 +14,12 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config.loader import load_config
 from gateway.registry import Registry
@@ -189,23 +194,64 @@ async def test_ready_only_once_the_suback_arrived_and_again_after_a_reconnect(tm
                 await wait_for(lambda: out.exists() and b"after reconnect" in out.read_bytes(), 5, what="message")
 
 
+#: The dynamic-security administrator the tests use to change the rules while the broker runs.
+DYNSEC_ADMIN = ("dynsec-admin", "admin-secret")
+
+
+def _dynsec_password(password: str) -> dict[str, Any]:
+    """A dynamic-security client password as the plugin stores it (PBKDF2-SHA512, base64)."""
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101, 64)
+    return {"password": base64.b64encode(digest).decode(), "salt": base64.b64encode(salt).decode(),
+            "iterations": 101}
+
+
 def _dynamic_security(tmp: Path, denied: str) -> str:
     """Mosquitto config lines that make it refuse subscriptions to ``denied`` for anonymous
     clients. Its ``acl_file`` cannot: it grants every subscription and filters at delivery; the
-    dynamic-security plugin (shipped with the Debian package) answers SUBACK 0x87 / 0x80."""
+    dynamic-security plugin (shipped with the Debian package) answers SUBACK 0x87 / 0x80.
+    ``DYNSEC_ADMIN`` may change the rules at run time (``$CONTROL/dynamic-security/v1``)."""
     plugins = sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so")) + sorted(
         Path("/usr/lib").glob("mosquitto_dynamic_security.so"))
     if not plugins:
         pytest.fail("mosquitto_dynamic_security.so not found (it comes with the mosquitto package)")
+    control = "$CONTROL/dynamic-security/#"
     conf = tmp / "dynsec.json"
     conf.write_text(json.dumps({
         "defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True, "subscribe": True,
                              "unsubscribe": True},
-        "clients": [], "groups": [{"groupname": "anonymous", "roles": [{"rolename": "no-denied"}]}],
+        "clients": [{"username": DYNSEC_ADMIN[0], "roles": [{"rolename": "admin"}],
+                     **_dynsec_password(DYNSEC_ADMIN[1])}],
+        "groups": [{"groupname": "anonymous", "roles": [{"rolename": "no-denied"}]}],
         "roles": [{"rolename": "no-denied",
-                   "acls": [{"acltype": "subscribePattern", "topic": denied, "priority": 0, "allow": False}]}],
+                   "acls": [{"acltype": "subscribePattern", "topic": denied, "priority": 0, "allow": False}]},
+                  {"rolename": "admin",
+                   "acls": [{"acltype": kind, "topic": control, "priority": 0, "allow": True}
+                            for kind in ("publishClientSend", "publishClientReceive", "subscribePattern")]}],
         "anonymousGroup": "anonymous"}))
     return f"plugin {plugins[0]}\nplugin_opt_config_file {conf}\n"
+
+
+def _dynsec_command(port: int, command: dict[str, Any]) -> dict[str, Any]:
+    """Run one dynamic-security command as the administrator; its answer."""
+    answers: list[dict[str, Any]] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=unique("dynsec"))
+    client.username_pw_set(*DYNSEC_ADMIN)
+    client.on_message = lambda c, u, m: answers.append(json.loads(m.payload))
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        client.subscribe("$CONTROL/dynamic-security/v1/response", 1)
+        time.sleep(0.2)
+        client.publish("$CONTROL/dynamic-security/v1", json.dumps({"commands": [command]}), qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 5
+        while not answers and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    assert answers, "no answer from the dynamic-security plugin"
+    return answers[0]
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
@@ -245,6 +291,39 @@ async def test_a_refused_subscription_keeps_the_connector_unready_with_the_filte
     refused = [r for r in caplog.records if r.getMessage() == "mqtt.subscribe_refused"]
     assert refused and all(r.levelno >= logging.WARNING for r in refused)
     assert f"{root}/denied/#" in refused[0].fields["error"]  # type: ignore[attr-defined]
+
+
+async def test_a_refused_subscription_is_asked_for_again_and_an_access_rule_fixed_on_the_broker_takes_effect(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = unique("acl")
+    out = tmp_path / "out.jsonl"
+    with mosquitto(tmp_path / "broker", _dynamic_security(tmp_path, f"{root}/denied/#")) as port:
+        yaml = gateway_yaml(f"""
+  plant: {{type: mqtt, url: "mqtt://127.0.0.1:{port}", client_id: {unique("gw")}, reconnect_min: 0.2,
+           reconnect_max: 0.5, subscribe: ["{root}/denied/#"]}}
+  out: {{type: file, path: "{out}"}}
+""", """
+  - name: r
+    from: plant
+    to: [{connector: out}]
+""")
+        async with running_gateway(tmp_path, yaml, wait_ready=False) as rt:
+            def refusals() -> int:
+                return sum(r.getMessage() == "mqtt.subscribe_refused" for r in caplog.records)
+
+            await wait_for(lambda: refusals() >= 3, 10, what="the SUBSCRIBE asked for again, with backoff")
+            assert not rt.readiness()[0]
+            answer = await asyncio.to_thread(_dynsec_command, port, {
+                "command": "removeRoleACL", "rolename": "no-denied", "acltype": "subscribePattern",
+                "topic": f"{root}/denied/#"})
+            assert "error" not in answer["responses"][0], answer
+            await wait_for(lambda: rt.readiness()[0], 10, what="ready once the broker grants the filter")
+            async with mqtt_probe(port=port) as probe:
+                probe.publish(f"{root}/denied/a", b"now allowed", qos=1)
+                await wait_for(lambda: out.exists() and b"now allowed" in out.read_bytes(), 5, what="message")
+    waits = [r.fields["retry_in"] for r in caplog.records  # type: ignore[attr-defined]
+             if r.getMessage() == "mqtt.subscribe_refused"]
+    assert waits[:3] == [0.2, 0.4, 0.5]  # doubling from reconnect_min up to reconnect_max
 
 
 
