@@ -69,6 +69,7 @@ class AmqpConnector(AmqpInbound, AmqpOutbound):
     Options = AmqpTarget
     supports_inbound = True
     supports_outbound = True
+    batches = True
     subject_syntax = "dotted"
 
     # --- lifecycle -----------------------------------------------------------------------

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import aiormq
@@ -76,6 +77,11 @@ class AmqpOutbound(AmqpConnection):
             return await self._call(pub, timeout)
         await self._publish(pub, timeout)
         return None
+
+    async def send_batch(self, items: Sequence[tuple[Envelope, Target]]) -> Sequence[Reply | BaseException | None]:
+        """Every publish of the batch in flight at once on the confirm channel, each answered by
+        its own confirm (or return): one failed publish fails only its envelope."""
+        return await asyncio.gather(*(self.send(env, target) for env, target in items), return_exceptions=True)
 
     async def _publish(self, pub: Publish, timeout: float) -> None:  # noqa: ASYNC109 - the confirm deadline
         raw = await self._publisher()

@@ -11,6 +11,9 @@ import aio_pika
 import httpx
 import pytest
 
+from connectors.amqp import AmqpTarget
+from gateway.contract import PermanentError, Target, TransientError
+from gateway.envelope import Envelope
 from tests.gwtest import free_port, running_gateway, wait_for
 from tests.integration.test_mqtt_amqp import RestPeer, amqp_channel, drain_queue, gateway_yaml, unique
 
@@ -273,3 +276,30 @@ async def test_stop_listening_then_listen_again_keeps_acknowledging(tmp_path: Pa
         declared = await ch.declare_queue(queue, passive=True)
         assert declared.declaration_result.message_count == 0
     assert len(out.read_text().splitlines()) == 30
+
+
+async def test_a_batch_is_published_at_once_and_each_publish_answers_for_itself(tmp_path: Path) -> None:
+    """``send_batch`` (spooled jobs due together): every publish of the batch is confirmed or
+    refused on its own; an unroutable one fails alone, the others are in the queue."""
+    exchange, queue = unique("gw.ex"), unique("gw.q")
+    async with amqp_channel() as ch:
+        ex = await ch.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, auto_delete=True)
+        q = await ch.declare_queue(queue, auto_delete=True)
+        await q.bind(ex, routing_key="orders.good")
+        yaml = gateway_yaml("""
+  bus: {type: amqp}
+""", "  []")
+        async with running_gateway(tmp_path, yaml) as rt:
+            conn = rt.slots["bus"].connector
+            assert type(conn).batches
+            items = [(Envelope(source="t", protocol="test", subject="s", body=json.dumps({"n": n}).encode(),
+                               content_type="application/json"),
+                      Target(route="r", connector="bus", options=AmqpTarget(
+                          exchange=exchange, routing_key="orders.bad" if n in (3, 7) else "orders.good")))
+                     for n in range(10)]
+            answers = await conn.send_batch(items)
+            got = await drain_queue(ch, queue, 8)
+    assert [a is None for a in answers] == [n not in (3, 7) for n in range(10)]
+    assert all(isinstance(answers[n], TransientError | PermanentError) and "unroutable" in str(answers[n])
+               for n in (3, 7))
+    assert sorted(json.loads(m.body)["n"] for m in got) == [0, 1, 2, 4, 5, 6, 8, 9]
