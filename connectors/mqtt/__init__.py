@@ -82,6 +82,7 @@ class MqttConnector(MqttInbound, MqttOutbound):
     Options = MqttTarget
     supports_inbound = True
     supports_outbound = True
+    batches = True
     subject_syntax = "topic"
 
     # --- lifecycle -----------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -77,6 +78,11 @@ class MqttOutbound(MqttConnection):
                 raise PermanentError(err, code=422)
             raise TransientError(err)
         return None
+
+    async def send_batch(self, items: Sequence[tuple[Envelope, Target]]) -> Sequence[Reply | BaseException | None]:
+        """Every publish of the batch in flight at once (within the window), each answered by its
+        own PUBACK/PUBCOMP: one refused publish fails only its envelope."""
+        return await asyncio.gather(*(self.send(env, target) for env, target in items), return_exceptions=True)
 
     def _properties(self, out: Outgoing) -> Properties | None:
         """MQTT 5 PUBLISH properties, built and packed once per distinct set (paho's Properties

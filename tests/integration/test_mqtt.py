@@ -21,7 +21,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from connectors.mqtt import MqttTarget
 from gateway.config.loader import load_config
+from gateway.contract import PermanentError, Target
+from gateway.envelope import Envelope
 from gateway.registry import Registry
 from gateway.runtime import Runtime
 from tests.faultproxy import FaultProxy
@@ -652,3 +655,26 @@ async def test_status_topic_online_and_last_will_on_connection_loss(tmp_path: Pa
         await asyncio.sleep(0.3)
         assert probe.messages()[-1].payload == b"up"  # a clean stop sends no last will
         probe.publish(status, b"", qos=1, retain=True)  # clear the retained status
+
+
+async def test_a_batch_is_published_at_once_and_each_publish_answers_for_itself(tmp_path: Path) -> None:
+    """``send_batch`` (spooled jobs due together): every publish goes out at once and each is
+    answered on its own; the one over the payload limit fails alone, the others arrive."""
+    root = unique("batch")
+    yaml = gateway_yaml(f"""
+  plant: {{type: mqtt, client_id: {unique("gw")}, max_payload: 1KiB}}
+""", "  []")
+    async with running_gateway(tmp_path, yaml) as rt, mqtt_probe() as probe:
+        probe.subscribe(f"{root}/#", 1)
+        await asyncio.sleep(0.3)
+        conn = rt.slots["plant"].connector
+        assert type(conn).batches
+        items = [(Envelope(source="t", protocol="test", subject="s",
+                           body=b"x" * 2000 if n == 2 else json.dumps({"n": n}).encode()),
+                  Target(route="r", connector="plant", options=MqttTarget(topic=f"{root}/{n}", qos=1)))
+                 for n in range(6)]
+        answers = await conn.send_batch(items)
+        await wait_for(lambda: len(probe.received) == 5, 5, what="the five that fit")
+    assert [a is None for a in answers] == [n != 2 for n in range(6)]
+    assert isinstance(answers[2], PermanentError) and "limit" in str(answers[2])
+    assert sorted(m.topic for m in probe.received) == [f"{root}/{n}" for n in (0, 1, 3, 4, 5)]
