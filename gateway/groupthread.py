@@ -102,7 +102,9 @@ class GroupThread(Generic[I, R]):
                 self._group = [fut for _, fut in work]
                 try:
                     answers = self._handle([item for item, _ in work])
-                except BaseException as exc:
+                    if len(answers) != len(work):  # else some would wait for ever
+                        raise RuntimeError(f"{self.name}: {len(answers)} answers for {len(work)} items")
+                except BaseException as exc:  # every item of the group fails with it
                     answers = [exc] * len(work)
                 assert self._loop is not None
                 with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more

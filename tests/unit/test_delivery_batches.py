@@ -5,10 +5,15 @@ retried or dead-lettered — exactly as it would one by one."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import sqlite3
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from gateway.contract import PermanentError, Reply, Status, Target, TransientError
+from gateway.delivery.spool import Spool
 from gateway.envelope import Envelope
 from tests.gwtest import wait_for
 from tests.unit.test_delivery import FAST, Fake, Harness, route
@@ -118,3 +123,36 @@ async def test_a_batch_that_hangs_times_out_and_every_job_in_it_is_retried(tmp_p
         await wait_for(lambda: len({e.id for e in h.out().delivered}) == 4, timeout=5, what="all delivered")
         await wait_for(lambda: _empty(h), what="spool emptied")
         assert h.metric("gateway_delivery_failures_total", connector="out", route="r", outcome="transient") >= 1
+
+
+class FailingBookkeeping(Spool):
+    """The first ``failures`` bookkeeping commits (deletes after a send) fail as a full disk would."""
+
+    failures = 1
+
+    def _commit_batch(self, ops: Sequence[Callable[[sqlite3.Connection], Any]], fsync: bool = True) -> list[Any]:
+        if not fsync and self.failures:
+            self.failures -= 1
+            exc = sqlite3.OperationalError("database or disk is full")
+            exc.sqlite_errorcode = 13  # type: ignore[attr-defined]
+            raise exc
+        return super()._commit_batch(ops, fsync)
+
+
+async def test_a_batch_whose_removal_fails_is_sent_again_later_never_lost(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.delivery.spool._HOLD_AFTER_FAILED_WRITE", 0.1)
+    spool = FailingBookkeeping(str(tmp_path / "spool.db"), min_free_bytes=0, probe_interval=0.02)
+    async with Harness(tmp_path, route(), spool=spool, connector_class=Batching, concurrency=64) as h:
+        gate = asyncio.Event()
+
+        async def held(env: Envelope, target: Target) -> Reply | None:
+            await gate.wait()
+            return None
+
+        h.out().behavior = held
+        await asyncio.gather(*(h.send({"n": i}) for i in range(6)))
+        gate.set()
+        await wait_for(lambda: _empty(h), timeout=10, what="spool emptied once the disk recovered")
+        # at least once: the batch whose removal failed went out again, nothing is missing
+        assert sorted(set(ns(h))) == list(range(6)) and len(ns(h)) > 6

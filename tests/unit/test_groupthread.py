@@ -66,3 +66,11 @@ async def test_idle_hook_runs_when_nothing_comes() -> None:
     worker.start()
     assert await asyncio.to_thread(ran.wait, 5)
     await worker.stop()
+
+
+async def test_a_handler_that_answers_the_wrong_number_fails_the_group_instead_of_hanging() -> None:
+    worker: GroupThread[int, int] = GroupThread("t", lambda items: items[:-1])
+    worker.start()
+    with pytest.raises(RuntimeError, match="answers for"):
+        await asyncio.wait_for(worker.submit(1), 5)
+    await worker.stop()

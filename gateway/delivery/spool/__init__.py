@@ -57,7 +57,7 @@ from gateway.delivery.spool.schema import (
     _job_row,
     _storage_failure,
 )
-from gateway.delivery.spool.writes import _Delete, _Insert, _run_merged, _single_statement
+from gateway.delivery.spool.writes import _Delete, _Insert, _one_statement, _run_merged
 from gateway.delivery.store import (
     DeadLetter,
     DeadLetterFilter,
@@ -287,12 +287,11 @@ class Spool:
 
     def _commit_batch(self, ops: Sequence[Callable[[sqlite3.Connection], Any]], fsync: bool = True) -> list[Any]:
         db = self._conn() if fsync else self._bookkeeping()
-        single = _single_statement(ops)
         try:
-            if single is not None:
+            if _one_statement(ops):
                 # One statement is its own transaction: no BEGIN and COMMIT around it (each
                 # statement is a moment the spool thread must win the GIL back from the loop).
-                return single(db)
+                return _run_merged(db, ops)
             db.execute("BEGIN IMMEDIATE")
             # Usually every write succeeds: run them together, without savepoints.
             results = _run_merged(db, ops)

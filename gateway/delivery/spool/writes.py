@@ -40,7 +40,11 @@ class _Delete:
         self.job_ids = job_ids
 
     def __call__(self, db: sqlite3.Connection) -> None:
-        db.execute("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(self.job_ids),))
+        _delete_jobs(db, self.job_ids)
+
+
+def _delete_jobs(db: sqlite3.Connection, ids: Sequence[int]) -> None:
+    db.execute("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids),))
 
 
 #: Rows per multi-row INSERT: 11 parameters each, well under SQLite's 32,766 bound parameters.
@@ -65,29 +69,13 @@ def _insert_rows(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[in
     return ids
 
 
-def _single_statement(
-    ops: Sequence[Callable[[sqlite3.Connection], Any]],
-) -> Callable[[sqlite3.Connection], list[Any]] | None:
-    """The group as one statement when it can be: only plain inserts (up to one INSERT's rows),
-    or only deletes. Its results, one per write, as :func:`_run_merged` gives them."""
+def _one_statement(ops: Sequence[Callable[[sqlite3.Connection], Any]]) -> bool:
+    """Whether :func:`_run_merged` runs the group as a single statement (then it needs no
+    BEGIN/COMMIT around it): only plain inserts, up to one INSERT's rows, or only deletes."""
     if all(type(op) is _Delete for op in ops):
-        ids = json.dumps([i for op in ops for i in op.job_ids])  # type: ignore[attr-defined]
-
-        def delete(db: sqlite3.Connection) -> list[Any]:
-            db.execute("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
-            return [None] * len(ops)
-        return delete
-    if all(type(op) is _Insert and op.extras is None for op in ops):
-        inserts = cast(Sequence[_Insert], ops)
-        rows = [row for op in inserts for row in op.rows]
-        if not rows or len(rows) > _ROWS_PER_INSERT:
-            return None
-
-        def insert(db: sqlite3.Connection) -> list[Any]:
-            ids = iter(_insert_rows(db, rows))
-            return [[next(ids) for _ in op.rows] for op in inserts]
-        return insert
-    return None
+        return True
+    return (all(type(op) is _Insert and op.extras is None for op in ops)
+            and 0 < sum(len(cast(_Insert, op).rows) for op in ops) <= _ROWS_PER_INSERT)
 
 
 def _run_merged(db: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
@@ -110,5 +98,5 @@ def _run_merged(db: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connecti
             if op.extras is not None:
                 op.extras(db)
     if deletes:
-        db.execute("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(deletes),))
+        _delete_jobs(db, deletes)
     return results
