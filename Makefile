@@ -34,7 +34,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check gateway connectors tests bench
 	$(BIN)/mypy
 
-bench: $(STAMP) peers
+bench: $(STAMP)
+	@bash scripts/peers.sh --bench
 	$(BIN)/python -m bench
 
 clean:

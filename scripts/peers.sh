@@ -6,6 +6,11 @@
 set -euo pipefail
 
 APT_PACKAGES=(rabbitmq-server mosquitto mosquitto-clients swaks libnet-ssleay-perl prometheus curl chromium chromium-driver gnupg openssl dovecot-imapd dovecot-pop3d prosody)
+# `peers.sh --bench` (make bench): also the load generator and Node.js for the Node-RED baseline.
+if [[ "${1:-}" == "--bench" ]]; then
+  APT_PACKAGES+=(wrk)
+  command -v npm >/dev/null || APT_PACKAGES+=(nodejs npm)  # a NodeSource nodejs brings its own npm
+fi
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && exec 3>&- ; }
 

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -240,12 +241,14 @@ def _dynsec_command(port: int, command: dict[str, Any]) -> dict[str, Any]:
     answers: list[dict[str, Any]] = []
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=unique("dynsec"))
     client.username_pw_set(*DYNSEC_ADMIN)
+    subscribed = threading.Event()
     client.on_message = lambda c, u, m: answers.append(json.loads(m.payload))
+    client.on_subscribe = lambda *args: subscribed.set()
     client.connect("127.0.0.1", port)
     client.loop_start()
     try:
         client.subscribe("$CONTROL/dynamic-security/v1/response", 1)
-        time.sleep(0.2)
+        assert subscribed.wait(5), "no SUBACK for the dynamic-security responses"
         client.publish("$CONTROL/dynamic-security/v1", json.dumps({"commands": [command]}), qos=1).wait_for_publish(5)
         deadline = time.monotonic() + 5
         while not answers and time.monotonic() < deadline:
