@@ -3,6 +3,7 @@ messages the mail targets build (headers, parts, injection refusals), read back 
 
 from __future__ import annotations
 
+import email
 import json
 import logging
 from datetime import UTC, datetime
@@ -339,3 +340,39 @@ def test_auth_verifier_only_for_a_check_that_is_on() -> None:
     assert auth_verifier(AuthCheck(policy="off", resolver=["127.0.0.1"]), log) is None
     verifier = auth_verifier(AuthCheck(policy="tag", resolver=["127.0.0.1"]), log)
     assert verifier is not None and verifier.cfg.policy == "tag" and verifier.log is log
+
+
+_CONTENT_TYPES = [
+    "text/plain", "text/plain; charset=utf-8", 'text/plain; charset="ISO-8859-1"', "TEXT/PLAIN; CHARSET=UTF-8",
+    "text/plain;\r\n charset=windows-1252; format=flowed", "text/plain; charset*=utf-8''latin-1",
+    "text/plain; charset*=us-ascii'en'utf%2D8", "text/plain; charset=", "text/plain; charset=\"\"",
+    "text/plain; charset=ütf-8", "text/plain; charset=utf-8; charset=latin-1", "text/html; name=x; charset=koi8-r",
+    "text/plain; charset=\"utf-8", "; charset=utf-8", "text/plain; charset*0=utf; charset*1=-8",
+]
+
+
+@pytest.mark.parametrize("ctype", _CONTENT_TYPES)
+def test_the_kept_charset_is_what_the_email_package_reads(ctype: str) -> None:
+    from connectors.mail_common.parse import _charset
+
+    raw = f"Content-Type: {ctype}\r\nSubject: x\r\n\r\nbody\r\n".encode("utf-8", "surrogateescape")
+    part = email.message_from_bytes(raw)
+    assert _charset(part) == part.get_content_charset()
+    assert _charset(part) == part.get_content_charset()  # again, from what was kept
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_the_kept_charset_matches_for_any_printable_parameter_text(params: str) -> None:
+    from connectors.mail_common.parse import _charset
+
+    part = email.message_from_bytes(f"Content-Type: text/plain; {params}\r\n\r\nx\r\n".encode())
+    assert _charset(part) == part.get_content_charset()
+
+
+@pytest.mark.parametrize("text", ["plain", "tab\there", "nul\x00x", "cr\rlf\nx", "del\x7fx", "nbsp\u00a0x",
+                                  "line\u2028sep", "bidi\u202ex", "  padded  ", "é", "\x1b[31m"])
+def test_clean_gives_what_the_control_pattern_gives(text: str) -> None:
+    from connectors.mail_common.parse import _CONTROL, clean
+
+    assert clean(text) == _CONTROL.sub(" ", text).strip()
