@@ -280,12 +280,22 @@ async def serve(config_path: str, registry: Registry | None = None) -> int:
     return 0
 
 
+#: Allocations between two young-generation collections (CPython's default is 700). A message
+#: allocates a few hundred container objects that reference counting frees anyway, so with 700 the
+#: collector ran every two or three messages: MQTT → AMQP used 7 % less CPU per message with
+#: 10,000 (A/B in the same bench, two runs each: 687 / 670 → 631 / 626 µs). Cyclic garbage waits a
+#: little longer; older generations keep their default ratios.
+_GC_YOUNG = 10_000
+
+
 def _tune_gc() -> None:
     """What is loaded at startup (modules, models, compiled routes) lives until exit: move it out
     of the collector's sight, so full collections only walk what messages allocate (measured:
-    they took ~15% of a busy gateway's time before)."""
+    they took ~15% of a busy gateway's time before); and collect the young generation less often."""
     gc.collect()
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(_GC_YOUNG, older, oldest)
 
 
 async def _watch(runtime: Runtime, path: str) -> None:
