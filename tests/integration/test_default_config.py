@@ -1,0 +1,105 @@
+"""The default routes.yaml, as `make run` runs it, against the real Mosquitto and RabbitMQ: what
+the README's walkthrough tells a new user to try (curl, swaks, mosquitto_pub, /metrics) does
+what it says. Only the listening ports, and the MQTT client id, are changed (so the test runs
+beside a `make run`); everything else — paths, templates, routes — is the file itself."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import mailbox
+import re
+import shutil
+import sys
+from email.header import decode_header, make_header
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.gwtest import free_port, wait_for
+from tests.integration.test_crash import GatewayProcess
+from tests.integration.test_smtp_peers import swaks
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _default_config(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    text = (ROOT / "routes.yaml").read_text()
+    ports = {"rest": f"127.0.0.1:{free_port()}", "admin": f"127.0.0.1:{free_port()}",
+             "smtp": f"127.0.0.1:{free_port()}"}
+    for default, key in (("127.0.0.1:8080", "rest"), ("127.0.0.1:8081", "admin"), ("127.0.0.1:2525", "smtp")):
+        assert f'"{default}"' in text, f"routes.yaml no longer listens on {default}: update this test"
+        text = text.replace(f'"{default}"', f'"{ports[key]}"')
+    assert "client_id: gateway-plant " in text
+    text = text.replace("client_id: gateway-plant ", "client_id: gateway-plant-default-test ")
+    (tmp_path / "routes.yaml").write_text(text)
+    shutil.copytree(ROOT / "templates", tmp_path / "templates")
+    return tmp_path / "routes.yaml", ports
+
+
+async def _mosquitto_pub(topic: str, payload: dict[str, object]) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "mosquitto_pub", "-h", "127.0.0.1", "-p", "1883", "-q", "1", "-t", topic, "-m", json.dumps(payload))
+    assert await proc.wait() == 0
+
+
+async def test_the_readme_walkthrough_on_the_default_config(tmp_path: Path) -> None:
+    config, ports = _default_config(tmp_path)
+    log = tmp_path / "gateway.log"
+    gateway = str(Path(sys.executable).with_name("gateway"))
+    # Started in the config's directory, as `make run` starts it in the repository's.
+    gw = GatewayProcess(config, ports["admin"], log, command=[
+        "sh", "-c", f'cd "{tmp_path}" && exec "$0" run --config routes.yaml', gateway])
+    await gw.start(timeout=30)
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://{ports['admin']}/readyz") as r:
+                ready = await r.json()
+            # every connector is up: the brokers are there
+            assert all(c["up"] for c in ready["connectors"].values()), ready
+
+            # curl -X POST localhost:8080/events/boiler ...: 202, one line in the events file
+            async with http.post(f"http://{ports['rest']}/events/boiler",
+                                 json={"site": "north", "severity": "critical"}) as r:
+                assert r.status == 202, await r.text()
+                accepted = await r.json()
+            events = tmp_path / "var/out/events.jsonl"
+            await wait_for(lambda: events.exists() and events.read_text().count("\n") == 1, what="events.jsonl")
+            assert json.loads(events.read_text())["id"] == accepted["id"]
+
+            # swaks --server 127.0.0.1:2525 --to ops@example.com ...: into the Maildir; a relay is refused
+            rc, out = await swaks("--server", ports["smtp"], "--from", "me@laptop.test", "--to", "ops@example.com",
+                                  "--header", "Subject: hello", "--body", "it works")
+            assert rc == 0 and "250 2.0.0 OK" in out, out
+            rc, out = await swaks("--server", ports["smtp"], "--from", "me@laptop.test", "--to", "me@elsewhere.test")
+            assert rc != 0 and "550 5.7.1" in out, out
+            box = mailbox.Maildir(str(tmp_path / "var/mail/Maildir"), factory=None, create=False)
+            await wait_for(lambda: len(box) == 1, what="the swaks mail in the Maildir")
+
+            # mosquitto_pub -t plant/7/boiler/alert ...: the alerts file, RabbitMQ (and back), one email
+            await _mosquitto_pub("plant/7/boiler/alert", {"site": "north", "temperature": 97})
+            alerts = tmp_path / "var/out/alerts.jsonl"
+            await wait_for(lambda: alerts.exists() and alerts.read_text().count("\n") == 1, what="alerts.jsonl")
+            await wait_for(lambda: "plant alert back from RabbitMQ: plant.7.boiler.alert" in log.read_text(),
+                           what="the alert read back from RabbitMQ's plant-alerts queue")
+            await wait_for(lambda: len(box) == 2, what="the boiler email")
+            subjects = sorted(str(make_header(decode_header(m["Subject"]))) for m in box)
+            assert subjects == ["Boiler north at 97 °C", "hello"], subjects
+
+            # /metrics counts what happened
+            async with http.get(f"http://{ports['admin']}/metrics") as r:
+                metrics = await r.text()
+        for route, connector in (("events-to-file", "events-file"), ("plant-alerts-to-bus", "bus"),
+                                 ("plant-alerts-to-file", "alerts-file"), ("bus-to-log", "console"),
+                                 ("mail-to-maildir", "mailbox"), ("hot-boilers-to-ops", "mailbox")):
+            pattern = (rf'^gateway_messages_delivered_total\{{connector="{connector}",route="{route}"\}} '
+                       rf"([0-9.]+)$")
+            found = re.search(pattern, metrics, re.MULTILINE)
+            assert found and float(found.group(1)) >= 1, f"{route} → {connector} not counted"
+        assert '"event": "delivery.dead_lettered"' not in log.read_text()
+        assert await gw.terminate() == 0
+    finally:
+        await gw.ensure_stopped()
