@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from gateway.config.yamlsrc import ConfigError
@@ -30,7 +31,8 @@ async def watch(reloader: Reloader, path: str, *, debounce_ms: int = 300, poll_s
     while True:
         directories = _watched_directories(path)
         try:
-            async for _changes in awatch(*directories, watch_filter=None, debounce=debounce_ms, recursive=False,
+            async for _changes in awatch(*directories, watch_filter=_concerns(path), debounce=debounce_ms,
+                                         recursive=False,
                                          rust_timeout=int(poll_seconds * 1000), yield_on_timeout=True,
                                          force_polling=force_polling, ignore_permission_denied=True):
                 await check_file(reloader, path)
@@ -43,6 +45,20 @@ async def watch(reloader: Reloader, path: str, *, debounce_ms: int = 300, poll_s
             await asyncio.sleep(poll_seconds)
             with contextlib.suppress(Exception):
                 await check_file(reloader, path)
+
+
+def _concerns(path: str) -> Callable[[Any, str], bool]:
+    """Which changes in the watched directories can be the config's: its own name, its symlink
+    target's, and Kubernetes' ``..data`` / ``..<timestamp>`` entries. Anything else there (a spool
+    or an output file kept beside the config, written for every message) does not make the
+    gateway re-read and hash the file; the periodic check still looks whatever happened."""
+    names = {os.path.basename(path), os.path.basename(os.path.realpath(path))}
+
+    def concerns(_change: Any, changed: str) -> bool:
+        name = os.path.basename(changed)
+        return name in names or name.startswith("..")
+
+    return concerns
 
 
 def _watched_directories(path: str) -> tuple[str, ...]:

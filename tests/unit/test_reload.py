@@ -186,3 +186,51 @@ def test_unified_diff() -> None:
     assert unified_diff("a\nb\n", "a\nb\n", "x", "y") == ""
     d = unified_diff("a\nb\n", "a\nc", "old", "new")
     assert "-b\n" in d and "+c\n" in d and "No newline at end of file" in d
+
+
+async def test_the_watcher_looks_at_the_config_not_at_a_spool_beside_it(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spool or output file in the config's directory changes for every message: those changes
+    must not make the gateway re-read the config; a change of the config itself must."""
+    import asyncio
+    import importlib
+
+    watching = importlib.import_module("gateway.reload.watch")  # the module (the package exports the function)
+
+    config = tmp_path / "routes.yaml"
+    config.write_text("routes: []\n")
+    checks: list[str] = []
+
+    async def check_file(_reloader: object, path: str) -> None:
+        checks.append(path)
+
+    monkeypatch.setattr(watching, "check_file", check_file)
+    task = asyncio.create_task(watching.watch(object(), str(config), debounce_ms=20, poll_seconds=60))
+    try:
+        await asyncio.sleep(0.3)  # the watcher is set up
+        for i in range(20):
+            (tmp_path / "spool.db-wal").write_bytes(b"x" * i)
+            (tmp_path / "events.jsonl").write_text(f"{i}\n")
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        assert checks == []
+        config.write_text("routes: []\n# edited\n")
+        for _ in range(100):
+            if checks:
+                break
+            await asyncio.sleep(0.05)
+        assert checks == [str(config)]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+def test_kubernetes_configmap_entries_concern_the_watcher(tmp_path: Path) -> None:
+    from gateway.reload.watch import _concerns
+
+    concerns = _concerns(str(tmp_path / "routes.yaml"))
+    for name in ("routes.yaml", "..data", "..data_tmp", "..2026_11_28_13_00_00.123"):
+        assert concerns(None, str(tmp_path / name)), name
+    for name in ("spool.db", "spool.db-wal", "out.jsonl", "routes.yaml.swp", ".routes.yaml.tmp"):
+        assert not concerns(None, str(tmp_path / name)), name
