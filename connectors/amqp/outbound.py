@@ -26,6 +26,7 @@ from connectors.amqp.connection import AmqpConnection
 from connectors.amqp.mapping import AmqpTarget, Publish, to_publish
 from connectors.broker_common.connection import describe
 from gateway.contract import ConnectorConfig, ConnectorContext, PermanentError, Reply, Target, TransientError
+from gateway.deadlines import Deadlines
 from gateway.envelope import Envelope
 from gateway.logs import event
 
@@ -44,6 +45,10 @@ class AmqpOutbound(AmqpConnection):
         self._publishing_ids: dict[str, asyncio.Future[None]] = {}
         self._reply_queue: str | None = None
         self._replies: dict[str, asyncio.Future[DeliveredMessage]] = {}
+        #: The confirm deadlines of publishes in flight, checked by one timer: aiormq's own
+        #: ``timeout=`` costs an ``asyncio.timeout`` per publish (measured: 24 µs of CPU, ~10 %
+        #: of a publish with its confirm).
+        self._confirm_deadlines = Deadlines()
 
     async def _open_publisher(self) -> None:
         assert self._conn is not None
@@ -95,9 +100,9 @@ class AmqpOutbound(AmqpConnection):
         self._publishing_ids[message_id] = done
         where = f"exchange {pub.exchange or '(default)'!r} routing key {pub.routing_key!r}"
         try:
-            result = await raw.basic_publish(pub.body, exchange=pub.exchange, routing_key=pub.routing_key,
-                                             properties=_properties(pub.properties), mandatory=pub.mandatory,
-                                             timeout=timeout)
+            with self._confirm_deadlines.after(timeout):
+                result = await raw.basic_publish(pub.body, exchange=pub.exchange, routing_key=pub.routing_key,
+                                                 properties=_properties(pub.properties), mandatory=pub.mandatory)
         except aiormq.exceptions.PublishError as exc:
             raise TransientError(f"unroutable: the broker returned the message ({where}, "
                                  f"{getattr(exc.frame, 'reply_text', 'NO_ROUTE')})", code=503) from exc

@@ -303,3 +303,31 @@ async def test_a_batch_is_published_at_once_and_each_publish_answers_for_itself(
     assert all(isinstance(answers[n], TransientError | PermanentError) and "unroutable" in str(answers[n])
                for n in (3, 7))
     assert sorted(json.loads(m.body)["n"] for m in got) == [0, 1, 2, 4, 5, 6, 8, 9]
+
+
+async def test_a_publish_the_broker_never_confirms_fails_at_its_deadline(tmp_path: Path) -> None:
+    """RabbitMQ takes the publish but no confirm comes back (a half-open connection): the send
+    fails as a retry at the target's timeout, it never waits for ever or counts as delivered."""
+    from tests.faultproxy import FaultProxy
+
+    queue = unique("gw.q")
+    async with amqp_channel() as ch, FaultProxy("127.0.0.1", 5672) as proxy:
+        await ch.declare_queue(queue, auto_delete=True)
+        yaml = gateway_yaml(f"""
+  bus: {{type: amqp, url: "amqp://{proxy.address}/", heartbeat: 60}}
+""", "  []")
+        async with running_gateway(tmp_path, yaml) as rt:
+            conn = rt.slots["bus"].connector
+            target = Target(route="r", connector="bus", timeout=1.0,
+                            options=AmqpTarget(routing_key=queue))
+            env = Envelope(source="t", protocol="test", subject="s", body=b"{}", content_type="application/json")
+            assert await conn.send(env, target) is None  # confirmed through the proxy
+            proxy.blackhole = True
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(TransientError, match=r"no publisher confirm within 0\.95s"):
+                await conn.send(env.evolve(id="second"), target)
+            waited = loop.time() - started
+            proxy.heal()
+            proxy.cut()  # the half-open connection is dropped; the connector reconnects
+    assert 0.9 <= waited < 2.0, waited
