@@ -23,6 +23,7 @@ from connectors.smtp.config import SmtpConfig
 from connectors.smtp.session import R_BUSY, R_INTERNAL, GatewaySMTP, Hooks
 from connectors.smtp.users import Users
 from gateway.contract import Deliver, Outcome, Status
+from gateway.deadlines import Deadlines
 from gateway.envelope import Envelope
 from gateway.logs import event
 
@@ -87,6 +88,9 @@ class Listener:
         self.hooks = Hooks(self)
         self.sessions: set[GatewaySMTP] = set()
         self._accepting: set[asyncio.Task[str]] = set()
+        #: The sessions' DATA deadlines, checked by one timer (``asyncio.timeout`` would start and
+        #: cancel a loop timer for every message).
+        self.deadlines = Deadlines()
         self.closing = False
         self.server: asyncio.Server | None = None
 

@@ -248,7 +248,7 @@ class GatewaySMTP(SMTP):
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             try:
-                async with asyncio.timeout(self.listener.cfg.data_timeout):
+                with self.listener.deadlines.after(self.listener.cfg.data_timeout):
                     raw, problem = await self._read_data()
             except TimeoutError:
                 event(self.listener.log, "smtp.data_timeout", logging.INFO, connector=self.listener.name,
