@@ -231,21 +231,39 @@ def _charset(part: Message) -> str | None:
     """``part.get_content_charset()``, which parses the Content-Type parameters each time (about
     20 µs): the same few Content-Type values come again and again, so their charsets are kept."""
     value = part.get("content-type")
-    return None if value is None else _charset_of(str(value))
+    if value is None:
+        return None
+    text = str(value)
+    # Only short values are kept: a hostile sender's megabyte-long headers must not fill memory.
+    return _charset_of(text) if len(text) <= _KEPT_VALUE_CHARS else _read_charset(text)
 
 
-@functools.lru_cache(maxsize=512)
-def _charset_of(content_type: str) -> str | None:
+#: Longest header value whose parsed form is kept (Content-Type charsets, Date values).
+_KEPT_VALUE_CHARS = 256
+
+
+def _read_charset(content_type: str) -> str | None:
     probe = Message()
     probe["Content-Type"] = content_type
     return probe.get_content_charset()
 
 
-@functools.lru_cache(maxsize=512)  # a burst of mail mostly shares its Date values (one per second)
+_charset_of = functools.lru_cache(maxsize=512)(_read_charset)
+
+
 def _iso_date(value: str) -> str | None:
+    """The Date header in ISO 8601, or None. A burst of mail mostly shares its Date values (one
+    per second), so short ones are kept."""
+    return _kept_iso_date(value) if len(value) <= _KEPT_VALUE_CHARS else _read_iso_date(value)
+
+
+def _read_iso_date(value: str) -> str | None:
     if not value:
         return None
     try:
         return parsedate_to_datetime(value).isoformat()
     except (TypeError, ValueError, IndexError):
         return None
+
+
+_kept_iso_date = functools.lru_cache(maxsize=512)(_read_iso_date)

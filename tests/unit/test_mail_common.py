@@ -376,3 +376,16 @@ def test_clean_gives_what_the_control_pattern_gives(text: str) -> None:
     from connectors.mail_common.parse import _CONTROL, clean
 
     assert clean(text) == _CONTROL.sub(" ", text).strip()
+
+
+def test_long_header_values_are_read_but_not_kept() -> None:
+    """What is kept is bounded: 512 values of at most 256 characters, whatever a sender sends."""
+    from connectors.mail_common.parse import _charset, _charset_of, _iso_date, _kept_iso_date
+
+    long_type = "text/plain; charset=utf-8; x=" + "a" * 20_000
+    part = email.message_from_bytes(f"Content-Type: {long_type}\r\n\r\nx\r\n".encode())
+    before = _charset_of.cache_info().currsize, _kept_iso_date.cache_info().currsize
+    assert _charset(part) == "utf-8"
+    assert _iso_date("Tue, 14 May 2024 09:12:00 +0200" + " " * 300) == "2024-05-14T09:12:00+02:00"
+    assert (_charset_of.cache_info().currsize, _kept_iso_date.cache_info().currsize) == before
+    assert _charset_of.cache_info().maxsize == _kept_iso_date.cache_info().maxsize == 512
