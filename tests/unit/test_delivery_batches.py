@@ -27,7 +27,12 @@ class Batching(Fake):
     def __init__(self, *args: object) -> None:
         super().__init__(*args)  # type: ignore[arg-type]
         self.sizes: list[int] = []
+        self.singles = 0  # jobs sent one by one (a job claimed alone is not a batch)
         self.whole: BaseException | None = None  # raised for a whole batch, once
+
+    async def send(self, env: Envelope, target: Target) -> Reply | None:
+        self.singles += 1
+        return await super().send(env, target)
 
     async def send_batch(self, items: Sequence[tuple[Envelope, Target]]) -> Sequence[Reply | BaseException | None]:
         self.sizes.append(len(items))
@@ -37,7 +42,7 @@ class Batching(Fake):
         answers: list[Reply | BaseException | None] = []
         for env, target in items:
             try:
-                answers.append(await self.send(env, target))
+                answers.append(await Fake.send(self, env, target))
             except Exception as exc:
                 answers.append(exc)
         return answers
@@ -68,7 +73,8 @@ async def test_jobs_due_together_go_in_one_batch_and_each_is_delivered_once(tmp_
         out = h.out()
         assert isinstance(out, Batching)
         assert ns(h) == list(range(50))
-        assert max(out.sizes) > 1 and sum(out.sizes) == 50
+        # Most go in batches; a job claimed alone (the first one, on a slow machine) goes by itself.
+        assert max(out.sizes) > 1 and sum(out.sizes) + out.singles == 50
         assert h.metric("gateway_messages_delivered_total", connector="out", route="r") == 50
 
 
