@@ -11,6 +11,7 @@ import mailbox
 import re
 import shutil
 import sys
+import time
 from email.header import decode_header, make_header
 from pathlib import Path
 
@@ -34,10 +35,35 @@ def _default_config(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         assert f'"{default}"' in text, f"routes.yaml no longer listens on {default}: update this test"
         text = text.replace(f'"{default}"', f'"{ports[key]}"')
     assert "client_id: gateway-plant " in text
-    text = text.replace("client_id: gateway-plant ", "client_id: gateway-plant-default-test ")
+    text = text.replace("client_id: gateway-plant ", f"client_id: {CLIENT_ID} ")
     (tmp_path / "routes.yaml").write_text(text)
     shutil.copytree(ROOT / "templates", tmp_path / "templates")
     return tmp_path / "routes.yaml", ports
+
+
+#: The test's MQTT client id: fixed, so its persistent session is one the test can clear.
+CLIENT_ID = "gateway-plant-default-test"
+
+
+def _clear_mqtt_session() -> None:
+    """Drop the broker's persistent session for CLIENT_ID (and what it queued while offline): the
+    default config subscribes with clean start off, so alerts published to plant/… between two
+    runs (a README walkthrough, say) would otherwise arrive at the next run."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=CLIENT_ID, clean_session=True)
+    client.connect("127.0.0.1", 1883)
+    client.loop_start()
+    try:
+        for _ in range(100):
+            if client.is_connected():
+                break
+            time.sleep(0.05)
+        assert client.is_connected(), "cannot reach Mosquitto on 127.0.0.1:1883"
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 async def _mosquitto_pub(topic: str, payload: dict[str, object]) -> None:
@@ -48,6 +74,7 @@ async def _mosquitto_pub(topic: str, payload: dict[str, object]) -> None:
 
 async def test_the_readme_walkthrough_on_the_default_config(tmp_path: Path) -> None:
     config, ports = _default_config(tmp_path)
+    _clear_mqtt_session()
     log = tmp_path / "gateway.log"
     gateway = str(Path(sys.executable).with_name("gateway"))
     # Started in the config's directory, as `make run` starts it in the repository's.
@@ -103,3 +130,4 @@ async def test_the_readme_walkthrough_on_the_default_config(tmp_path: Path) -> N
         assert await gw.terminate() == 0
     finally:
         await gw.ensure_stopped()
+        _clear_mqtt_session()
