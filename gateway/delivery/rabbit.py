@@ -49,7 +49,15 @@ from aio_pika.abc import (
 )
 
 from gateway.delivery.spool import Spool
-from gateway.delivery.store import DeadLetter, DeadLetterFilter, Job, Remembered, SpoolError, SpoolFull
+from gateway.delivery.store import (
+    DeadLetter,
+    DeadLetterFilter,
+    Job,
+    Remembered,
+    SpoolBackend,
+    SpoolError,
+    SpoolFull,
+)
 
 #: Retry delays the broker can hold a job for (seconds); a backoff is rounded down to one.
 TIERS = (0.2, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0)
@@ -67,7 +75,7 @@ def _tier_name(tier: float) -> str:
     return f"{int(tier * 1000)}ms"
 
 
-class RabbitSpool:
+class RabbitSpool(SpoolBackend):
     """:class:`~gateway.delivery.store.SpoolBackend` on RabbitMQ quorum queues (shared by replicas)."""
 
     shared = True
@@ -172,14 +180,6 @@ class RabbitSpool:
         if self._blocked():
             raise SpoolFull("RabbitMQ blocks publishing (a memory or disk alarm)")
         self.local.check_space()
-
-    @property
-    def has_space(self) -> bool:
-        try:
-            self.check_space()
-        except SpoolFull:
-            return False
-        return True
 
     # --- publishing ----------------------------------------------------------------------------
 

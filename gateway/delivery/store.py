@@ -120,7 +120,13 @@ class SpoolBackend(Protocol):
 
     @property
     def has_space(self) -> bool:
-        """False while the store is (nearly) full: new messages are refused, readiness is false."""
+        """False while the store is (nearly) full: new messages are refused, readiness is false.
+        (:meth:`check_space` answered as a flag; backends inherit this.)"""
+        try:
+            self.check_space()
+        except SpoolFull:
+            return False
+        return True
 
     @property
     def shared(self) -> bool:

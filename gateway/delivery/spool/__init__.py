@@ -98,7 +98,7 @@ class _Request:
         self.fsync = fsync
 
 
-class Spool:
+class Spool(SpoolBackend):
     """The SQLite :class:`~gateway.delivery.store.SpoolBackend`. One process owns the file;
     the CLI may open it alongside (WAL readers and a short-lived writer)."""
 
@@ -202,14 +202,6 @@ class Spool:
                 self._free_ok = False
         if not self._free_ok:
             raise SpoolFull(f"less than {self.min_free_bytes} bytes free for the spool")
-
-    @property
-    def has_space(self) -> bool:
-        try:
-            self.check_space()
-        except SpoolFull:
-            return False
-        return True
 
     # --- plumbing --------------------------------------------------------------------
 
