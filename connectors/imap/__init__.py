@@ -88,6 +88,8 @@ from gateway.logs import event
 
 __all__ = ["ImapConfig", "ImapConnector", "ImapTarget"]
 
+#: How long stopping waits for a folder's watcher to end after cancelling it.
+_STOP_WAIT = 5.0
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
@@ -154,7 +156,13 @@ class ImapConnector(Connector):
         tasks = list(self._watchers.values())
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            # Bounded: a watcher stuck in the IMAP library (seen once: a LOGOUT after a refused
+            # IDLE DONE) must not hold the gateway's shutdown; its session is closed below anyway.
+            _, stuck = await asyncio.wait(tasks, timeout=_STOP_WAIT)
+            if stuck:
+                event(self.log, "imap.stop_timeout", logging.WARNING, connector=self.name,
+                      folders=sorted(f for f, t in self._watchers.items() if t in stuck))
         self._watchers.clear()
         for session in list(self._sessions.values()):
             await session.logout()
@@ -274,7 +282,7 @@ class ImapConnector(Connector):
             stop.cancel()
             if not waiter.done():
                 waiter.cancel()
-                await asyncio.gather(waiter, return_exceptions=True)
+                await asyncio.wait({waiter}, timeout=_STOP_WAIT)
         if waiter.done() and not waiter.cancelled():
             failure = waiter.exception()
             if failure is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import re
 import ssl
 from dataclasses import dataclass, field
@@ -303,8 +302,14 @@ class Session:
             if not self.lost.is_set():
                 if self.client.has_pending_idle():
                     self.client.idle_done()
-                with contextlib.suppress(Exception):  # best effort: we are leaving anyway
-                    await asyncio.wait_for(self.client.logout(), 2)
+                # Best effort, we are leaving anyway, and bounded even if the library does not
+                # end when cancelled (asyncio.wait_for would wait for that): the transport is
+                # closed below whatever happened.
+                bye = asyncio.ensure_future(self.client.logout())
+                await asyncio.wait({bye}, timeout=2)
+                if not bye.done():
+                    bye.cancel()
+                bye.add_done_callback(_consume)
         finally:
             self._abort()
 
@@ -315,6 +320,12 @@ class Session:
         transport = getattr(self.client.protocol, "transport", None)
         if transport is not None:
             transport.close()
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve a finished task's exception so asyncio does not report it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def open_session(cfg: ImapConfig, password: str | None, token: str | None) -> Session:

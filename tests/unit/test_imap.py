@@ -3,9 +3,11 @@ criteria, config rules, the mail envelope on real .eml samples, and the checkpoi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import date
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,7 +16,7 @@ from pydantic import ValidationError
 from connectors.imap import ImapConnector
 from connectors.imap.config import ImapConfig, ImapTarget, check_folder
 from connectors.imap.mapping import mail_envelope
-from connectors.imap.session import parse_fetch, parse_search, parse_select, utf7
+from connectors.imap.session import Session, parse_fetch, parse_search, parse_select, utf7
 from connectors.imap.state import CheckpointStore, FolderCheckpoint
 from gateway.config.loader import load_config
 from gateway.config.yamlsrc import FromEnv
@@ -156,3 +158,62 @@ async def test_checkpoints_survive_a_new_store(tmp_path: Path) -> None:
     assert await again.pop3_prune(["b", "c", "d"]) == 1
     assert await again.pop3_known() == {"b": "old", "c": "done"}
     again.close()
+
+
+class _StubbornClient:
+    """An aioimaplib client whose LOGOUT never ends, not even when cancelled."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()  # set by the test when done, so the task can end
+        self.tasks: list[Any] = []
+        self.protocol = SimpleNamespace(tasks=[], transport=SimpleNamespace(closed=False))
+        self.protocol.transport.close = lambda: setattr(self.protocol.transport, "closed", True)
+
+    def has_pending_idle(self) -> bool:
+        return False
+
+    async def logout(self) -> None:
+        while not self.release.is_set():
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                continue  # swallowed: what a library stuck on its own state may do
+
+
+async def test_logout_ends_and_closes_the_connection_even_if_the_library_does_not() -> None:
+    client = _StubbornClient()
+    session = Session(client, cfg())  # type: ignore[arg-type]
+    try:
+        await asyncio.wait_for(session.logout(), 10)  # bounded at 2 s inside; a hang fails here
+        assert client.protocol.transport.closed and session.lost.is_set()
+    finally:
+        client.release.set()
+
+
+async def test_stop_listening_is_bounded_when_a_watcher_ignores_its_cancellation(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import connectors.imap as imap_module
+
+    monkeypatch.setattr(imap_module, "_STOP_WAIT", 0.2)
+    ctx = ConnectorContext("mbox", logging.getLogger("t"), HttpHub(logging.getLogger("h")), str(tmp_path))
+    conn = ImapConnector(cfg(), ctx)
+
+    release = asyncio.Event()
+
+    async def stuck() -> None:
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue
+
+    task = asyncio.create_task(stuck())
+    conn._watchers["INBOX"] = task
+    try:
+        with caplog.at_level(logging.WARNING):
+            await asyncio.wait_for(conn.stop_listening(0), 10)
+        assert not conn._watchers and not task.done()
+        assert any(r.getMessage() == "imap.stop_timeout" for r in caplog.records)
+    finally:
+        release.set()
+        await task
