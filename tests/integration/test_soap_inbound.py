@@ -240,11 +240,12 @@ async def test_bad_requests_get_client_faults(gw: Gw) -> None:
 async def test_one_way_acknowledgement_after_the_durable_write(gw: Gw, tmp_path: Path) -> None:
     r = await call(gw.calc, envelope('<Multiply xmlns="http://example.com/calculator"><a>0</a><b>5</b></Multiply>'))
     assert r.status_code == 202 and r.content == b"" and r.headers["x-envelope-id"]
-    for _ in range(100):
-        if (tmp_path / "oneway.jsonl").exists():
+    out = tmp_path / "oneway.jsonl"
+    for _ in range(100):  # the sink creates the file before it appends the line: wait for the line
+        if out.exists() and out.read_text().endswith("\n"):
             break
         await asyncio.sleep(0.05)
-    line = (tmp_path / "oneway.jsonl").read_text()
+    line = out.read_text()
     assert r.headers["x-envelope-id"] in line and '\\"a\\":0' in line
 
 
