@@ -85,6 +85,7 @@ from gateway.contract import (
 )
 from gateway.envelope import Envelope
 from gateway.logs import event
+from gateway.tasks import cancel_and_wait
 
 __all__ = ["ImapConfig", "ImapConnector", "ImapTarget"]
 
@@ -153,16 +154,12 @@ class ImapConnector(Connector):
         end = loop.time() + drain
         while self._busy and loop.time() < end:
             await asyncio.sleep(0.02)
-        tasks = list(self._watchers.values())
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            # Bounded: a watcher stuck in the IMAP library (seen once: a LOGOUT after a refused
-            # IDLE DONE) must not hold the gateway's shutdown; its session is closed below anyway.
-            _, stuck = await asyncio.wait(tasks, timeout=_STOP_WAIT)
-            if stuck:
-                event(self.log, "imap.stop_timeout", logging.WARNING, connector=self.name,
-                      folders=sorted(f for f, t in self._watchers.items() if t in stuck))
+        # Bounded: a watcher stuck in the IMAP library must not hold the gateway's shutdown; its
+        # session is closed below anyway.
+        stuck = await cancel_and_wait(self._watchers.values(), _STOP_WAIT)
+        if stuck:
+            event(self.log, "imap.stop_timeout", logging.WARNING, connector=self.name,
+                  folders=sorted(f for f, t in self._watchers.items() if t in stuck))
         self._watchers.clear()
         for session in list(self._sessions.values()):
             await session.logout()
@@ -281,8 +278,7 @@ class ImapConnector(Connector):
         finally:
             stop.cancel()
             if not waiter.done():
-                waiter.cancel()
-                await asyncio.wait({waiter}, timeout=_STOP_WAIT)
+                await cancel_and_wait({waiter}, _STOP_WAIT)
         if waiter.done() and not waiter.cancelled():
             failure = waiter.exception()
             if failure is not None:

@@ -19,6 +19,7 @@ from typing import Any
 import aioimaplib
 
 from connectors.imap.config import ImapConfig
+from gateway.tasks import within
 
 #: Response codes after which the same command may succeed later (RFC 5530).
 TRANSIENT_CODES = ("UNAVAILABLE", "SERVERBUG", "INUSE", "LIMIT", "OVERQUOTA", "EXPUNGEISSUED")
@@ -302,14 +303,9 @@ class Session:
             if not self.lost.is_set():
                 if self.client.has_pending_idle():
                     self.client.idle_done()
-                # Best effort, we are leaving anyway, and bounded even if the library does not
-                # end when cancelled (asyncio.wait_for would wait for that): the transport is
-                # closed below whatever happened.
-                bye = asyncio.ensure_future(self.client.logout())
-                await asyncio.wait({bye}, timeout=2)
-                if not bye.done():
-                    bye.cancel()
-                bye.add_done_callback(_consume)
+                # Best effort, we are leaving anyway; bounded even if the library does not end
+                # when cancelled. The transport is closed below whatever happened.
+                await within(self.client.logout(), 2)
         finally:
             self._abort()
 
@@ -320,12 +316,6 @@ class Session:
         transport = getattr(self.client.protocol, "transport", None)
         if transport is not None:
             transport.close()
-
-
-def _consume(task: asyncio.Future[Any]) -> None:
-    """Retrieve a finished task's exception so asyncio does not report it as never retrieved."""
-    if not task.cancelled():
-        task.exception()
 
 
 async def open_session(cfg: ImapConfig, password: str | None, token: str | None) -> Session:

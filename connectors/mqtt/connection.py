@@ -23,6 +23,7 @@ from connectors.broker_common.connection import BrokerConnector
 from connectors.mqtt.client import GatewayClient
 from connectors.mqtt.mapping import MqttConfig
 from gateway.contract import ConnectorConfig, ConnectorContext, TransientError
+from gateway.tasks import retrieve
 
 
 class _ConnectFailed(Exception):
@@ -64,7 +65,7 @@ class MqttConnection(BrokerConnector):
         self._connack = self._loop.create_future()
         self._in_connect = True
         self._connect_job = asyncio.ensure_future(asyncio.to_thread(client.reconnect))
-        self._connect_job.add_done_callback(_retrieve)
+        self._connect_job.add_done_callback(retrieve)
         try:
             rc = await asyncio.shield(self._connect_job)
         finally:
@@ -187,9 +188,3 @@ class MqttConnection(BrokerConnector):
         if self._client is None:
             raise TransientError(f"connector {self.name!r} is not open")
         return self._client
-
-
-def _retrieve(fut: asyncio.Future[Any]) -> None:
-    """Mark a background future's exception as seen (it is reported where it matters)."""
-    if not fut.cancelled():
-        fut.exception()

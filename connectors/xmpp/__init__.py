@@ -67,6 +67,10 @@ from connectors.xmpp.outbound import XmppOutbound
 from connectors.xmpp.stream import AckWindow, HardenedClient
 from gateway.contract import Deliver, Health, TransientError
 from gateway.logs import event
+from gateway.tasks import cancel_and_wait, within
+
+#: How long closing waits for the connector's tasks to end after cancelling them.
+_STOP_WAIT = 5.0
 
 __all__ = ["XmppConfig", "XmppConnector", "XmppTarget"]
 
@@ -134,23 +138,23 @@ class XmppConnector(XmppInbound, XmppOutbound):
         self._fail_waiting("the connector is closing")
         client, self._client = self._client, None
         # Messages whose outcome did not come in time stay unacknowledged: the server keeps them.
+        # Every wait is bounded, whatever slixmpp does with a cancellation: close must end.
         tasks = [*self._tasks, *([self._keeper] if self._keeper else [])]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        stuck = await cancel_and_wait(tasks, _STOP_WAIT)
         self._keeper = None
         if client is not None:
             client.cancel_connection_attempt()
             if client.transport is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(client.disconnect(wait=1.0), timeout=3.0)
+                with contextlib.suppress(Exception):  # disconnect() itself may raise on a broken stream
+                    await within(client.disconnect(wait=1.0), 3.0)
             if client.transport is not None:
                 client.abort()
             # slixmpp leaves its send-queue task to __del__, which cancels it too late to finish.
             runner = getattr(client, "_run_out_filters", None)
             if runner is not None and not runner.done():
-                runner.cancel()
-                await asyncio.gather(runner, return_exceptions=True)
+                stuck |= await cancel_and_wait({runner}, _STOP_WAIT)
+        if stuck:
+            event(self.log, "xmpp.stop_timeout", logging.WARNING, connector=self.name, tasks=len(stuck))
         self._online.clear()
         self._joined.clear()
         self._error = "closed"
