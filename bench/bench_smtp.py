@@ -295,11 +295,16 @@ def wait_until(predicate: object, timeout: float) -> bool:
     return False
 
 
+def warm_up(args: argparse.Namespace) -> int:
+    """Messages sent before each measured load (not counted in the rate)."""
+    return min(400, args.messages)
+
+
 def measured(pid: int, port: int, args: argparse.Namespace,
              rabbit: int | None = None) -> tuple[float, int, float, float]:
     """Load the server on ``port`` (after a warm-up): (seconds, messages accepted, server CPU
     seconds, RabbitMQ CPU seconds)."""
-    load(port, min(400, args.messages), args.connections)
+    load(port, warm_up(args), args.connections)
     cpu0, rabbit0 = cpu_seconds(pid), cpu_seconds(rabbit)
     elapsed, ok = load(port, args.messages, args.connections)
     return elapsed, ok, cpu_seconds(pid) - cpu0, cpu_seconds(rabbit) - rabbit0
@@ -350,12 +355,11 @@ def run_gateway(work: Path, args: argparse.Namespace, sink: str) -> Row:
                                 stdout=subprocess.DEVNULL, stderr=log)
     try:
         wait_port(port, proc)
-        warm = min(400, args.messages)
         rabbit = rabbitmq_pid() if sink.startswith("amqp") else None
         elapsed, ok, cpu, rabbit_cpu = measured(proc.pid, port, args, rabbit)
-        expected = warm + args.messages
+        expected = warm_up(args) + args.messages
         if sink == "log":
-            arrived, have = ok == args.messages, ok + warm
+            arrived, have = ok == args.messages, ok + warm_up(args)
         elif sink.startswith("file"):
             out = work / "var" / f"out-{sink}.jsonl"
             arrived = wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= expected, 120)
@@ -380,7 +384,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-smtp-"))
     size = len(MESSAGE.format(n=0, date=formatdate(localtime=True)))
     print(f"SMTP inbound, {args.connections} connections, {args.messages} messages of "
-          f"{size} bytes each (after {min(400, args.messages)} warm-up); CPU = the server process's"
+          f"{size} bytes each (after {warm_up(args)} warm-up); CPU = the server process's"
           f" user + system time per message")
     bare = run_bare(work, args)
     print(bare.show("bare aiosmtpd (counts only)", None))
