@@ -49,15 +49,11 @@ import aio_pika
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 AMQP = "amqp://guest:guest@127.0.0.1:5672/"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 15) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import statistics
 import tempfile
 import time
@@ -24,12 +23,7 @@ from gateway.admin import LiveLog
 from gateway.config.loader import load_config, load_config_text
 from gateway.envelope import Envelope
 from gateway.runtime import Runtime
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.ports import free_port
 
 
 def config_text(tmp: Path, n: int, tag: str) -> str:

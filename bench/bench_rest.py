@@ -22,6 +22,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from tests.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 BARE_APP = textwrap.dedent("""
@@ -39,12 +41,6 @@ LUA = textwrap.dedent("""
     wrk.body = '{"sensor": "boiler-7", "temperature": 97.5, "site": "north", "severity": "critical"}'
     wrk.headers["Content-Type"] = "application/json"
 """)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 60) -> None:

@@ -38,6 +38,8 @@ import time
 from email.utils import formatdate
 from pathlib import Path
 
+from tests.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 GATEWAY = str(Path(sys.executable).parent / "gateway")
@@ -143,12 +145,6 @@ class Row:
         share = "100 %" if bare is None else f"{self.rate / bare:4.0%}"
         cpu = f"{self.server_us:4.0f} µs" + ("" if self.rabbit_us is None else f" + RabbitMQ {self.rabbit_us:3.0f} µs")
         return f"  {label:37s}{self.rate:6.0f} msg/s  {share:>5s}   CPU/msg {cpu:27s} {self.check}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:

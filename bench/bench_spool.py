@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 BODY = {"sensor": "boiler-7", "temperature": 97.5, "site": "north", "severity": "critical"}
 LUA = textwrap.dedent(f"""
@@ -39,12 +40,6 @@ LUA = textwrap.dedent(f"""
     wrk.body = '{json.dumps(BODY)}'
     wrk.headers["Content-Type"] = "application/json"
 """)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_ready(admin: str, timeout: float = 60) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,12 +11,9 @@ from pathlib import Path
 from gateway.config.loader import load_config
 from gateway.registry import Registry
 from gateway.runtime import Runtime
+from tests.ports import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["free_port", "running_gateway", "wait_for", "write_config"]
 
 
 def write_config(tmp_path: Path, yaml_text: str, *, admin_port: int | None = None) -> Path:

@@ -32,6 +32,8 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tests.ports import free_port
+
 _PACKAGES = ["dovecot-imapd", "dovecot-pop3d"]
 _INSTALL = "apt-get install -y --no-install-recommends dovecot-imapd dovecot-pop3d (scripts/peers.sh does it)"
 _UID = _GID = 65534  # nobody:nogroup
@@ -43,12 +45,6 @@ POOL = 80
 
 def _new_user() -> tuple[str, str]:
     return f"u{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex[:12]}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ensure_installed() -> None:
@@ -269,7 +265,7 @@ def start_dovecot() -> Dovecot:
     cert.private_key_pem.write_to_path(str(run / "server.key"))
     cert.cert_chain_pems[0].write_to_path(str(run / "server.crt"))
     ca.cert_pem.write_to_path(str(run / "ca.crt"))
-    server = Dovecot(run, _free_port(), _free_port(), _free_port(), _free_port(), run / "ca.crt")
+    server = Dovecot(run, free_port(), free_port(), free_port(), free_port(), run / "ca.crt")
     server.pool = [_new_user() for _ in range(POOL)]
     (run / "users").write_text("".join(f"{u}:{{PLAIN}}{p}\n" for u, p in server.pool))
     (run / "dovecot.conf").write_text(_config(server))

@@ -31,17 +31,13 @@ import pytest
 import slixmpp
 import trustme
 
+from tests.ports import free_port
+
 DOMAIN = "localhost"
 MUC_DOMAIN = "conference.localhost"
 #: Users every Prosody of the tests has (user → password).
 USERS = {"gateway": "gw-secret", "alice": "alice-secret", "bob": "bob-secret"}
 _INSTALL = "apt-get install -y --no-install-recommends prosody (scripts/peers.sh does it)"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _as_run_user(cmd: list[str]) -> list[str]:
@@ -170,7 +166,7 @@ def start_prosody(*, smacks: bool = True, timeout: float = 15.0) -> Prosody:
     cert.private_key_pem.write_to_path(str(run / "localhost.key"))
     cert.cert_chain_pems[0].write_to_path(str(run / "localhost.crt"))
     ca.cert_pem.write_to_path(str(run / "ca.crt"))
-    port = _free_port()
+    port = free_port()
     server = Prosody(run, port, run / "ca.crt", smacks)
     server.config_file.write_text(_config(run, port, smacks))
     if os.geteuid() == 0:
