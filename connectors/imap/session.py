@@ -161,6 +161,20 @@ class Session:
         self.cfg = cfg
         self.lost = asyncio.Event()
         self.selected: str | None = None
+        self._done_sent_for: object = None  # the IDLE command DONE was sent for
+
+    def _end_idle(self) -> bool:
+        """Send DONE if an IDLE is under way and has not been sent one; True when it was sent now.
+
+        Once per IDLE: the server's OK to it may still be on its way when a stop lands, and a
+        second DONE reaches the server as a command, which it refuses (BAD); aioimaplib then aborts.
+        """
+        pending = self.client.protocol.pending_sync_command
+        if pending is None or pending.name != "IDLE" or pending is self._done_sent_for:
+            return False
+        self._done_sent_for = pending
+        self.client.idle_done()
+        return True
 
     @property
     def capabilities(self) -> set[str]:
@@ -287,8 +301,7 @@ class Session:
             if push_wait is not None and not push_wait.done():
                 push_wait.cancel()
             try:
-                if not self.lost.is_set() and self.client.has_pending_idle():
-                    self.client.idle_done()
+                if not self.lost.is_set() and self._end_idle():
                     await asyncio.wait_for(asyncio.shield(idle), self.cfg.command_timeout)
             except (TimeoutError, OSError, aioimaplib.Abort, aioimaplib.Error):
                 self.lost.set()
@@ -301,8 +314,7 @@ class Session:
         """LOGOUT politely if the session is usable, then close; also when cancelled meanwhile."""
         try:
             if not self.lost.is_set():
-                if self.client.has_pending_idle():
-                    self.client.idle_done()
+                self._end_idle()  # LOGOUT then waits for the server's OK to IDLE
                 # Best effort, we are leaving anyway; bounded even if the library does not end
                 # when cancelled. The transport is closed below whatever happened.
                 await within(self.client.logout(), 2)

@@ -536,3 +536,42 @@ async def test_tls_and_login(tmp_path: Path, dovecot: Dovecot, case: str) -> Non
         assert box.password not in str(info.value)
     finally:
         await c.close()
+
+
+async def test_a_stop_landing_after_done_does_not_send_a_second_done(tmp_path: Path, dovecot: Dovecot) -> None:
+    """A stop that cancels the watcher after it sent DONE, before the server's answer to IDLE came:
+    the LOGOUT that follows must not send DONE again (Dovecot answers a second one with BAD, and the
+    library then aborts), and the server accepts the LOGOUT."""
+    from connectors.imap.session import open_session
+
+    box = dovecot.add_user()
+    session = await open_session(imap(box, tmp_path).cfg, box.password, None)
+    client = session.client
+    await session.select("INBOX")
+    sent: list[str] = []
+    send = client.protocol.send
+
+    def recorded(line: str, scrub: str | None = None) -> None:
+        sent.append(line.split(" ", 1)[-1])  # without the tag
+        send(line, scrub)
+
+    client.protocol.send = recorded
+    watcher = asyncio.create_task(session.wait_for_change(60))
+    await wait_for(client.has_pending_idle, what="IDLE under way")
+    await wait_for(client.protocol._idle_event.is_set, what="the server's + to IDLE")
+    idle_done = client.idle_done
+    loop = asyncio.get_running_loop()
+
+    def done_then_stopped() -> None:
+        idle_done()
+        client.protocol.transport.pause_reading()  # the server's OK to IDLE waits in the socket
+        loop.call_soon(watcher.cancel)  # ... and the stop lands while the watcher waits for it
+        loop.call_later(0.3, client.protocol.transport.resume_reading)
+
+    client.idle_done = done_then_stopped
+    await asyncio.to_thread(box.append, mail("wakes the IDLE"))  # the watcher sends DONE
+    with pytest.raises(asyncio.CancelledError):
+        await watcher
+    await asyncio.wait_for(session.logout(), 10)
+    assert [line for line in sent if line.startswith("DONE")] == ["DONE"]
+    assert client.protocol.state == "LOGOUT", sent  # the server answered LOGOUT with OK

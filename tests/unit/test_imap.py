@@ -166,11 +166,8 @@ class _StubbornClient:
     def __init__(self) -> None:
         self.release = asyncio.Event()  # set by the test when done, so the task can end
         self.tasks: list[Any] = []
-        self.protocol = SimpleNamespace(tasks=[], transport=SimpleNamespace(closed=False))
+        self.protocol = SimpleNamespace(tasks=[], pending_sync_command=None, transport=SimpleNamespace(closed=False))
         self.protocol.transport.close = lambda: setattr(self.protocol.transport, "closed", True)
-
-    def has_pending_idle(self) -> bool:
-        return False
 
     async def logout(self) -> None:
         while not self.release.is_set():
