@@ -1,7 +1,8 @@
 """The default routes.yaml, as `make run` runs it, against the real Mosquitto and RabbitMQ: what
 the README's walkthrough tells a new user to try (curl, swaks, mosquitto_pub, /metrics) does
-what it says. Only the listening ports, and the MQTT client id, are changed (so the test runs
-beside a `make run`); everything else — paths, templates, routes — is the file itself."""
+what it says. Only the listening ports, the MQTT client id and the name of the queue the `bus`
+connector reads are changed (so the test runs beside a `make run`, which would otherwise take
+the alerts off the same queue); everything else — paths, templates, routes — is the file itself."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import re
 import shutil
 import sys
 import time
+import uuid
 from email.header import decode_header, make_header
 from pathlib import Path
 
+import aio_pika
 import aiohttp
 import pytest
 
@@ -27,7 +30,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _default_config(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+def _default_config(tmp_path: Path, queue: str) -> tuple[Path, dict[str, str]]:
     text = (ROOT / "routes.yaml").read_text()
     ports = {"rest": f"127.0.0.1:{free_port()}", "admin": f"127.0.0.1:{free_port()}",
              "smtp": f"127.0.0.1:{free_port()}"}
@@ -36,6 +39,8 @@ def _default_config(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         text = text.replace(f'"{default}"', f'"{ports[key]}"')
     assert "client_id: gateway-plant " in text
     text = text.replace("client_id: gateway-plant ", f"client_id: {CLIENT_ID} ")
+    assert "name: plant-alerts\n" in text
+    text = text.replace("name: plant-alerts\n", f"name: {queue}\n")
     (tmp_path / "routes.yaml").write_text(text)
     shutil.copytree(ROOT / "templates", tmp_path / "templates")
     return tmp_path / "routes.yaml", ports
@@ -72,8 +77,18 @@ async def _mosquitto_pub(topic: str, payload: dict[str, object]) -> None:
     assert await proc.wait() == 0
 
 
+async def _delete_queue(name: str) -> None:
+    conn = await aio_pika.connect("amqp://guest:guest@127.0.0.1:5672/")
+    try:
+        channel = await conn.channel()
+        await channel.queue_delete(name)
+    finally:
+        await conn.close()
+
+
 async def test_the_readme_walkthrough_on_the_default_config(tmp_path: Path) -> None:
-    config, ports = _default_config(tmp_path)
+    queue = f"plant-alerts-test-{uuid.uuid4().hex[:8]}"  # bound to plant.events like plant-alerts
+    config, ports = _default_config(tmp_path, queue)
     _clear_mqtt_session()
     log = tmp_path / "gateway.log"
     gateway = str(Path(sys.executable).with_name("gateway"))
@@ -111,7 +126,7 @@ async def test_the_readme_walkthrough_on_the_default_config(tmp_path: Path) -> N
             alerts = tmp_path / "var/out/alerts.jsonl"
             await wait_for(lambda: alerts.exists() and alerts.read_text().count("\n") == 1, what="alerts.jsonl")
             await wait_for(lambda: "plant alert back from RabbitMQ: plant.7.boiler.alert" in log.read_text(),
-                           what="the alert read back from RabbitMQ's plant-alerts queue")
+                           what="the alert read back from RabbitMQ through the bus connector's queue")
             await wait_for(lambda: len(box) == 2, what="the boiler email")
             subjects = sorted(str(make_header(decode_header(m["Subject"]))) for m in box)
             assert subjects == ["Boiler north at 97 °C", "hello"], subjects
@@ -131,3 +146,4 @@ async def test_the_readme_walkthrough_on_the_default_config(tmp_path: Path) -> N
     finally:
         await gw.ensure_stopped()
         _clear_mqtt_session()
+        await _delete_queue(queue)
