@@ -362,7 +362,7 @@ async def open_session(cfg: ImapConfig, password: str | None, token: str | None)
             resp = await asyncio.wait_for(client.login(cfg.username, password), cfg.connect_timeout)
         else:
             assert token is not None
-            resp = await asyncio.wait_for(client.xoauth2(cfg.username, token), cfg.connect_timeout)
+            resp = await asyncio.wait_for(_xoauth2(client, cfg.username, token), cfg.connect_timeout)
     except (OSError, TimeoutError, aioimaplib.Abort, aioimaplib.Error) as exc:
         session._abort()
         raise SessionLost(f"login to {cfg.host}:{cfg.effective_port}: {type(exc).__name__}: {exc}") from exc
@@ -373,6 +373,56 @@ async def open_session(cfg: ImapConfig, password: str | None, token: str | None)
         session._abort()
         raise LoginFailed(f"login as {cfg.username!r} refused: {_status(resp)[1]}")
     return session
+
+
+class _Xoauth2(aioimaplib.Command):  # type: ignore[misc]  # the library is untyped
+    """AUTHENTICATE XOAUTH2 with the initial response, answering the server's error challenge.
+
+    A server that refuses the token does not say NO at once: it sends a continuation carrying a
+    base64 JSON error and waits for the client's empty response before the tagged NO (Google's and
+    Microsoft's XOAUTH2, RFC 7628 for OAUTHBEARER; Dovecot does the same). aioimaplib's
+    ``xoauth2`` records that continuation and waits, so a revoked or expired token hung until
+    the login timeout and read as a network problem. This command sends the empty response and
+    keeps the error for the message.
+    """
+
+    def __init__(self, protocol: Any, sasl: str) -> None:
+        super().__init__("AUTHENTICATE", protocol.new_tag(), "XOAUTH2", sasl, loop=protocol.loop)
+        self._protocol = protocol
+        self.challenge = ""
+        self.answered = False
+
+    def flush(self) -> None:
+        # aioimaplib calls this after appending a continuation line, and at the end of every read
+        if self.answered or not self._resp_lines or not bytes(self._resp_lines[-1]).startswith(b"+"):
+            return
+        line = bytes(self._resp_lines.pop())  # the challenge is not part of the answer
+        try:
+            self.challenge = base64.b64decode(line[1:].strip(), validate=True).decode()[:300]
+        except ValueError:
+            self.challenge = line.decode("utf-8", "replace")[:300]
+        self.answered = True
+        self._protocol.send("")  # the empty response: the server now ends with a tagged NO
+
+
+async def _xoauth2(client: aioimaplib.IMAP4, user: str, token: str) -> Any:
+    """Log in with XOAUTH2; returns aioimaplib's Response (with the server's error, if any, added
+    to its text). The SASL string is scrubbed from the library's debug log, not only the token."""
+    protocol = client.protocol
+    sasl = base64.b64encode(f"user={user}\1auth=Bearer {token}\1\1".encode()).decode("ascii")
+    command = _Xoauth2(protocol, sasl)
+    async with protocol.state_condition:  # as aioimaplib's own state-changing commands do
+        response = await protocol.execute(command, scrub=sasl)
+        if response.result == "OK":
+            protocol.state = aioimaplib.AUTH
+        protocol.state_condition.notify_all()
+    if response.result != "OK" and command.challenge:
+        said = f" (XOAUTH2: {command.challenge})".encode()
+        if response.lines and isinstance(response.lines[-1], bytes | bytearray):
+            response.lines[-1] = bytes(response.lines[-1]) + said  # after the tagged NO's text
+        else:
+            response.lines.append(said.strip())
+    return response
 
 
 async def _starttls(client: aioimaplib.IMAP4, ctx: ssl.SSLContext, host: str) -> None:

@@ -575,3 +575,34 @@ async def test_a_stop_landing_after_done_does_not_send_a_second_done(tmp_path: P
     await asyncio.wait_for(session.logout(), 10)
     assert [line for line in sent if line.startswith("DONE")] == ["DONE"]
     assert client.protocol.state == "LOGOUT", sent  # the server answered LOGOUT with OK
+
+
+async def test_xoauth2_login_with_a_bearer_token_and_a_revoked_one(tmp_path: Path, dovecot: Dovecot) -> None:
+    """XOAUTH2 against Dovecot's oauth2 passdb, which asks a token introspection endpoint: a valid
+    token logs in and mail arrives; once the token is revoked, a new login is refused as a login
+    failure (not a hang in the SASL exchange), the connector reports itself down, and neither
+    the error nor the log carries the token."""
+    box = dovecot.add_user()
+    token = box.token()
+    raw = imap_raw(box, tmp_path, connect_timeout=5)
+    del raw["password"]
+    raw["oauth2_token"] = {"file": secret_file(tmp_path, token)}
+    rec = Recorder()
+    asked = dovecot.issuer.asked
+    async with listening(make_connector("imap", raw, tmp_path, name="mbox"), rec):
+        await asyncio.to_thread(box.append, mail("by token"))
+        await wait_for(lambda: rec.subjects() == ["by token"], what="mail fetched over an XOAUTH2 session")
+    assert dovecot.issuer.asked > asked  # the server did ask about the token
+    assert f"user=<{box.user}>, method=XOAUTH2" in dovecot.log_text()
+
+    box.revoke(token)
+    c = make_connector("imap", raw, tmp_path, name="mbox")
+    try:
+        with pytest.raises(TransientError) as info:
+            await asyncio.wait_for(c.open(), 20)
+        message = str(info.value)  # the server's refusal and its XOAUTH2 error, not a timeout
+        assert "refused: [AUTHENTICATIONFAILED]" in message and '(XOAUTH2: {"status":"401"' in message, message
+        assert not c.health().up and "AUTHENTICATIONFAILED" in c.health().detail
+        assert token not in message and token not in c.health().detail
+    finally:
+        await c.close()

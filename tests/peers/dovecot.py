@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -23,11 +25,14 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import pytest
 import trustme
@@ -72,6 +77,16 @@ class Mailbox:
     @property
     def maildir(self) -> Path:
         return self.server.run_dir / "home" / self.user / "Maildir"
+
+    def token(self) -> str:
+        """A fresh OAuth2 bearer token for this user, which the server accepts with XOAUTH2 until
+        ``revoke``d (Dovecot asks the test's token introspection endpoint on every login)."""
+        token = secrets.token_urlsafe(24)
+        self.server.issuer.tokens[token] = self.user
+        return token
+
+    def revoke(self, token: str) -> None:
+        self.server.issuer.tokens.pop(token, None)
 
     def imap(self) -> imaplib.IMAP4_SSL:
         """A logged-in stdlib client (implicit TLS) for seeding and checking from the test."""
@@ -124,6 +139,42 @@ class Mailbox:
             return int(data[0]) if typ == "OK" else -1
 
 
+class TokenIssuer:
+    """The OAuth2 side of XOAUTH2: an RFC 7662 token introspection endpoint on 127.0.0.1 that
+    Dovecot's oauth2 passdb asks whether a bearer token is active and whose it is."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, str] = {}  # token → user
+        self.asked = 0
+        issuer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                form = parse_qs(self.rfile.read(length).decode())
+                token = (form.get("token") or [""])[0]
+                issuer.asked += 1
+                user = issuer.tokens.get(token)
+                body = json.dumps({"active": "true", "username": user} if user else {"active": "false"}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/introspect"
+        self._thread = threading.Thread(target=self.http.serve_forever, daemon=True, name="oauth2-introspection")
+        self._thread.start()
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
 @dataclass
 class Dovecot:
     run_dir: Path
@@ -132,6 +183,7 @@ class Dovecot:
     pop3_port: int
     pop3s_port: int
     ca_file: Path
+    issuer: TokenIssuer = field(default_factory=TokenIssuer)
     proc: subprocess.Popen[bytes] | None = None
     pool: list[tuple[str, str]] = field(default_factory=list)
 
@@ -192,6 +244,7 @@ class Dovecot:
 
     def stop(self) -> None:
         self.kill()
+        self.issuer.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
@@ -208,7 +261,7 @@ ssl_cert = <{run}/server.crt
 ssl_key = <{run}/server.key
 ssl_min_protocol = TLSv1.2
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login xoauth2 oauthbearer
 auth_failure_delay = 0
 default_login_user = nobody
 default_internal_user = nobody
@@ -216,7 +269,13 @@ default_internal_group = nogroup
 first_valid_uid = 0
 passdb {{
   driver = passwd-file
+  mechanisms = plain login
   args = scheme=PLAIN username_format=%u {run}/users
+}}
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {run}/oauth2.conf.ext
 }}
 userdb {{
   driver = static
@@ -269,6 +328,9 @@ def start_dovecot() -> Dovecot:
     server.pool = [_new_user() for _ in range(POOL)]
     (run / "users").write_text("".join(f"{u}:{{PLAIN}}{p}\n" for u, p in server.pool))
     (run / "dovecot.conf").write_text(_config(server))
+    (run / "oauth2.conf.ext").write_text(
+        f"introspection_mode = post\nintrospection_url = {server.issuer.url}\n"
+        "username_attribute = username\nactive_attribute = active\nactive_value = true\n")
     if os.geteuid() == 0:
         for path in [run, *run.rglob("*")]:
             os.chown(path, _UID, _GID)
