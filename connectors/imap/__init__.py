@@ -71,6 +71,7 @@ from connectors.imap.state import CheckpointStore, FolderCheckpoint, StateError
 from connectors.mail_common import HeaderInjection, MailError, build_mail, validated_options
 from connectors.mail_common.mailbox import RetryLater, auth_verifier
 from connectors.mailauth import OutboundSealing, Verifier
+from gateway.config.models import current_secret
 from gateway.contract import (
     Connector,
     ConnectorConfig,
@@ -107,8 +108,6 @@ class ImapConnector(Connector):
         assert isinstance(config, ImapConfig)
         self.cfg = config
         self.store = CheckpointStore(ctx.state_dir)
-        self._password = config.password.get_secret_value() if config.password else None
-        self._token = config.oauth2_token.get_secret_value() if config.oauth2_token else None
         self._rng = random.Random()
         # inbound
         self._deliver: Deliver | None = None
@@ -187,6 +186,14 @@ class ImapConnector(Connector):
         error = self._out_error or self._sealing.error
         return Health(not error, error)
 
+    async def _login(self) -> Session:
+        """A new session. The password or token is read again from its file (``{file: …}``) at
+        every login, so a renewed access token is used from the next reconnect on."""
+        cfg = self.cfg
+        password = current_secret(cfg.password) if cfg.password else None
+        token = current_secret(cfg.oauth2_token) if cfg.oauth2_token else None
+        return await open_session(cfg, password, token)
+
     # --- inbound -------------------------------------------------------------------------
 
     async def _watch(self, folder: str) -> None:
@@ -195,7 +202,7 @@ class ImapConnector(Connector):
         while self._listening:
             session: Session | None = None
             try:
-                session = await open_session(self.cfg, self._password, self._token)
+                session = await self._login()
                 self._sessions[folder] = session
                 await self._follow(session, folder)
                 delay = 1.0
@@ -358,7 +365,7 @@ class ImapConnector(Connector):
         if self._out is None or self._out.lost.is_set():
             self._out = None
             try:
-                self._out = await open_session(self.cfg, self._password, self._token)
+                self._out = await self._login()
             except (SessionLost, LoginFailed) as exc:
                 self._out_error = str(exc)
                 raise TransientError(f"IMAP {self.cfg.host}:{self.cfg.effective_port}: {exc}") from exc

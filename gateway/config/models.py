@@ -52,13 +52,40 @@ def parse_size(value: Any) -> int:
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
 
 
+class FileSecret(SecretStr):
+    """A secret from ``{file: path}``: the value read at load, and the path to read it again.
+
+    A connector whose peer takes short-lived credentials (an XOAUTH2 access token that a sidecar
+    or a mounted Kubernetes Secret renews) calls :func:`current_secret` at every login instead of
+    holding the value it was configured with. Compares equal by value, as any ``SecretStr``.
+    """
+
+    def __init__(self, value: str, path: str) -> None:
+        super().__init__(value)
+        self.path = path
+
+
+def current_secret(secret: SecretStr) -> str:
+    """The secret as it is now: a file secret's file read again (its last good value when the
+    file cannot be read or is empty, say while being replaced); any other secret's value."""
+    if isinstance(secret, FileSecret):
+        try:
+            with open(secret.path, encoding="utf-8") as fh:
+                value = fh.read().strip()
+        except OSError:
+            value = ""
+        if value:
+            return value
+    return secret.get_secret_value()
+
+
 def _secret_by_reference(value: Any) -> Any:
     """Secrets may only come from the environment (``${VAR}``) or a file (``{file: path}``)."""
     if isinstance(value, dict) and set(value) == {"file"}:
         path = str(value["file"])
         try:
             with open(path, encoding="utf-8") as fh:
-                return fh.read().strip()
+                return FileSecret(fh.read().strip(), path)
         except OSError as exc:
             raise ValueError(f"cannot read secret file {path!r}: {exc.strerror}") from None
     if isinstance(value, FromEnv):

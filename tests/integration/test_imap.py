@@ -577,11 +577,12 @@ async def test_a_stop_landing_after_done_does_not_send_a_second_done(tmp_path: P
     assert client.protocol.state == "LOGOUT", sent  # the server answered LOGOUT with OK
 
 
-async def test_xoauth2_login_with_a_bearer_token_and_a_revoked_one(tmp_path: Path, dovecot: Dovecot) -> None:
+async def test_xoauth2_login_with_a_bearer_token_a_revoked_one_and_a_renewed_one(
+        tmp_path: Path, dovecot: Dovecot) -> None:
     """XOAUTH2 against Dovecot's oauth2 passdb, which asks a token introspection endpoint: a valid
     token logs in and mail arrives; once the token is revoked, a new login is refused as a login
-    failure (not a hang in the SASL exchange), the connector reports itself down, and neither
-    the error nor the log carries the token."""
+    failure (not a hang in the SASL exchange), the connector reports itself down, and the error
+    does not carry the token; a token renewed in the file is used from the next login on."""
     box = dovecot.add_user()
     token = box.token()
     raw = imap_raw(box, tmp_path, connect_timeout=5)
@@ -605,4 +606,21 @@ async def test_xoauth2_login_with_a_bearer_token_and_a_revoked_one(tmp_path: Pat
         assert not c.health().up and "AUTHENTICATIONFAILED" in c.health().detail
         assert token not in message and token not in c.health().detail
     finally:
+        await c.close()
+
+    # The token file is read at every login: the runtime opens a refused connector again, and the
+    # same connector takes the renewed token (as a sidecar or a mounted Secret renews the file).
+    c = make_connector("imap", raw, tmp_path, name="mbox")
+    rec = Recorder()
+    try:
+        with pytest.raises(TransientError):
+            await asyncio.wait_for(c.open(), 20)
+        Path(raw["oauth2_token"]["file"]).write_text(box.token() + "\n")
+        await asyncio.wait_for(c.open(), 20)
+        await c.listen(rec)
+        await wait_for(lambda: c.health().up, what="listening with the renewed token")
+        await asyncio.to_thread(box.append, mail("after the renewal"))
+        await wait_for(lambda: rec.subjects() == ["after the renewal"], what="mail after the renewal")
+    finally:
+        await c.stop_listening(2)
         await c.close()

@@ -8,7 +8,7 @@ import pytest
 from pydantic import SecretStr
 
 from gateway.config.loader import load_config, load_config_text
-from gateway.config.models import parse_duration, parse_size
+from gateway.config.models import current_secret, parse_duration, parse_size
 from gateway.config.yamlsrc import ConfigError, interpolate
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "config"
@@ -116,6 +116,28 @@ routes: []
 """
     cfg = load_config_text(text, env={})
     assert cfg.connectors["api"].auth.tokens[0].get_secret_value() == "s3cret-file-token"  # type: ignore[attr-defined]
+
+
+def test_a_file_secret_is_read_again_for_its_current_value(tmp_path: Path) -> None:
+    """What a connector logging in with a short-lived token sees when the file is renewed,
+    emptied mid-replace or removed; and an environment secret, which cannot change."""
+    secret = tmp_path / "token"
+    secret.write_text("first-token\n")
+    text = f"""
+connectors:
+  api: {{type: rest, listen: "127.0.0.1:1", auth: {{type: bearer, tokens: [{{file: "{secret}"}}, "${{TOK}}"]}}}}
+routes: []
+"""
+    from_file, from_env = load_config_text(text, env={"TOK": "env-token"}).connectors["api"].auth.tokens  # type: ignore[attr-defined]
+    assert current_secret(from_file) == "first-token"
+    secret.write_text("renewed-token\n")
+    assert current_secret(from_file) == "renewed-token"
+    secret.write_text("")
+    assert current_secret(from_file) == "first-token"  # the value it was loaded with, not an empty one
+    secret.unlink()
+    assert current_secret(from_file) == "first-token"
+    assert current_secret(from_env) == "env-token"
+    assert "token" not in repr(from_file) and "token" not in str(from_file)
 
 
 def test_empty_file_is_an_empty_config() -> None:
