@@ -51,7 +51,7 @@ from connectors.imap.session import tls_reason
 from connectors.imap.state import CheckpointStore, StateError
 from connectors.mail_common.mailbox import RetryLater, auth_verifier
 from connectors.mailauth import AuthCheckSettings, Verifier
-from gateway.config.models import ByteSize, Duration, Secret
+from gateway.config.models import ByteSize, Duration, Secret, current_secret
 from gateway.contract import Connector, ConnectorConfig, ConnectorContext, Deliver, Health, Status
 from gateway.logs import event
 
@@ -296,7 +296,7 @@ class Pop3Connector(Connector):
 
     async def _session(self) -> bool:
         """One session: take what is new, QUIT. True when more is waiting (poll again now)."""
-        drop = await asyncio.to_thread(_Maildrop, self.cfg, self.cfg.password.get_secret_value())
+        drop = await asyncio.to_thread(_Maildrop, self.cfg, current_secret(self.cfg.password))  # file: read again
         quit_ok = False
         try:
             try:

@@ -246,3 +246,19 @@ async def test_a_server_restart_is_reported_and_polling_resumes(tmp_path: Path, 
         await asyncio.to_thread(box.append, mail("after the restart"))
         await wait_for(lambda: len(rec.seen) == 1, timeout=15, what="mail after the restart")
         await wait_for(lambda: c.health().up, what="healthy again")
+
+
+async def test_a_password_file_corrected_while_polling_is_used_at_the_next_poll(
+        tmp_path: Path, dovecot: Dovecot) -> None:
+    """The password file is read at every login: a wrong one is refused, and once the file is
+    corrected the next poll logs in and takes the mail — no reload, no restart."""
+    box = dovecot.add_user()
+    secret = Path(secret_file(tmp_path, "wrong-password"))
+    rec = Recorder()
+    c = pop3(box, tmp_path, password={"file": str(secret)})
+    async with listening(c, rec, wait_up=False):
+        await wait_for(lambda: "Authentication failed" in c.health().detail, what="the wrong password refused")
+        secret.write_text(box.password + "\n")
+        await wait_for(lambda: c.health().up, timeout=15, what="a poll logged in with the corrected password")
+        await asyncio.to_thread(box.append, mail("after the correction"))  # new mail: the first start is done
+        await wait_for(lambda: len(rec.seen) == 1, what="the mail")
