@@ -24,6 +24,7 @@ Outbound
 from __future__ import annotations
 
 import asyncio
+import base64
 import fnmatch
 import hmac
 import json
@@ -36,7 +37,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 import aiohttp
 from pydantic import Field, field_validator
 
-from gateway.config.models import ByteSize, Duration, Secret, Strict
+from gateway.config.models import ByteSize, Duration, Secret, Strict, current_secret
 from gateway.contract import (
     Connector,
     ConnectorConfig,
@@ -405,16 +406,17 @@ class RestConnector(Connector):
         headers.update(opts.headers)
         headers["Idempotency-Key"] = env.id
         headers.setdefault("Content-Type", env.content_type)
-        auth = None
         oa = self.cfg.outbound_auth
         if oa is not None:
+            # read per request: a token renewed in its file is used from the next request on
             if oa.type == "bearer" and oa.token is not None:
-                headers["Authorization"] = f"Bearer {oa.token.get_secret_value()}"
-            elif oa.type == "basic":
-                auth = aiohttp.BasicAuth(oa.username or "", oa.password.get_secret_value() if oa.password else "")
+                headers["Authorization"] = f"Bearer {current_secret(oa.token)}"
+            elif oa.type == "basic":  # RFC 7617, UTF-8 (aiohttp's BasicAuth is deprecated)
+                pair = f"{oa.username or ''}:{current_secret(oa.password) if oa.password else ''}"
+                headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
         body = env.body if opts.method != "GET" else None
         try:
-            async with self._session.request(opts.method, url, data=body, headers=headers, auth=auth,
+            async with self._session.request(opts.method, url, data=body, headers=headers,
                                              allow_redirects=False) as resp:
                 data = await resp.content.read(16 * 1024 * 1024 + 1)
                 status = resp.status

@@ -6,6 +6,7 @@ Connector sections are validated by each connector kind's own ``Config`` model (
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Any, Literal
 
@@ -55,27 +56,39 @@ ByteSize = Annotated[int, BeforeValidator(parse_size)]
 class FileSecret(SecretStr):
     """A secret from ``{file: path}``: the value read at load, and the path to read it again.
 
-    A connector whose peer takes short-lived credentials (an XOAUTH2 access token that a sidecar
-    or a mounted Kubernetes Secret renews) calls :func:`current_secret` at every login instead of
-    holding the value it was configured with. Compares equal by value, as any ``SecretStr``.
+    A connector whose peer takes short-lived credentials (an access token that a sidecar or a
+    mounted Kubernetes Secret renews) calls :func:`current_secret` where it uses the secret
+    (every login, every request) instead of holding the value it was configured with. Compares
+    equal by the value read at load, as any ``SecretStr``.
     """
 
     def __init__(self, value: str, path: str) -> None:
         super().__init__(value)
         self.path = path
+        self._seen: tuple[int, int, int] | None = None  # (inode, size, mtime) of the last read
+        self._current = value
+
+    def current(self) -> str:
+        """The file's content now; one ``stat`` when it has not changed since the last read. The
+        last good value when the file cannot be read or is empty (say, while being replaced)."""
+        try:
+            st = os.stat(self.path)
+            seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if seen != self._seen:
+                with open(self.path, encoding="utf-8") as fh:
+                    value = fh.read().strip()
+                if value:
+                    self._current, self._seen = value, seen
+        except OSError:
+            pass
+        return self._current
 
 
 def current_secret(secret: SecretStr) -> str:
-    """The secret as it is now: a file secret's file read again (its last good value when the
-    file cannot be read or is empty, say while being replaced); any other secret's value."""
+    """The secret as it is now: a file secret's file (see :meth:`FileSecret.current`); any other
+    secret's value, which cannot change while the gateway runs."""
     if isinstance(secret, FileSecret):
-        try:
-            with open(secret.path, encoding="utf-8") as fh:
-                value = fh.read().strip()
-        except OSError:
-            value = ""
-        if value:
-            return value
+        return secret.current()
     return secret.get_secret_value()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -306,3 +307,33 @@ async def test_spool_failure_answers_503_and_stores_nothing(tmp_path: Path, peer
         ready = await http.get(f"http://{rt.config.model.gateway.admin.listen}/readyz")
         assert ready.status_code == 503
     assert lines(out) == []
+
+
+@pytest.mark.parametrize("kind", ["bearer", "basic"])
+async def test_outbound_credentials_from_a_file_are_sent_and_a_renewed_one_is_used_next(
+        tmp_path: Path, peer: Peer, kind: str) -> None:
+    """outbound_auth reaches the backend; the token (or password) file is read per request, so a
+    credential renewed in the file (a sidecar, a mounted Secret) goes with the next message."""
+    port, out = free_port(), tmp_path / "out.jsonl"
+    secret = tmp_path / "backend-secret"
+    secret.write_text("first-credential\n")
+    auth = (f'{{type: bearer, token: {{file: "{secret}"}}}}' if kind == "bearer"
+            else f'{{type: basic, username: gw, password: {{file: "{secret}"}}}}')
+    text = config(port, peer.port, out).replace('    timeout: 2s\n', f'    timeout: 2s\n    outbound_auth: {auth}\n', 1)
+
+    def sent(n: int) -> str:
+        return str(peer.received[n]["headers"]["Authorization"])
+
+    def expected(value: str) -> str:
+        return f"Bearer {value}" if kind == "bearer" else "Basic " + base64.b64encode(f"gw:{value}".encode()).decode()
+
+    async with running_gateway(tmp_path, text), httpx.AsyncClient() as http:
+        assert (await http.post(f"http://127.0.0.1:{port}/orders/1", json={"id": 1})).status_code == 202
+        await wait_for(lambda: len(peer.received) == 1, what="the first request")
+        assert sent(0) == expected("first-credential")
+        replacement = tmp_path / "backend-secret.new"
+        replacement.write_text("renewed-credential\n")
+        replacement.rename(secret)
+        assert (await http.post(f"http://127.0.0.1:{port}/orders/2", json={"id": 2})).status_code == 202
+        await wait_for(lambda: len(peer.received) == 2, what="the second request")
+        assert sent(1) == expected("renewed-credential")

@@ -133,9 +133,14 @@ routes: []
     secret.write_text("renewed-token\n")
     assert current_secret(from_file) == "renewed-token"
     secret.write_text("")
-    assert current_secret(from_file) == "first-token"  # the value it was loaded with, not an empty one
+    assert current_secret(from_file) == "renewed-token"  # the last good value, not an empty one
     secret.unlink()
-    assert current_secret(from_file) == "first-token"
+    assert current_secret(from_file) == "renewed-token"
+    replacement = tmp_path / "token.new"  # renewed as a Kubernetes volume or a careful script does
+    replacement.write_text("third-token\n")
+    replacement.rename(secret)
+    assert current_secret(from_file) == "third-token"
+    assert from_file.get_secret_value() == "first-token"  # what the config was loaded with
     assert current_secret(from_env) == "env-token"
     assert "token" not in repr(from_file) and "token" not in str(from_file)
 
