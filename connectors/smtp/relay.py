@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import aiosmtplib
 
 from connectors.smtp.config import SmtpConfig
+from gateway.config.models import current_secret
 from gateway.contract import GatewayError, PermanentError, TransientError
 from gateway.logs import event
 
@@ -139,7 +140,7 @@ class Relay:
             start_tls=True if mode == "required" else (None if mode == "optional" else False),
             tls_context=self._tls, timeout=self.cfg.timeout, local_hostname=self.cfg.hostname,
             username=self.cfg.username,
-            password=self.cfg.password.get_secret_value() if self.cfg.password is not None else None,
+            password=current_secret(self.cfg.password) if self.cfg.password is not None else None,  # file: read again
         )
         try:
             await client.connect()

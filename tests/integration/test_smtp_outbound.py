@@ -146,6 +146,31 @@ async def test_starttls_auth_and_connection_reuse(tmp_path: Path, monkeypatch: p
     assert relay.handler.ehlo_count == 2
 
 
+async def test_a_relay_password_renewed_in_its_file_is_used_at_the_next_connection(tmp_path: Path) -> None:
+    """The relay password given as {file: …} is read again for every new connection: after the
+    relay's password and the file both change, the next message logs in with the new one."""
+    rest = free_port()
+    certs = make_certs(tmp_path / "tls")
+    secret = tmp_path / "relay-password"
+    secret.write_text("first-s3cret\n")
+    users = {"gw": "first-s3cret"}
+    relay_cfg = {"starttls": "required", "username": "gw", "password": {"file": str(secret)},
+                 "ca_file": certs.ca, "keepalive": "0s"}  # a new connection for every message
+    with Relay(tls=certs.server_context(), users=users) as relay:
+        relay_cfg["url"] = f"smtp://localhost:{relay.port}"
+        async with running_gateway(tmp_path, gateway_yaml(rest, relay_cfg)) as rt:
+            await post(rest, {**ALERT, "title": "before"})
+            await wait_for(lambda: len(relay.handler.messages) == 1, what="the first message")
+            users["gw"] = "renewed-s3cret"  # the relay's side changes first, as a rotation does
+            secret.write_text("renewed-s3cret\n")
+            await post(rest, {**ALERT, "title": "after"})
+            await wait_for(lambda: len(relay.handler.messages) == 2, what="the message after the renewal")
+            assert await rt.spool.count_dead_letters() == 0
+    assert [parse_message(m.original_content)["subject"] for m in relay.handler.messages] == [
+        "Site 7: before", "Site 7: after"]
+    assert all(s.authenticated for s in relay.handler.sessions)
+
+
 async def test_smtps_relay_and_certificate_verification(tmp_path: Path) -> None:
     rest = free_port()
     certs = make_certs(tmp_path / "tls")
