@@ -49,11 +49,13 @@ import time
 from typing import Any
 
 import aio_pika
+from yarl import URL
 
 from connectors.amqp.inbound import AmqpInbound
 from connectors.amqp.mapping import AmqpConfig, AmqpTarget
 from connectors.amqp.outbound import AmqpOutbound
 from connectors.broker_common.connection import tls_context
+from gateway.config.models import current_secret
 from gateway.contract import Deliver, Health, PermanentError, TransientError
 from gateway.logs import event
 
@@ -119,16 +121,17 @@ class AmqpConnector(AmqpInbound, AmqpOutbound):
         self._lost.clear()
         kwargs: dict[str, Any] = {"timeout": cfg.connect_timeout,
                                   "client_properties": {"connection_name": f"gateway-{self.name}"}}
-        if cfg.username:
-            kwargs["login"] = cfg.username
-        if cfg.password is not None:
-            kwargs["password"] = cfg.password.get_secret_value()
         if cfg.use_tls:
             kwargs["ssl"] = True
             kwargs["ssl_context"] = tls_context(cfg.tls)
         url = cfg.url.replace("amqp://", "amqps://", 1) if cfg.use_tls else cfg.url
-        sep = "&" if "?" in url else "?"
-        conn = await aio_pika.connect(f"{url}{sep}heartbeat={cfg.heartbeat}", **kwargs)
+        target = URL(url).update_query(heartbeat=cfg.heartbeat)
+        if cfg.username:
+            # In the URL: aio-pika ignores login= and password= when it is given a URL (the broker
+            # then saw guest/guest). The password file is read again for every connection.
+            target = target.with_user(cfg.username).with_password(
+                current_secret(cfg.password) if cfg.password is not None else None)
+        conn = await aio_pika.connect(target, **kwargs)
         self._conn = conn
         conn.close_callbacks.add(self._on_connection_closed)
         self._generation += 1

@@ -183,8 +183,7 @@ class MqttConnector(MqttInbound, MqttOutbound):
         client.max_inflight_messages = cfg.max_inflight
         client.connect_timeout = cfg.connect_timeout
         client.suppress_exceptions = True
-        if cfg.username:
-            client.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
+        # username and password: set before every connection (MqttConnection._connect_once)
         if cfg.use_tls:
             client.tls_set_context(tls_context(cfg.tls))
         if cfg.status is not None:

@@ -22,6 +22,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from connectors.broker_common.connection import BrokerConnector
 from connectors.mqtt.client import GatewayClient
 from connectors.mqtt.mapping import MqttConfig
+from gateway.config.models import current_secret
 from gateway.contract import ConnectorConfig, ConnectorContext, TransientError
 from gateway.tasks import retrieve
 
@@ -62,6 +63,9 @@ class MqttConnection(BrokerConnector):
         assert client is not None and self._loop is not None
         self._teardown_socket()
         self._lost.clear()
+        cfg = self.cfg
+        if cfg.username:  # a password file renewed since the last connection is read now
+            client.username_pw_set(cfg.username, current_secret(cfg.password) if cfg.password else None)
         self._connack = self._loop.create_future()
         self._in_connect = True
         self._connect_job = asyncio.ensure_future(asyncio.to_thread(client.reconnect))

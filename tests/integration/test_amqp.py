@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +243,54 @@ async def test_unreachable_broker_is_unready_not_fatal(tmp_path: Path) -> None:
         assert not detail["connectors"]["bus"]["up"]
         assert "connect failed" in detail["connectors"]["bus"]["detail"]
         assert detail["connectors"]["out"]["up"]
+
+
+def _rabbitmqctl(*args: str) -> str:
+    done = subprocess.run(["rabbitmqctl", "-q", *args], check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"rabbitmqctl {args[0]}: {done.stderr or done.stdout} (run the tests as root)"
+    return done.stdout
+
+
+async def test_the_configured_user_logs_in_and_a_corrected_password_file_is_used_next(tmp_path: Path) -> None:
+    """A broker user of our own (not guest, which RabbitMQ allows on loopback only): a wrong
+    password from the file is refused; once the file is corrected (a renewed Kubernetes Secret,
+    say) the next connection attempt logs in as that user — no reload, no restart."""
+    user, password = unique("gw-user"), f"pw-{uuid.uuid4().hex}"
+    await asyncio.to_thread(_rabbitmqctl, "add_user", user, password)
+    try:
+        await asyncio.to_thread(_rabbitmqctl, "set_permissions", "-p", "/", user, ".*", ".*", ".*")
+        secret = tmp_path / "amqp-password"
+        secret.write_text("wrong-password\n")
+        queue = unique("gw.pwfile")
+        out = tmp_path / "o.jsonl"
+        yaml = gateway_yaml(f"""
+  bus: {{type: amqp, url: "amqp://127.0.0.1:5672/", username: {user}, password: {{file: "{secret}"}},
+        connect_timeout: 2, reconnect_min: 0.2, reconnect_max: 1, queue: {{name: {queue}}}}}
+  out: {{type: file, path: "{out}"}}
+""", """
+  - name: r
+    from: bus
+    to: [{connector: out}]
+""")
+        async with running_gateway(tmp_path, yaml, wait_ready=False) as rt:
+            def detail() -> str:
+                return str(rt.readiness()[1]["connectors"]["bus"]["detail"])
+
+            await wait_for(lambda: "ACCESS_REFUSED" in detail(), what="the wrong password refused")
+            assert "wrong-password" not in detail()
+            secret.write_text(password + "\n")
+            await wait_for(lambda: rt.readiness()[0], what="connected with the corrected password file")
+            connections = await asyncio.to_thread(_rabbitmqctl, "list_connections", "user", "client_properties")
+            assert any(line.startswith(user) and "gateway-bus" in line for line in connections.splitlines()), \
+                connections
+            async with amqp_channel() as ch:
+                await ch.default_exchange.publish(aio_pika.Message(b'{"n": 1}', content_type="application/json"),
+                                                  routing_key=queue)
+            await wait_for(lambda: out.exists() and out.read_text().count("\n") == 1, what="the message")
+        async with amqp_channel() as ch:
+            await ch.queue_delete(queue)
+    finally:
+        await asyncio.to_thread(_rabbitmqctl, "delete_user", user)
 
 
 async def test_stop_listening_then_listen_again_keeps_acknowledging(tmp_path: Path) -> None:

@@ -632,6 +632,20 @@ password_file {passwd}
             text = detail["connectors"]["plant"]["detail"]
             assert "s3cret" not in text and "wrong" not in text
             assert "refused" in text.lower() or "authori" in text.lower(), text
+        # a password file is read at every connection: corrected while refused, it is used next
+        secret = tmp_path / "mqtt-password"
+        secret.write_text("wrong-password\n")
+        (tmp_path / "file").mkdir()
+        by_file = yaml("GW_TEST_MQTT_PW").replace('password: "${GW_TEST_MQTT_PW}"', f'password: {{file: "{secret}"}}')
+        async with running_gateway(tmp_path / "file", by_file, wait_ready=False) as rt:
+            await wait_for(lambda: "refused" in rt.readiness()[1]["connectors"]["plant"]["detail"].lower()
+                           or "authori" in rt.readiness()[1]["connectors"]["plant"]["detail"].lower(),
+                           what="the wrong password refused")
+            secret.write_text("s3cret\n")
+            await wait_for(lambda: rt.readiness()[0], what="connected with the corrected password file")
+            async with mqtt_probe(port=plain) as probe:
+                probe.publish("t/2", b"after the correction", qos=1)
+            await wait_for(lambda: b"after the correction" in out.read_bytes(), 5, what="the message")
 
 
 async def test_status_topic_online_and_last_will_on_connection_loss(tmp_path: Path) -> None:
