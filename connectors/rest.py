@@ -24,7 +24,6 @@ Outbound
 from __future__ import annotations
 
 import asyncio
-import base64
 import fnmatch
 import hmac
 import json
@@ -54,7 +53,7 @@ from gateway.contract import (
 )
 from gateway.deadlines import Deadlines
 from gateway.envelope import Envelope, from_cloudevent, media_type
-from gateway.http import Receive, Scope, Send, send_problem
+from gateway.http import Receive, Scope, Send, basic_authorization, send_problem
 from gateway.logs import event
 
 _HTTP_METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE"}
@@ -411,9 +410,8 @@ class RestConnector(Connector):
             # read per request: a token renewed in its file is used from the next request on
             if oa.type == "bearer" and oa.token is not None:
                 headers["Authorization"] = f"Bearer {current_secret(oa.token)}"
-            elif oa.type == "basic":  # RFC 7617, UTF-8 (aiohttp's BasicAuth is deprecated)
-                pair = f"{oa.username or ''}:{current_secret(oa.password) if oa.password else ''}"
-                headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+            elif oa.type == "basic":  # not aiohttp's BasicAuth: deprecated
+                headers["Authorization"] = basic_authorization(oa.username or "", current_secret(oa.password) or "")
         body = env.body if opts.method != "GET" else None
         try:
             async with self._session.request(opts.method, url, data=body, headers=headers,

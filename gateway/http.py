@@ -9,6 +9,7 @@ not a ``sys.exit`` inside uvicorn.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -26,6 +27,11 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def basic_authorization(username: str, password: str) -> str:
+    """The ``Authorization`` value for HTTP Basic (RFC 7617, UTF-8) for an outbound request."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

@@ -129,8 +129,7 @@ class AmqpConnector(AmqpInbound, AmqpOutbound):
         if cfg.username:
             # In the URL: aio-pika ignores login= and password= when it is given a URL (the broker
             # then saw guest/guest). The password file is read again for every connection.
-            target = target.with_user(cfg.username).with_password(
-                current_secret(cfg.password) if cfg.password is not None else None)
+            target = target.with_user(cfg.username).with_password(current_secret(cfg.password))
         conn = await aio_pika.connect(target, **kwargs)
         self._conn = conn
         conn.close_callbacks.add(self._on_connection_closed)

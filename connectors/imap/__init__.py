@@ -190,9 +190,7 @@ class ImapConnector(Connector):
         """A new session. The password or token is read again from its file (``{file: …}``) at
         every login, so a renewed access token is used from the next reconnect on."""
         cfg = self.cfg
-        password = current_secret(cfg.password) if cfg.password else None
-        token = current_secret(cfg.oauth2_token) if cfg.oauth2_token else None
-        return await open_session(cfg, password, token)
+        return await open_session(cfg, current_secret(cfg.password), current_secret(cfg.oauth2_token))
 
     # --- inbound -------------------------------------------------------------------------
 

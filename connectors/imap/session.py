@@ -416,12 +416,9 @@ async def _xoauth2(client: aioimaplib.IMAP4, user: str, token: str) -> Any:
         if response.result == "OK":
             protocol.state = aioimaplib.AUTH
         protocol.state_condition.notify_all()
-    if response.result != "OK" and command.challenge:
-        said = f" (XOAUTH2: {command.challenge})".encode()
-        if response.lines and isinstance(response.lines[-1], bytes | bytearray):
-            response.lines[-1] = bytes(response.lines[-1]) + said  # after the tagged NO's text
-        else:
-            response.lines.append(said.strip())
+    if response.result != "OK" and command.challenge and response.lines:
+        # after the tagged NO's text (its last line), where the refusal message is read from
+        response.lines[-1] = bytes(response.lines[-1]) + f" (XOAUTH2: {command.challenge})".encode()
     return response
 
 

@@ -65,7 +65,7 @@ class MqttConnection(BrokerConnector):
         self._lost.clear()
         cfg = self.cfg
         if cfg.username:  # a password file renewed since the last connection is read now
-            client.username_pw_set(cfg.username, current_secret(cfg.password) if cfg.password else None)
+            client.username_pw_set(cfg.username, current_secret(cfg.password))
         self._connack = self._loop.create_future()
         self._in_connect = True
         self._connect_job = asyncio.ensure_future(asyncio.to_thread(client.reconnect))

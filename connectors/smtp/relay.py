@@ -140,7 +140,7 @@ class Relay:
             start_tls=True if mode == "required" else (None if mode == "optional" else False),
             tls_context=self._tls, timeout=self.cfg.timeout, local_hostname=self.cfg.hostname,
             username=self.cfg.username,
-            password=current_secret(self.cfg.password) if self.cfg.password is not None else None,  # file: read again
+            password=current_secret(self.cfg.password),  # a {file: …} one is read again per connection
         )
         try:
             await client.connect()

@@ -23,7 +23,6 @@ reply not XML/SOAP, too large           ``PermanentError(code=502)``
 
 from __future__ import annotations
 
-import base64
 import logging
 import ssl
 from typing import Any
@@ -35,6 +34,7 @@ from connectors.soap.config import SoapConfig
 from connectors.soap.model import Field, MappingError, RenderOptions
 from connectors.soap.wsdl import Contract, Operation, Port, WsdlError, is_url
 from gateway.contract import PermanentError, Reply, TransientError
+from gateway.http import basic_authorization
 from gateway.logs import event
 
 #: Replies are parsed as hardened as requests, with room for deep legacy documents.
@@ -54,8 +54,7 @@ class SoapCaller:
             verify = ssl.create_default_context(cafile=cfg.ca_file)
         self._authorization: str | None = None
         if cfg.http_auth is not None:
-            pair = f"{cfg.http_auth.username}:{cfg.http_auth.password.get_secret_value()}".encode()
-            self._authorization = "Basic " + base64.b64encode(pair).decode("ascii")
+            self._authorization = basic_authorization(cfg.http_auth.username, cfg.http_auth.password.get_secret_value())
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=cfg.max_connections, ssl=verify), trust_env=False,
             timeout=aiohttp.ClientTimeout(total=cfg.timeout))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
 
@@ -84,12 +84,16 @@ class FileSecret(SecretStr):
         return self._current
 
 
-def current_secret(secret: SecretStr) -> str:
+@overload
+def current_secret(secret: SecretStr) -> str: ...
+@overload
+def current_secret(secret: SecretStr | None) -> str | None: ...
+def current_secret(secret: SecretStr | None) -> str | None:
     """The secret as it is now: a file secret's file (see :meth:`FileSecret.current`); any other
-    secret's value, which cannot change while the gateway runs."""
+    secret's value, which cannot change while the gateway runs; None for an unset one."""
     if isinstance(secret, FileSecret):
         return secret.current()
-    return secret.get_secret_value()
+    return None if secret is None else secret.get_secret_value()
 
 
 def _secret_by_reference(value: Any) -> Any:

@@ -638,9 +638,10 @@ password_file {passwd}
         (tmp_path / "file").mkdir()
         by_file = yaml("GW_TEST_MQTT_PW").replace('password: "${GW_TEST_MQTT_PW}"', f'password: {{file: "{secret}"}}')
         async with running_gateway(tmp_path / "file", by_file, wait_ready=False) as rt:
-            await wait_for(lambda: "refused" in rt.readiness()[1]["connectors"]["plant"]["detail"].lower()
-                           or "authori" in rt.readiness()[1]["connectors"]["plant"]["detail"].lower(),
-                           what="the wrong password refused")
+            def detail() -> str:
+                return str(rt.readiness()[1]["connectors"]["plant"]["detail"]).lower()
+
+            await wait_for(lambda: "refused" in detail() or "authori" in detail(), what="the wrong password refused")
             secret.write_text("s3cret\n")
             await wait_for(lambda: rt.readiness()[0], what="connected with the corrected password file")
             async with mqtt_probe(port=plain) as probe:

@@ -25,6 +25,7 @@ from gateway.envelope import Envelope
 from gateway.http import HttpHub
 from gateway.registry import Registry
 from gateway.routing.router import Planned
+from tests.stubborn import ignoring_cancellation
 
 SAMPLES = Path(__file__).parent.parent / "samples" / "mail"
 
@@ -170,11 +171,7 @@ class _StubbornClient:
         self.protocol.transport.close = lambda: setattr(self.protocol.transport, "closed", True)
 
     async def logout(self) -> None:
-        while not self.release.is_set():
-            try:
-                await self.release.wait()
-            except asyncio.CancelledError:
-                continue  # swallowed: what a library stuck on its own state may do
+        await ignoring_cancellation(self.release)
 
 
 async def test_logout_ends_and_closes_the_connection_even_if_the_library_does_not() -> None:
@@ -196,15 +193,7 @@ async def test_stop_listening_is_bounded_when_a_watcher_ignores_its_cancellation
     conn = ImapConnector(cfg(), ctx)
 
     release = asyncio.Event()
-
-    async def stuck() -> None:
-        while not release.is_set():
-            try:
-                await release.wait()
-            except asyncio.CancelledError:
-                continue
-
-    task = asyncio.create_task(stuck())
+    task = asyncio.create_task(ignoring_cancellation(release))
     conn._watchers["INBOX"] = task
     try:
         with caplog.at_level(logging.WARNING):

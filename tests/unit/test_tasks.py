@@ -9,24 +9,13 @@ import logging
 import pytest
 
 from gateway.tasks import cancel_and_wait, within
-
-
-def stubborn(release: asyncio.Event) -> asyncio.Task[None]:
-    """A task that swallows every cancellation until ``release`` is set."""
-    async def run() -> None:
-        while not release.is_set():
-            try:
-                await release.wait()
-            except asyncio.CancelledError:
-                continue
-
-    return asyncio.create_task(run())
+from tests.stubborn import ignoring_cancellation
 
 
 async def test_cancel_and_wait_ends_what_it_can_and_returns_what_ignored_it() -> None:
     release = asyncio.Event()
     polite = asyncio.create_task(asyncio.sleep(3600))
-    stuck = stubborn(release)
+    stuck = asyncio.create_task(ignoring_cancellation(release))
     await asyncio.sleep(0)
     try:
         left = await asyncio.wait_for(cancel_and_wait([polite, stuck], 0.2), 10)
@@ -39,16 +28,8 @@ async def test_cancel_and_wait_ends_what_it_can_and_returns_what_ignored_it() ->
 
 async def test_within_gives_up_without_waiting_for_a_task_that_ignores_its_cancellation() -> None:
     release = asyncio.Event()
-
-    async def bye() -> None:
-        while not release.is_set():
-            try:
-                await release.wait()
-            except asyncio.CancelledError:
-                continue
-
     try:
-        assert await asyncio.wait_for(within(bye(), 0.2), 10) is False
+        assert await asyncio.wait_for(within(ignoring_cancellation(release), 0.2), 10) is False
     finally:
         release.set()
     assert await within(asyncio.sleep(0), 1) is True
