@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from gateway.config.loader import load_config
 from gateway.registry import Registry
 from gateway.runtime import Runtime
 from tests.ports import free_port
 
-__all__ = ["free_port", "running_gateway", "wait_for", "write_config"]
+__all__ = ["free_port", "jsonl", "running_gateway", "wait_for", "write_config"]
+
+
+def jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines a file connector has written so far: complete lines only. A test that reads
+    while the gateway appends can see the last line half written (a CI failure: JSONDecodeError
+    on an unterminated string in a sink file read mid-write)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    complete = data[: data.rfind(b"\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 def write_config(tmp_path: Path, yaml_text: str, *, admin_port: int | None = None) -> Path:

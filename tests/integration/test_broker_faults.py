@@ -24,7 +24,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.gwtest import free_port, running_gateway, wait_for
+from tests.gwtest import free_port, jsonl, running_gateway, wait_for
 from tests.integration.test_mqtt import Mosquitto
 from tests.integration.test_mqtt_amqp import gateway_yaml, unique
 
@@ -72,9 +72,8 @@ class StreamPublisher:
 
 def classify(path: Path, n: int = N) -> tuple[set[int], Counter[int], set[int]]:
     seen: Counter[int] = Counter()
-    if path.exists():
-        for line in path.read_text().splitlines():
-            seen[json.loads(json.loads(line)["body"])["seq"]] += 1
+    for rec in jsonl(path):
+        seen[json.loads(rec["body"])["seq"]] += 1
     expected = set(range(n))
     lost = expected - set(seen)
     unexpected = set(seen) - expected

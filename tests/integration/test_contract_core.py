@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from aiohttp import web
 from gateway.contract import Connector
 from gateway.http import HttpHub
 from tests.contract import InboundContract, OutboundContract
-from tests.gwtest import free_port
+from tests.gwtest import free_port, jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -30,10 +29,7 @@ class TestFileContract(OutboundContract):
         return {"path": str(blocker / "out.jsonl")}
 
     async def received(self, tmp_path: Path) -> list[bytes]:
-        out = tmp_path / "out.jsonl"
-        if not out.exists():
-            return []
-        return [json.loads(line)["body"].encode() for line in out.read_text().splitlines()]
+        return [rec["body"].encode() for rec in jsonl(tmp_path / "out.jsonl")]
 
 
 class TestRestOutboundContract(OutboundContract):

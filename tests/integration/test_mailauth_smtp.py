@@ -17,7 +17,7 @@ from typing import Any
 import dkim
 import pytest
 
-from tests.gwtest import free_port, running_gateway, wait_for
+from tests.gwtest import free_port, jsonl, running_gateway, wait_for
 from tests.integration.test_smtp_inbound import PASSWORD, users_file
 from tests.integration.test_smtp_peers import make_certs, swaks
 from tests.mailauth_support import StubDns, dkim_txt, message, pem, rsa_key, stub_dns, wire
@@ -99,7 +99,7 @@ def data_reply(transcript: str) -> str:
 
 
 def records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return jsonl(path)
 
 
 def body(record: dict[str, Any]) -> str:

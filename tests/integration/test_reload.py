@@ -22,7 +22,7 @@ import pytest
 
 from gateway.reload import ReloadRefused, version_of, watch
 from gateway.runtime import Runtime
-from tests.gwtest import free_port, running_gateway, wait_for
+from tests.gwtest import free_port, jsonl, running_gateway, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -131,11 +131,7 @@ def read_out(tmp_path: Path) -> dict[str, list[tuple[str, str]]]:
     REST (the id the 202 answered) and ``mqtt:<seq>`` for MQTT (each delivery gets a new id)."""
     found: dict[str, list[tuple[str, str]]] = {}
     for name in ("a", "b"):
-        path = tmp_path / f"{name}.jsonl"
-        if not path.exists():
-            continue
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
+        for rec in jsonl(tmp_path / f"{name}.jsonl"):
             key = rec["id"]
             if rec["source"] == "plant":
                 key = f"mqtt:{json.loads(rec['body'])['mseq']}"

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from tests.gwtest import free_port, running_gateway, wait_for
+from tests.gwtest import free_port, jsonl, running_gateway, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -106,9 +106,7 @@ routes:
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return jsonl(path)
 
 
 async def test_post_is_accepted_spooled_and_written_to_the_file(tmp_path: Path, peer: Peer) -> None:

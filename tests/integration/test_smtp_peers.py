@@ -9,7 +9,6 @@ the peers exist, so a missing one fails with the install step instead of a confu
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import smtplib
 import ssl
@@ -24,7 +23,7 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from tests.gwtest import free_port
+from tests.gwtest import free_port, jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -158,9 +157,7 @@ class RawSmtp:
 
 def sink_lines(path: Path) -> list[dict[str, Any]]:
     """The envelopes a file connector wrote."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return jsonl(path)
 
 
 # --- a relay the tests script ------------------------------------------------------------

@@ -10,13 +10,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.gwtest import free_port, running_gateway, wait_for
+from tests.gwtest import free_port, jsonl, running_gateway, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return jsonl(path)
 
 
 async def test_throttle_with_digest_and_dedupe_through_the_gateway(tmp_path: Path) -> None:
