@@ -18,7 +18,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -29,6 +29,16 @@ from typing import Any
 MAX_PARSE_BYTES = 16 * 1024 * 1024
 #: Deepest JSON/XML nesting the parser accepts before giving up (hostile input guard).
 MAX_PARSE_DEPTH = 64
+#: JSON bodies larger than this are parsed in steps (:meth:`Envelope.parse_steps`) so that the
+#: event loop runs between them: ``json.loads`` holds the GIL for the whole document, about 60 ms a
+#: megabyte of small values, so neither the loop nor a worker thread may run it on megabytes.
+PARSE_INLINE_BYTES = 64 * 1024
+#: Bytes parsed in one step: a few milliseconds for the costliest JSON (millions of tiny values).
+PARSE_STEP_BYTES = 16 * 1024
+#: Most values a large JSON body may hold to get a ``data`` view. Each becomes a Python object of
+#: 50-100 bytes that the garbage collector walks, so sixteen megabytes of ``[1],`` would take half
+#: a gigabyte and collector pauses of a quarter second; routing needs nowhere near this many.
+MAX_PARSE_VALUES = 250_000
 
 CE_ATTRIBUTES = ("id", "source", "type", "specversion", "subject", "time", "datacontenttype")
 
@@ -119,8 +129,34 @@ class Envelope:
 
     @cached_property
     def data(self) -> Any:
-        """The parsed view of ``body``, computed once. Raises :class:`ParseError`."""
-        return parse_body(self.body, self.content_type)
+        """The parsed view of ``body``, computed once. Raises :class:`ParseError` (also computed
+        once: a body that does not parse is not parsed again on every read)."""
+        failed: ParseError | None = self.__dict__.get("_data_error")
+        if failed is not None:
+            raise failed
+        try:
+            return parse_body(self.body, self.content_type)
+        except ParseError as exc:
+            self.__dict__["_data_error"] = exc
+            raise
+
+    def parse_steps(self) -> Generator[None, None, None]:
+        """Compute ``data`` in bounded steps: each ``next()`` parses at most
+        :data:`PARSE_STEP_BYTES` of a JSON body over :data:`PARSE_INLINE_BYTES`; the caller yields
+        to the event loop between steps. Afterwards ``data`` is cached (or its
+        :class:`ParseError`). Other bodies parse in one step."""
+        d = self.__dict__
+        if "data" in d or "_data_error" in d:
+            return
+        if len(self.body) <= PARSE_INLINE_BYTES or len(self.body) > MAX_PARSE_BYTES \
+                or not is_json_type(self.content_type):
+            with _suppress_parse_error():
+                _ = self.data
+            return
+        try:
+            d["data"] = yield from json_steps(self.body)
+        except ParseError as exc:
+            d["_data_error"] = exc
 
     def data_or_none(self) -> Any:
         """``data``, or ``None`` when the body does not parse."""
@@ -301,6 +337,93 @@ def parse_json(body: bytes) -> Any:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:
         raise ParseError(f"invalid JSON: {exc}") from None
+
+
+class _suppress_parse_error:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: Any) -> bool:
+        return et is not None and issubclass(et, ParseError)
+
+
+def json_steps(body: bytes) -> Generator[None, None, Any]:
+    """Parse JSON in steps of :data:`PARSE_STEP_BYTES` (the generator's return value is the
+    document), with the nesting bound of :func:`parse_json`. ijson's C backend builds the objects
+    incrementally, its numbers as ``json.loads`` makes them (int, float); it stops at integers
+    beyond 64 bits, which ijson's pure-Python backend reads, in smaller steps as it is slower."""
+    import ijson  # only large bodies need it
+
+    try:
+        return (yield from _ijson_steps(body, ijson.get_backend("yajl2_c"), PARSE_STEP_BYTES))
+    except _IntegerOverflow:
+        return (yield from _ijson_steps(body, ijson.get_backend("python"), PARSE_STEP_BYTES // 8))
+
+
+class _IntegerOverflow(Exception):
+    pass
+
+
+def _ijson_steps(body: bytes, backend: Any, step: int) -> Generator[None, None, Any]:
+    import ijson
+
+    depth = _DepthScan(MAX_PARSE_DEPTH, MAX_PARSE_VALUES)
+    out: list[Any] = ijson.sendable_list()
+    parser = backend.items_coro(out, "", use_float=True)
+    try:
+        for start in range(0, len(body), step):
+            chunk = body[start:start + step]
+            depth.feed(chunk)
+            parser.send(chunk)
+            yield
+        parser.close()
+    except ijson.JSONError as exc:
+        # yajl's message goes on with a picture of the input: keep its first line
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "integer overflow" in reason:
+            raise _IntegerOverflow from None
+        raise ParseError(f"invalid JSON: {reason}") from None
+    if len(out) != 1:
+        raise ParseError("invalid JSON: " + ("no value" if not out else "more than one value"))
+    return out[0]
+
+
+class _DepthScan:
+    """:func:`json_depth_exceeds` fed in chunks, also counting values (the commas and openings
+    outside strings): raises :class:`ParseError` past either bound before the parser builds it."""
+
+    __slots__ = ("depth", "escaped", "in_string", "limit", "max_values", "values")
+
+    def __init__(self, limit: int, max_values: int):
+        self.limit = limit
+        self.max_values = max_values
+        self.depth = self.values = 0
+        self.in_string = self.escaped = False
+
+    def feed(self, chunk: bytes) -> None:
+        depth, in_string, escaped, limit, values = self.depth, self.in_string, self.escaped, self.limit, self.values
+        for byte in chunk:
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif byte == 0x5C:
+                    escaped = True
+                elif byte == 0x22:
+                    in_string = False
+            elif byte == 0x22:
+                in_string = True
+            elif byte == 0x2C:
+                values += 1
+            elif byte in (0x5B, 0x7B):
+                depth += 1
+                values += 1
+                if depth > limit:
+                    raise ParseError(f"JSON nested deeper than {limit} levels")
+            elif byte in (0x5D, 0x7D):
+                depth -= 1
+        if values > self.max_values:
+            raise ParseError(f"JSON with more than {self.max_values} values is not parsed for routing")
+        self.depth, self.in_string, self.escaped, self.values = depth, in_string, escaped, values
 
 
 def json_depth_exceeds(body: bytes, limit: int) -> bool:

@@ -96,6 +96,11 @@ class Metrics:
             "gateway_config_reloads_total", "Config reload attempts (outcome: applied, invalid, failed).",
             ["outcome"], registry=r)
         self.ready = Gauge("gateway_ready", "1 when the gateway reports ready.", registry=r)
+        self.loop_lag = Histogram(
+            "gateway_event_loop_lag_seconds",
+            "How much later than asked the event loop ran the watchdog's timer (ten times a second): "
+            "how long every protocol waited behind the work that held the loop.",
+            registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

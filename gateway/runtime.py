@@ -31,6 +31,7 @@ from gateway.logs import event
 from gateway.metrics import Metrics
 from gateway.registry import Registry
 from gateway.reload import Reloader, ReloadFailed, ReloadRefused, watch
+from gateway.watchdog import LoopWatchdog
 
 
 @dataclass
@@ -76,6 +77,8 @@ class Runtime:
         self.storm: Any = None
         self._rng = random.Random()
         self.reloader = Reloader(self)
+        self.watchdog = LoopWatchdog(self.metrics.loop_lag, logging.getLogger("gateway.loop"),
+                                     warn_after=settings.loop_warn_after)
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -121,6 +124,7 @@ class Runtime:
     async def start(self) -> None:
         from gateway.admin import mount_admin
 
+        self.watchdog.start()
         await self.spool.open()
         from gateway.routing.storm import StormControl, StormState
 
@@ -229,6 +233,7 @@ class Runtime:
         await self.spool.close()
         if self.storm is not None:
             await self.storm.state.close()
+        await self.watchdog.stop()
         event(self.log, "gateway.stopped")
 
     async def _stop_listening(self, slot: ConnectorSlot, deadline: float) -> None:

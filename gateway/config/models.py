@@ -173,6 +173,8 @@ class GatewaySettings(Strict):
     drain: Duration = 10.0
     #: Directory for connectors' durable state (sessions, checkpoints).
     state_dir: str = "var/state"
+    #: Log ``loop.blocked`` (with the stack that holds it) when the event loop is held this long.
+    loop_warn_after: Duration = Field(default=0.1, gt=0)
 
 
 class RetryPolicy(Strict):

@@ -170,6 +170,7 @@ class Router:
     def __init__(self, routes: list[CompiledRoute], index: dict[str, _SourceIndex]):
         self.routes = routes
         self._index = index
+        self._reads_data: dict[str, bool] = {}
 
     def __len__(self) -> int:
         return len(self.routes)
@@ -179,6 +180,16 @@ class Router:
             if r.name == name:
                 return r
         return None
+
+    def reads_data(self, source: str) -> bool:
+        """Whether any route from ``source`` reads the parsed body (a ``when`` on ``data``, a
+        template, a storm control): only then is a large body worth parsing ahead in steps."""
+        answer = self._reads_data.get(source)
+        if answer is None:
+            answer = self._reads_data[source] = any(
+                r.when_reads_data or r.storm is not None or any(t.templated_any for t in r.targets)
+                for r in self.routes if source in r.sources)
+        return answer
 
     def select(self, env: Envelope) -> list[Selected]:
         """The routes that take ``env``, in order. Pure."""

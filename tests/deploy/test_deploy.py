@@ -53,7 +53,7 @@ METRICS = [
     "gateway_messages_delivered_total", "gateway_delivery_failures_total",
     "gateway_messages_dead_lettered_total", "gateway_delivery_duration_seconds", "gateway_spool_depth",
     "gateway_spool_oldest_age_seconds", "gateway_connector_up", "gateway_routes_loaded",
-    "gateway_config_info", "gateway_config_reloads_total", "gateway_ready",
+    "gateway_config_info", "gateway_config_reloads_total", "gateway_ready", "gateway_event_loop_lag_seconds",
 ]
 
 DEV_EXTRAS = "pip install -e '.[dev]' (the dev extras list it)"
@@ -906,11 +906,22 @@ def test_alert_rules() -> None:
     rules = yaml.safe_load(ALERTS.read_text())
     alerts = {r["alert"] for g in rules["groups"] for r in g["rules"]}
     assert alerts == {"GatewayConnectorDown", "GatewayDeadLettersRising", "GatewaySpoolGrowing",
-                      "GatewayNotReady", "GatewayConfigReloadFailing"}
+                      "GatewayNotReady", "GatewayConfigReloadFailing", "GatewayEventLoopBlocked"}
     for group in rules["groups"]:
         for rule in group["rules"]:
             assert rule["labels"]["severity"] in {"warning", "critical"}
             assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+
+
+def test_alert_rules_fire_on_their_first_event(tmp_path: Path) -> None:
+    """``promtool test rules``: each alert with a unit test fires on the first event it is about,
+    from series that exist (at 0) from the first scrape."""
+    promtool = tool("promtool", "apt-get install -y --no-install-recommends prometheus")
+    tests = REPO / "deploy" / "monitoring" / "alerts.test.yml"
+    work = tmp_path / "alerts.test.yml"
+    work.write_text(tests.read_text().replace("alerts.yml", str(ALERTS)))
+    proc = run([promtool, "test", "rules", str(work)])
+    assert proc.returncode == 0, explain(proc)
 
 
 def dashboard_queries() -> list[tuple[str, str]]:

@@ -4,6 +4,8 @@ import json
 from dataclasses import FrozenInstanceError
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.envelope import Envelope, ParseError, from_cloudevent, new_id, to_cloudevent
 
@@ -138,3 +140,45 @@ def test_cloudevent_binary_data_uses_base64() -> None:
 def test_invalid_cloudevents_are_refused(event: dict[str, str]) -> None:
     with pytest.raises(ValueError):
         from_cloudevent(event, source="s", protocol="p")
+
+
+# --- large JSON bodies parsed in steps ----------------------------------------------------------
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children), max_leaves=200)
+
+
+@given(_json_values)
+def test_json_in_steps_reads_what_json_loads_reads(value: object) -> None:
+    import json
+
+    from gateway.envelope import json_steps
+
+    body = json.dumps(value, ensure_ascii=False).encode()
+    steps = json_steps(body)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            assert done.value == json.loads(body)
+            return
+
+
+def test_a_large_json_body_parses_in_bounded_steps() -> None:
+    import json
+
+    from gateway.envelope import PARSE_STEP_BYTES
+
+    doc = {"kind": "big", "values": list(range(200_000))}
+    env = make(body=json.dumps(doc).encode(), content_type="application/json")
+    steps = sum(1 for _ in env.parse_steps())
+    assert steps == -(-len(env.body) // PARSE_STEP_BYTES)
+    assert env.data == doc
+    deep = make(body=b"[" * 70_000 + b"]" * 70_000, content_type="application/json")
+    for _ in deep.parse_steps():
+        pass
+    with pytest.raises(ParseError, match="deeper than"):
+        _ = deep.data
+    with pytest.raises(ParseError, match="deeper than"):  # the failure is kept, not parsed again
+        _ = deep.data
