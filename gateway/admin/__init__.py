@@ -6,9 +6,10 @@
 on loopback, so a fresh install is never an open admin API.
 
 ``POST /api/login`` trades a token (plus a one-time code, RFC 6238 TOTP, for a token that has a
-second factor) for a session token with a limited life; the web editor at ``/ui/`` uses only
-that. An editor token with a second factor presented directly as a bearer token reads only
-(viewer): writing needs the code. Every change is logged with the token's name.
+second factor) for a signed session token with a limited life, accepted by every replica that
+shares ``gateway.admin.session_key``; the web editor at ``/ui/`` uses only that. An editor token
+with a second factor presented directly as a bearer token reads only (viewer): writing needs the
+code. Every change is logged with the token's name.
 
 Config endpoints (see the README, "Editing routing rules"): ``GET /api/config``, ``GET|PUT /api/routes`` (the PUT
 carries ``If-Match: "<version>"``; an edit of a stale version answers ``409``),
@@ -28,10 +29,10 @@ and :mod:`~gateway.admin.body` (reading request bodies).
 
 from gateway.admin.app import build_admin, mount_admin
 from gateway.admin.auth import (
-    SESSION_SECONDS,
     TOTP_DIGITS,
     TOTP_STEP,
     AuthState,
+    FailureBudget,
     Principal,
     hash_token,
     make_auth,
@@ -43,10 +44,10 @@ from gateway.admin.live import LiveLog
 
 __all__ = [
     "MAX_CONFIG_BYTES",
-    "SESSION_SECONDS",
     "TOTP_DIGITS",
     "TOTP_STEP",
     "AuthState",
+    "FailureBudget",
     "LiveLog",
     "Principal",
     "build_admin",

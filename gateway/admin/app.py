@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -14,10 +15,13 @@ from gateway.admin.api_overview import overview_api
 from gateway.admin.auth import AuthState, Principal, login_api, make_auth, make_editor
 from gateway.admin.live import LiveLog
 from gateway.admin.ui import editor_ui
+from gateway.logs import event
 from gateway.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from gateway.runtime import Runtime
+
+_log = logging.getLogger("gateway.admin")
 
 
 def build_admin(runtime: Runtime, live: LiveLog | None = None) -> FastAPI:
@@ -25,6 +29,10 @@ def build_admin(runtime: Runtime, live: LiveLog | None = None) -> FastAPI:
                   redoc_url=None)
     auth_state = AuthState()
     auth = make_auth(runtime, auth_state)
+    admin = runtime.config.model.gateway.admin
+    if admin.tokens and admin.session_key is None:
+        event(_log, "admin.session_key_unset", detail="sessions are signed with a key of this process: "
+              "they hold on this replica only (set gateway.admin.session_key to share them)")
     editor = make_editor(auth)
 
     @app.get("/healthz", include_in_schema=False)

@@ -134,6 +134,17 @@ class AdminSettings(Strict):
     listen: str = "127.0.0.1:8081"
     #: Bearer tokens for /api; /metrics, /healthz and /readyz stay open for probes and scrapers.
     tokens: list[AdminToken] = Field(default_factory=list)
+    #: Signs session tokens (HMAC-SHA256), by reference; replicas behind one admin Service need the
+    #: same key. Unset: each process signs with a random key of its own, so a session holds only on
+    #: the replica that made it, until that replica restarts.
+    session_key: Secret | None = None
+    #: Life of a session from POST /api/login. A logout is known only to the replica that
+    #: answered it; the others accept the session until this runs out.
+    session_ttl: Duration = Field(default=8 * 3600.0, gt=0)
+
+    def model_post_init(self, _: Any) -> None:
+        if self.session_key is not None and len(self.session_key.get_secret_value()) < 32:
+            raise ValueError("session_key must have at least 32 characters (openssl rand -base64 32)")
 
 
 class SpoolSettings(Strict):

@@ -1,4 +1,5 @@
-"""Admin auth pieces: TOTP (RFC 6238 test vectors, pyotp as the reference), sessions, live log."""
+"""Admin auth pieces: TOTP (RFC 6238 test vectors, pyotp as the reference), signed sessions, the
+failed-attempt budget, live log."""
 
 from __future__ import annotations
 
@@ -6,9 +7,14 @@ import base64
 import time
 
 import pyotp
+import pytest
 
-from gateway.admin import AuthState, LiveLog, totp_code
+from gateway.admin import AuthState, FailureBudget, LiveLog, hash_token, totp_code
+from gateway.admin import auth as admin_auth
+from gateway.admin.auth import client_key
 from gateway.config.loader import load_config_text
+from gateway.config.models import AdminSettings, AdminToken
+from gateway.config.yamlsrc import FromEnv
 from gateway.contract import Outcome, Status
 from gateway.envelope import Envelope
 
@@ -43,18 +49,6 @@ def test_totp_accepts_a_code_once_and_neighbouring_steps_only() -> None:
     assert not state.verify_totp("bob", secret, "12345", now=now)
     assert not state.verify_totp("bob", secret, "abcdef", now=now)
     assert not state.verify_totp("bob", "not base32!", "123456", now=now)
-
-
-def test_sessions_expire_and_are_stored_hashed() -> None:
-    state = AuthState()
-    token = state.create("alice", "editor")
-    assert token.startswith("gws_")
-    assert token not in state.sessions
-    session = state.lookup(token)
-    assert session is not None and session.name == "alice" and session.role == "editor"
-    assert state.lookup(token + "x") is None
-    session.expires = time.time() - 1
-    assert state.lookup(token) is None
 
 
 CONFIG = """
@@ -92,16 +86,123 @@ def test_live_log_records_route_targets_version_and_text_samples() -> None:
     assert len(live._samples) == 2
 
 
-def test_failed_logins_are_throttled_per_client() -> None:
+KEY = "k" * 32
+
+
+def admin(*tokens: AdminToken, key: str | None = KEY, ttl: float = 3600) -> AdminSettings:
+    secret = FromEnv(key) if key is not None else None  # as ``session_key: "${ADMIN_SESSION_KEY}"`` loads
+    return AdminSettings.model_validate({"tokens": list(tokens), "session_key": secret, "session_ttl": ttl})
+
+
+ALICE = AdminToken(name="alice", sha256=hash_token("alice-token"), role="editor")
+VICTOR = AdminToken(name="victor", sha256=hash_token("victor-token"), role="viewer")
+
+
+def test_a_session_is_accepted_by_any_replica_with_the_same_key_and_tokens() -> None:
+    here, there = AuthState(), AuthState()
+    cfg = admin(ALICE, VICTOR)
+    session = here.create(cfg, ALICE, "editor")
+    assert session.startswith("gws_")
+    for replica in (here, there):
+        p = replica.verify(cfg, session)
+        assert p is not None and (p.name, p.role, p.via) == ("alice", "editor", "session")
+    assert there.verify(admin(ALICE, VICTOR, key="x" * 32), session) is None, "another key, another cluster"
+    # Without a configured key each process signs with its own.
+    solo = admin(ALICE, key=None)
+    assert here.verify(solo, here.create(solo, ALICE, "editor")) is not None
+    assert there.verify(solo, here.create(solo, ALICE, "editor")) is None
+
+
+def test_a_session_ends_when_its_token_is_rotated_removed_or_given_a_second_factor() -> None:
     state = AuthState()
+    session = state.create(admin(ALICE, VICTOR), ALICE, "editor")
+    rotated = ALICE.model_copy(update={"sha256": hash_token("alice-new-token")})
+    assert state.verify(admin(rotated, VICTOR), session) is None, "the token's secret changed"
+    assert state.verify(admin(VICTOR), session) is None, "the token was removed"
+    with_code = AdminToken.model_validate({"name": "alice", "sha256": ALICE.sha256, "role": "editor",
+                                           "totp": FromEnv("JBSWY3DPEHPK3PXP")})
+    assert state.verify(admin(with_code, VICTOR), session) is None, "a second factor was added"
+    # The same name and secret under another role: the session follows the lower role.
+    as_viewer = ALICE.model_copy(update={"role": "viewer"})
+    p = state.verify(admin(as_viewer, VICTOR), session)
+    assert p is not None and p.role == "viewer"
+
+
+def test_a_session_cannot_be_altered_and_ends_at_its_expiry() -> None:
+    state = AuthState()
+    cfg = admin(ALICE, VICTOR, ttl=60)
+    now = 1_700_000_000.0
+    viewer_session = state.create(cfg, VICTOR, "viewer", now=now)
+    claims_b64, _, mac = viewer_session[len("gws_"):].partition(".")
+    claims = base64.urlsafe_b64decode(claims_b64 + "=" * (-len(claims_b64) % 4))
+    forged = claims.replace(b'"r":"viewer"', b'"r":"editor"').replace(b'"n":"victor"', b'"n":"alice"')
+    forged_b64 = base64.urlsafe_b64encode(forged).rstrip(b"=").decode()
+    assert state.verify(cfg, f"gws_{forged_b64}.{mac}", now=now) is None
+    for junk in ("gws_", "gws_x.y", "gws_" + "A" * 5000, f"gws_{claims_b64}", f"gws_{claims_b64}.{mac}x"):
+        assert state.verify(cfg, junk, now=now) is None
+    assert state.verify(cfg, viewer_session, now=now + 59) is not None
+    assert state.verify(cfg, viewer_session, now=now + 61) is None
+
+
+def test_logout_ends_the_session_without_unbounded_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = AuthState()
+    cfg = admin(ALICE, VICTOR)
+    kept = state.create(cfg, ALICE, "editor")
+    ended = state.create(cfg, ALICE, "editor")
+    p = state.verify(cfg, ended)
+    assert p is not None and p.session is not None
+    state.log_out(p.session)
+    assert state.verify(cfg, ended) is None
+    assert state.verify(cfg, kept) is not None, "other sessions of the same token go on"
+    # Past the limit, a logout ends every earlier session of its token, never none.
+    monkeypatch.setattr(admin_auth, "MAX_LOGGED_OUT", 3)
+    sessions = [state.create(cfg, VICTOR, "viewer", now=time.time() + i) for i in range(4)]
+    for s in sessions:
+        p = state.verify(cfg, s)
+        assert p is not None and p.session is not None
+        state.log_out(p.session)
+    assert all(state.verify(cfg, s) is None for s in sessions)
+    assert len(state.logged_out) <= 3
+    assert state.verify(cfg, kept) is not None
+
+
+def test_failed_attempts_have_a_budget_per_address_with_a_back_off() -> None:
+    budget = FailureBudget()
+    now = 1_700_000_000.0
     for _ in range(19):
-        state.failed("10.0.0.1")
-    assert not state.throttled("10.0.0.1")
-    state.failed("10.0.0.1")
-    assert state.throttled("10.0.0.1")
-    assert not state.throttled("10.0.0.2"), "one client cannot lock the others out"
-    state.failures["10.0.0.1"][0] -= 61
-    assert not state.throttled("10.0.0.1")
+        budget.failed("10.0.0.1", now=now)
+    assert budget.retry_after("10.0.0.1", now=now) == 0
+    budget.failed("10.0.0.1", now=now)
+    assert budget.retry_after("10.0.0.1", now=now) == pytest.approx(1.0)
+    assert budget.retry_after("10.0.0.2", now=now) == 0, "one address cannot lock the others out"
+    # Failures that go on as soon as the wait ends: the wait doubles, up to five minutes.
+    waits = []
+    for _ in range(12):
+        now += budget.retry_after("10.0.0.1", now=now)
+        budget.failed("10.0.0.1", now=now)
+        waits.append(budget.retry_after("10.0.0.1", now=now))
+    assert waits[:4] == [2.0, 4.0, 8.0, 16.0] and waits[-1] == 300.0
+    # A quiet minute after the wait restores the whole allowance.
+    now += budget.retry_after("10.0.0.1", now=now) + 61
+    for _ in range(19):
+        budget.failed("10.0.0.1", now=now)
+    assert budget.retry_after("10.0.0.1", now=now) == 0
+
+
+def test_the_budget_table_is_bounded_and_ipv6_counts_by_prefix() -> None:
+    budget = FailureBudget(max_clients=100)
     for i in range(1005):
-        state.failed(f"c{i}")
-    assert len(state.failures) <= 1000
+        budget.failed(f"c{i}")
+    assert len(budget) == 100
+    assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
+    assert client_key("::ffff:10.0.0.1") == client_key("10.0.0.1") == "10.0.0.1"
+    assert client_key(None) == ""
+
+
+def test_session_settings_are_checked_at_load() -> None:
+    with pytest.raises(ValueError, match="at least 32 characters"):
+        admin(key="short")
+    assert AdminSettings.model_validate({"session_ttl": "15m"}).session_ttl == 900.0
+    with pytest.raises(ValueError):
+        AdminSettings.model_validate({"session_ttl": 0})
