@@ -17,8 +17,12 @@ HTTP 408/429/5xx without a fault        ``TransientError(code=502/503)``
 other HTTP 4xx, 3xx                     ``PermanentError(code=502)`` (the gateway's setup, not the caller's)
 timeout                                 ``TransientError(code=504)``
 connection refused/reset, TLS failure   ``TransientError(code=502)``
-reply not XML/SOAP, too large           ``PermanentError(code=502)``
+reply not SOAP, hostile XML, too big    ``PermanentError(code=502)`` (it can never parse)
+XML workers full past their deadline    ``TransientError(code=503)`` (the reply was not judged)
 =====================================  =====================================================
+
+The reply is parsed, checked and mapped (linear in its size) in an XML worker thread once it
+is larger than ``safexml.INLINE_BYTES``.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from gateway.http import basic_authorization
 from gateway.logs import event
 
 #: Replies are parsed as hardened as requests, with room for deep legacy documents.
-_REPLY_MAX_DEPTH = 256
+_REPLY_MAX_DEPTH = safexml.LIBXML_MAX_DEPTH
 
 
 class SoapCaller:
@@ -130,7 +134,12 @@ class SoapCaller:
             raise TransientError(f"{label}: no answer in time", code=504) from exc
         except aiohttp.ClientError as exc:
             raise TransientError(f"{label}: {type(exc).__name__}", code=502) from exc
-        return self._reply(op, label, status, b"".join(chunks), reply_as, envelope_id)
+        data = b"".join(chunks)
+        try:
+            return await safexml.off_loop(
+                len(data), lambda: self._reply(op, label, status, data, reply_as, envelope_id))
+        except safexml.XmlBusy as exc:
+            raise TransientError(f"{label}: {exc}", code=503) from None
 
     def _reply(self, op: Operation, label: str, status: int, data: bytes, reply_as: str, envelope_id: str) -> Reply:
         try:

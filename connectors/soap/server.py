@@ -3,9 +3,12 @@
 ``GET <prefix>?wsdl`` returns the WSDL with every SOAP address rewritten to the gateway's URL
 (``?xsd=N`` for the documents it imports). ``POST <prefix>`` takes a SOAP 1.1 (``text/xml``) or
 1.2 (``application/soap+xml``) request, checked in this order, each refusal a SOAP fault and a
-log line: auth → size (before reading, then while reading) → encoding, DTD and depth (before
-parsing) → hardened parse → envelope → mustUnderstand headers → operation (by the Body element;
-SOAPAction only breaks ties) → XSD validation → typed JSON. The envelope's subject is the
+log line: auth → size (before reading, then while reading) → encoding, tag count and DTD (before
+parsing) → hardened parse → depth → envelope → mustUnderstand headers → operation (by the Body element;
+SOAPAction only breaks ties) → XSD validation → typed JSON. The steps from the parse on are
+linear in the body and run in an XML worker thread once it is larger than
+``safexml.INLINE_BYTES``; when the workers stay full past their deadline the answer is a Server
+fault, 503 with ``Retry-After`` (the body was not judged). The envelope's subject is the
 operation name and its body the typed JSON; the outcome becomes the HTTP answer.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -55,6 +59,20 @@ class Refusal(Exception):
         self.headers = headers or []
         #: The SOAP version of the request once known (faults answer in the caller's version).
         self.version: str | None = None
+
+
+#: An XML reply handed back by a route (from a backend whose own limits already applied).
+_MAX_ROUTE_REPLY = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A request that passed every check: what the envelope is built from."""
+
+    version: str
+    port: str
+    op: Operation
+    body: bytes
 
 
 class SoapService:
@@ -146,20 +164,31 @@ class SoapService:
         except TimeoutError:
             raise Refusal(CLIENT, f"the body did not arrive within {self.listener.read_timeout:g}s", 408) from None
         try:
-            root = safexml.parse(body, max_bytes=limit, max_depth=self.listener.max_depth)
+            call = await safexml.off_loop(len(body), lambda: self._decode(body, headers))
+        except safexml.XmlBusy:
+            raise Refusal(SERVER, "the gateway is busy; retry later", 503,
+                          headers=[(b"retry-after", b"5")]) from None
+        await self._dispatch(scope, headers, send, call)
+
+    def _decode(self, body: bytes, headers: dict[str, str]) -> _Call:
+        """Body bytes → operation and typed JSON, or a Refusal. Pure CPU work: large bodies run
+        it in an XML worker thread (safexml.off_loop). A request the caller got wrong is a Client
+        (1.2: Sender) fault with the HTTP status each binding prescribes: 500 for SOAP 1.1 (WS-I
+        Basic Profile R1126, what .NET and Java clients expect), 400 for SOAP 1.2; 413 for size."""
+        try:
+            root = safexml.parse(body, max_bytes=self.listener.max_body, max_depth=self.listener.max_depth)
             parsed = soapenv.split(root)
         except safexml.XmlRejected as exc:
             raise Refusal(CLIENT, exc.reason, 413 if exc.status == 413 else None) from None
         except soapenv.NotSoap as exc:
             raise Refusal(CLIENT, str(exc), fault_code=None) from None
         try:
-            await self._dispatch(scope, headers, send, parsed)
+            return self._operation_call(parsed, headers)
         except Refusal as r:
             r.version = parsed.version
             raise
 
-    async def _dispatch(self, scope: Scope, headers: dict[str, str], send: Send, parsed: soapenv.Parsed) -> None:
-        assert self.deliver is not None
+    def _operation_call(self, parsed: soapenv.Parsed, headers: dict[str, str]) -> _Call:
         version = parsed.version
         port = self.contract.port_for_version(version)
         if port is None:
@@ -179,11 +208,16 @@ class SoapService:
         except MappingError as exc:
             raise Refusal(CLIENT, f"the request does not fit {op.name}: {exc}", errors=[str(exc)],
                           log_reason=f"the request does not fit {op.name} (mapping)") from None
+        return _Call(version, port.name, op, model.dumps(data))
+
+    async def _dispatch(self, scope: Scope, headers: dict[str, str], send: Send, call: _Call) -> None:
+        assert self.deliver is not None
+        version, op = call.version, call.op
         env = Envelope(
-            source=self.connector, protocol="soap", subject=op.name, body=model.dumps(data),
+            source=self.connector, protocol="soap", subject=op.name, body=call.body,
             content_type="application/json", headers=forwarded_headers(headers),
             attributes={"soap_version": version, "soap_action": _soap_action(headers, version) or op.action,
-                        "operation": op.name, "service": self.contract.service, "port": port.name,
+                        "operation": op.name, "service": self.contract.service, "port": call.port,
                         "http_method": "POST", "peer": _peer(scope)})
         self.inflight += 1
         try:
@@ -207,8 +241,15 @@ class SoapService:
     async def _answer(self, send: Send, env: Envelope, op: Operation, version: str, outcome: Outcome) -> None:
         ids = [(b"x-envelope-id", env.id.encode())]
         if outcome.status is Status.ACCEPTED and outcome.reply is not None and op.output is not None:
+            reply = outcome.reply
             try:
-                payload = self._reply_payload(op, outcome.reply)
+                payload = await safexml.off_loop(len(reply.body), lambda: self._reply_payload(op, reply))
+            except safexml.XmlBusy as exc:
+                event(self.log, "soap.reply_unusable", logging.WARNING, envelope_id=env.id, operation=op.name,
+                      reason=str(exc))
+                await self._fault(send, version, SERVER, "the gateway is busy; retry later", envelope_id=env.id,
+                                  status=503, headers=[*ids, (b"retry-after", b"5")])
+                return
             except Refusal as r:
                 event(self.log, "soap.reply_unusable", logging.WARNING, envelope_id=env.id, operation=op.name,
                       reason=r.message)
@@ -249,7 +290,7 @@ class SoapService:
         assert op.output is not None
         if is_xml_type(reply.content_type):
             try:
-                root = safexml.parse(reply.body, max_bytes=16 * 1024 * 1024, max_depth=256)
+                root = safexml.parse(reply.body, max_bytes=_MAX_ROUTE_REPLY, max_depth=safexml.LIBXML_MAX_DEPTH)
                 if etree_local(root.tag) == "Envelope":
                     root = soapenv.split(root).payload
             except (safexml.XmlRejected, soapenv.NotSoap) as exc:

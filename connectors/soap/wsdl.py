@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,6 +143,9 @@ class Contract:
     validator: Any  # lxml.etree.XMLSchema
     facets: dict[str, Facets]
     store: DocumentStore
+    #: One validation at a time: the validator keeps its error log on itself, and XML worker
+    #: threads validate beside the event loop.
+    _validating: threading.Lock = field(default_factory=threading.Lock)
 
     def __repr__(self) -> str:
         return f"Contract({self.service} from {self.location}: {[p.name for p in self.ports]})"
@@ -159,9 +163,10 @@ class Contract:
 
     def validate(self, elem: Any) -> list[str]:
         """XSD errors of one element (empty when valid)."""
-        if self.validator(elem):
-            return []
-        return [_xsd_message(e) for e in self.validator.error_log][:20]
+        with self._validating:
+            if self.validator(elem):
+                return []
+            return [_xsd_message(e) for e in self.validator.error_log][:20]
 
     def documents(self, base_url: str, endpoint: str) -> list[bytes]:
         """The WSDL (index 0) and every document it imports, with references rewritten to

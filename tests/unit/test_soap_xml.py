@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import tracemalloc
 from pathlib import Path
@@ -76,6 +77,72 @@ def test_comments_cdata_and_tricky_attributes_do_not_fool_the_depth_scan() -> No
     assert etree.QName(root).localname == "r"  # type: ignore[arg-type]
     with pytest.raises(safexml.XmlRejected, match="deeper than 2"):
         parse(body, max_depth=2)
+
+
+@pytest.mark.parametrize("body", [b"<a" * 500_000, b'<r><a x="' * 100_000, b"<r>" + b"<?" * 400_000,
+                                  b"<r>" + b"<!--" * 200_000, b"<" + b"a" * 900_000 + b"/>",
+                                  b"<r>" + b"<![CDATA[" * 100_000])
+def test_a_megabyte_of_broken_markup_is_refused_in_one_linear_pass(body: bytes) -> None:
+    started = time.perf_counter()
+    with pytest.raises(safexml.XmlRejected, match="not well-formed"):
+        parse(body)
+    assert time.perf_counter() - started < 0.5  # the backtracking pre-scan took minutes on these
+
+
+def test_many_elements_attributes_and_namespaces_parse_linearly() -> None:
+    bodies = [b"<r>" + b"<a/>" * 240_000 + b"</r>",
+              b"<r " + b" ".join(b'a%d="x"' % i for i in range(90_000)) + b"/>",
+              b"<r " + b" ".join(b'xmlns:p%d="u"' % i for i in range(60_000)) + b"/>",
+              b"<r>" + (b"<a>" * 63 + b"</a>" * 63) * 1500 + b"</r>"]
+    for body in bodies:
+        started = time.perf_counter()
+        parse(body, max_depth=64)
+        assert time.perf_counter() - started < 1.0
+
+
+def test_too_many_tags_are_refused_before_parsing() -> None:
+    with pytest.raises(safexml.XmlRejected, match="more than 1000000 tags") as info:
+        parse(b"<r>" + b"<a/>" * 1_000_000 + b"</r>", max_bytes=16 * 1024 * 1024)
+    assert info.value.status == 413
+
+
+def test_markup_in_cdata_and_comments_is_text_and_a_late_doctype_is_refused() -> None:
+    root = parse(b"<r><![CDATA[<!DOCTYPE html><!ENTITY x><!x>]]><!-- <!DOCTYPE y> --></r>")
+    assert root.text == "<!DOCTYPE html><!ENTITY x><!x>"  # type: ignore[attr-defined]
+    for body in (b'<!-- c --><?pi x?><!DOCTYPE r [<!ENTITY e "x">]><r>&e;</r>', b'<r><!ENTITY e "x"></r>'):
+        with pytest.raises(safexml.XmlRejected, match="DTDs and entity declarations"):
+            parse(body)
+
+
+def test_nesting_at_the_limit_is_accepted_and_one_deeper_refused() -> None:
+    assert parse(b"<a>" * 64 + b"</a>" * 64, max_depth=64) is not None
+    with pytest.raises(safexml.XmlRejected, match="deeper than 64"):
+        parse(b"<r>" + b"<a/>" * 10 + b"<a>" * 64 + b"</a>" * 64 + b"</r>", max_depth=64)
+    with pytest.raises(safexml.XmlRejected, match="deeper than 256"):
+        parse(b"<a>" * 300 + b"</a>" * 300, max_depth=256)
+
+
+async def test_large_bodies_are_parsed_off_the_loop_with_a_bounded_queue() -> None:
+    import threading
+
+    loop_thread = threading.get_ident()
+    ran_in: list[int] = []
+
+    def work() -> int:
+        ran_in.append(threading.get_ident())
+        time.sleep(0.2)
+        return 1
+
+    assert await safexml.off_loop(100, work) == 1 and ran_in == [loop_thread]  # small: inline
+    ran_in.clear()
+    started = time.perf_counter()
+    results = await asyncio.gather(*(safexml.off_loop(safexml.INLINE_BYTES + 1, work) for _ in range(8)))
+    assert results == [1] * 8 and loop_thread not in ran_in
+    assert time.perf_counter() - started >= 0.2 * 8 / safexml.WORKERS * 0.9  # never more than WORKERS at once
+    with pytest.raises(safexml.XmlBusy):
+        await asyncio.gather(*(safexml.off_loop(safexml.INLINE_BYTES + 1, work, deadline=0.3)
+                               for _ in range(safexml.MAX_JOBS + 2)))
+    await asyncio.sleep(1.0)  # let the abandoned jobs finish before the next test
 
 
 def test_malformed_xml_is_a_rejection_not_a_crash() -> None:
