@@ -74,6 +74,9 @@ class BuiltMail:
     forwarded: bool
     #: The built message (None when an inbound message is forwarded unchanged).
     message: EmailMessage | None = None
+    #: The recipients only in ``bcc`` (not also in ``to`` or ``cc``): no copy that another
+    #: recipient gets may name them, so an encrypted message is made for each on its own.
+    hidden: tuple[str, ...] = ()
 
 
 _ADDR = re.compile(
@@ -141,6 +144,8 @@ def build_mail(env: Envelope, opts: MailOptions, *, route: str, default_sender: 
     bcc = parse_addresses("bcc", opts.bcc)
     reply_to = parse_addresses("reply_to", opts.reply_to)
     recipients = list(dict.fromkeys(a for _, a in (*to, *cc, *bcc)))
+    visible = {a.lower() for _, a in (*to, *cc)}
+    hidden = tuple(dict.fromkeys(a for _, a in bcc if a.lower() not in visible))
     if wants_forward(env, opts):
         if media_type(env.content_type) != MESSAGE_RFC822:
             raise MailError(f"forward needs a message/rfc822 body, not {env.content_type!r}")
@@ -153,7 +158,7 @@ def build_mail(env: Envelope, opts: MailOptions, *, route: str, default_sender: 
         check_header("sender", sender)
         if require_recipients and not recipients:
             raise MailError("no recipients: set 'to' (or forward a message that came with one)")
-        return BuiltMail(env.body, sender, recipients, "", True)
+        return BuiltMail(env.body, sender, recipients, "", True, hidden=hidden)
     if not sender_items:
         raise MailError("no sender: set 'sender' on the target or the connector")
     if len(sender_items) != 1:
@@ -192,7 +197,7 @@ def build_mail(env: Envelope, opts: MailOptions, *, route: str, default_sender: 
         msg.set_content(opts.html, subtype="html")
     for att in opts.attachments:
         _attach(msg, env, att if isinstance(att, Attachment) else Attachment.model_validate(att))
-    return BuiltMail(msg.as_bytes(), sender, recipients, message_id, False, msg)
+    return BuiltMail(msg.as_bytes(), sender, recipients, message_id, False, msg, hidden)
 
 
 def build_message(env: Envelope, opts: MailOptions, *, route: str, default_sender: str | None) -> EmailMessage:

@@ -3,20 +3,24 @@
 Features:
 
 * Inbound (:class:`Verifier`): SPF (pyspf) for the client IP, MAIL FROM and HELO; DKIM
-  (dkimpy) for every signature (at most 8); DMARC (RFC 7489) alignment and policy with the public
-  suffix list ``publicsuffixlist`` ships. Results are RFC 8601 words (pass, fail, softfail,
-  neutral, none, temperror, permerror) in :class:`AuthResults`; ``as_dict()`` is what routes see
+  (dkimpy) for every signature (at most 8; ``rsa-sha1`` and an ``l=`` shorter than the body
+  are ``policy``, never ``pass``); DMARC (RFC 7489) alignment and policy with the public
+  suffix list ``publicsuffixlist`` ships, for every author domain in From (the strictest
+  outcome decides). Results are RFC 8601 words (pass, fail, softfail, neutral, none,
+  temperror, permerror, policy) in :class:`AuthResults`; ``as_dict()`` is what routes see
   as ``auth`` (``auth.spf``, ``auth.dkim``, ``auth.dmarc``, ``auth.dmarc_disposition``,
   ``auth.from_domain``…), :func:`add_authentication_results` puts the Authentication-Results
   header on the message passed on (dropping forged ones that claim our authserv-id), and
   :func:`smtp_reply` maps results and the connector's policy (reject / tag / off) to the SMTP
-  answer: ``550 5.7.1`` for a DMARC failure under p=reject, ``451 4.7.1`` for a temperror, or
-  None to accept. DNS goes through dnspython with the configured resolver and timeout; a DNS
-  failure is ``temperror``, never a permanent rejection.
+  answer: ``550 5.7.1`` for a DMARC failure under p=reject or a message whose author cannot be
+  told (no From, several, unparsable), ``451 4.7.1`` for a temperror, or None to accept. DNS
+  goes through dnspython with the configured resolver and timeout; a DNS failure is
+  ``temperror``, never a permanent rejection.
 * Outbound (:class:`Sealer`): S/MIME (``cryptography``; detached multipart/signed, enveloped
   AES-256) or PGP/MIME (RFC 3156, python-gnupg over ``gpg`` in a GnuPG home of our own), then
-  DKIM (rsa-sha256 / ed25519-sha256, relaxed/relaxed). Output is CRLF wire bytes. A target
-  connector keeps an :class:`OutboundSealing` (the Sealer from ``open`` to ``close``; a sealer
+  DKIM (rsa-sha256 / ed25519-sha256, relaxed/relaxed). Output is CRLF wire bytes; an encrypted
+  message is one copy for To and Cc and one per Bcc recipient (:meth:`Sealer.seal_copies`). A
+  target connector keeps an :class:`OutboundSealing` (the Sealer from ``open`` to ``close``; a sealer
   that cannot work keeps the connector down instead of sending weaker).
 
 Delivery guarantee: verification never loses a message: it answers, tags, or asks the sender to

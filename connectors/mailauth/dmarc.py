@@ -3,6 +3,10 @@
 The organizational domain comes from the public suffix list that ``publicsuffixlist`` ships
 (no download at run time). A DNS failure while looking for the record, or an aligned check that
 ended in ``temperror``, makes the result ``temperror`` (retry later), never ``fail``.
+
+A message with several authors (one From with several addresses, or several From fields) is
+evaluated for every author domain and gets the strictest outcome (RFC 7489 6.6.1): a spoofed
+second author cannot hide behind a first one that passes (:func:`strictest`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from publicsuffixlist import PublicSuffixList
 from connectors.mailauth.dns import DnsTemporaryError, Resolver
 
 _POLICIES = ("none", "quarantine", "reject")
+#: The order in which one author's outcome outweighs another's (:func:`strictest`).
+_RESULT_WEIGHT = {"pass": 0, "none": 1, "permerror": 2, "temperror": 3, "fail": 4}
 _WEAKER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
 
 
@@ -141,3 +147,17 @@ def evaluate(
     if record.pct < 100 and sample() * 100 >= record.pct:
         disposition = _WEAKER[policy]  # RFC 7489 6.6.4: outside the sample, the next weaker policy
     return DmarcOutcome("fail", policy, disposition, "no aligned SPF or DKIM pass")
+
+
+def strictest(outcomes: Sequence[tuple[str, DmarcOutcome]]) -> tuple[str, DmarcOutcome]:
+    """The (author domain, outcome) that decides for a message with several author domains.
+
+    A failure outweighs everything (among failures, the strictest disposition, then policy);
+    then temperror (retry), permerror, none; the message passes only when every author passes.
+    """
+    if not outcomes:
+        raise ValueError("no author domain")
+    return max(outcomes, key=lambda item: (_RESULT_WEIGHT.get(item[1].result, 2),
+                                           _POLICIES.index(item[1].disposition)
+                                           if item[1].disposition in _POLICIES else 0,
+                                           _POLICIES.index(item[1].policy) if item[1].policy in _POLICIES else 0))

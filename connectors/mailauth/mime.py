@@ -119,6 +119,17 @@ def _encode_leaf(part: Message) -> None:
     part.set_payload(encoded.decode("ascii"))
 
 
+def message_7bit(raw: bytes) -> bytes:
+    """A CRLF message whose body is 7-bit clean (:func:`entity_7bit`), for a relay without
+    8BITMIME (RFC 6152). A clean body passes unchanged; header fields are never touched
+    (8-bit ones need SMTPUTF8, not a different transfer encoding)."""
+    raw = to_crlf(raw)
+    outer, content, body = split_entity(raw)
+    if _clean_7bit(body):
+        return raw
+    return assemble(outer, entity_7bit(content, body))
+
+
 def boundary(body: bytes) -> str:
     """A multipart boundary that occurs nowhere in ``body``."""
     while True:

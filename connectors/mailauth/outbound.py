@@ -11,6 +11,10 @@ message it built through :meth:`OutboundSealing.seal` just before it leaves. Con
   :class:`TransientError` (nothing leaves unsigned); signing and encryption failures are the
   Sealer's :class:`PermanentError`. Without any sealing configured it returns the bytes
   unchanged, unless the route asks to sign or encrypt: that is a :class:`PermanentError`.
+* ``seal_copies`` is ``seal`` for a sender that knows which recipients are Bcc: it returns the
+  copies to send, each with its recipients (an encrypted message is made for each Bcc
+  recipient on its own; see :mod:`connectors.mailauth.seal`), and makes the body 7-bit first
+  when the relay cannot take 8-bit (``seven_bit``), sealing configured or not.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from connectors.mailauth.config import SealOptions
-from connectors.mailauth.seal import Sealer, Sealing
+from connectors.mailauth.mime import message_7bit
+from connectors.mailauth.seal import Copy, Sealer, Sealing
 from gateway.contract import TransientError
 from gateway.logs import event
 
@@ -73,6 +78,20 @@ class OutboundSealing:
         assert self._sealer is not None
         return await self._sealer.seal(data, recipients=list(recipients) or None, options=options,
                                        envelope_id=envelope_id)
+
+    async def seal_copies(self, data: bytes, *, recipients: Sequence[str], hidden: Sequence[str],
+                          options: SealOptions | Mapping[str, Any] | None, envelope_id: str,
+                          seven_bit: bool = False) -> list[Copy]:
+        """The copies of ``data`` to send, each sealed for its own recipients (see the module card)."""
+        if not self.configured:
+            Sealer(self.cfg).plan(options)
+            if seven_bit:
+                data = await asyncio.to_thread(message_7bit, data)
+            return [Copy(tuple(recipients), data)]
+        await self.open()
+        assert self._sealer is not None
+        return await self._sealer.seal_copies(data, recipients=recipients, hidden=hidden, options=options,
+                                              envelope_id=envelope_id, seven_bit=seven_bit)
 
     async def close(self) -> None:
         sealer, self._sealer = self._sealer, None

@@ -1,11 +1,19 @@
 """Sealing outgoing mail: S/MIME or PGP (sign, encrypt, both), then DKIM, into wire bytes.
 
 Order matters: the MIME entity is signed, then encrypted; DKIM signs the final message last,
-so it covers exactly what leaves. Every failure is a :class:`PermanentError` with the reason
-(the core dead-letters the message), except sealing that does not finish within
-:data:`SEAL_TIMEOUT` (a hung gpg): :class:`TransientError`, retried. A message that must be signed
-never leaves unsigned, and one that must be encrypted leaves in clear only when
-``missing_key: plain`` allows it for the recipients that have no key.
+so it covers exactly what leaves (a body meant for a relay without 8BITMIME is made 7-bit
+before that, so no relay needs to touch it after signing).
+
+Encryption names its recipients in the message (S/MIME recipient infos, OpenPGP key ids).
+:meth:`Sealer.seal_copies` therefore makes one encrypted copy for the visible recipients (To,
+Cc) and one more for each Bcc recipient, readable by that recipient alone: no copy names a
+Bcc recipient to anyone else, nor one Bcc recipient to another.
+
+Every failure is a :class:`PermanentError` with the reason (the core dead-letters the message),
+except sealing that does not finish within :data:`SEAL_TIMEOUT` (a hung gpg):
+:class:`TransientError`, retried. A message that must be signed never leaves unsigned, and one
+that must be encrypted leaves in clear only when ``missing_key: plain`` allows it for the
+recipients that have no key.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from pydantic import ValidationError
 
 from connectors.mailauth.config import DkimSigning, PgpSettings, SealOptions, SmimeSettings
 from connectors.mailauth.dkimsign import DkimSigner
-from connectors.mailauth.mime import assemble, entity_7bit, split_entity, to_crlf
+from connectors.mailauth.mime import assemble, entity_7bit, message_7bit, split_entity, to_crlf
 from connectors.mailauth.pgp import PgpError, PgpSealer
 from connectors.mailauth.smime import SmimeSealer
 from gateway.contract import PermanentError, TransientError
@@ -43,6 +51,14 @@ class Sealing(Protocol):
     def smime(self) -> SmimeSettings | None: ...
     @property
     def pgp(self) -> PgpSettings | None: ...
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One message to send and the envelope recipients it is for."""
+
+    recipients: tuple[str, ...]
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -106,12 +122,32 @@ class Sealer:
         missing = opts.missing_key or (settings.missing_key if settings is not None else "fail")
         return Plan(sign, encrypt, missing)
 
+    async def seal_copies(self, message: Message | bytes, *, recipients: Sequence[str],
+                          hidden: Sequence[str] = (), options: SealOptions | Mapping[str, Any] | None = None,
+                          envelope_id: str = "", seven_bit: bool = False) -> list[Copy]:
+        """The copies to send: one for all ``recipients`` unless the message is encrypted and
+        some are ``hidden`` (Bcc): then one for the others and one for each hidden recipient.
+        Raises :class:`PermanentError` (nothing may be sent when any copy fails)."""
+        hidden_set = {a.lower() for a in hidden}
+        concealed = [a for a in recipients if a.lower() in hidden_set]
+        if not concealed or not self.plan(options).encrypt:
+            return [Copy(tuple(recipients), await self.seal(message, recipients=recipients, options=options,
+                                                            envelope_id=envelope_id, seven_bit=seven_bit))]
+        visible = [a for a in recipients if a.lower() not in hidden_set]
+        groups = ([visible] if visible else []) + [[a] for a in concealed]
+        return [Copy(tuple(group), await self.seal(message, recipients=group, options=options,
+                                                   envelope_id=envelope_id, seven_bit=seven_bit))
+                for group in groups]
+
     async def seal(self, message: Message | bytes, *, recipients: Sequence[str] | None = None,
-                   options: SealOptions | Mapping[str, Any] | None = None, envelope_id: str = "") -> bytes:
+                   options: SealOptions | Mapping[str, Any] | None = None, envelope_id: str = "",
+                   seven_bit: bool = False) -> bytes:
         """The wire bytes (CRLF) of ``message``, signed and encrypted as configured.
 
-        ``recipients`` are the envelope recipients (encryption needs a key for each); omitted,
-        the addresses in To, Cc and Bcc. Raises :class:`PermanentError`.
+        ``recipients`` are the envelope recipients (encryption needs a key for each, and every
+        one of them can see who else it was encrypted for: see :meth:`seal_copies`); omitted,
+        the addresses in To, Cc and Bcc. ``seven_bit``: the body is made 7-bit before DKIM
+        signs it. Raises :class:`PermanentError`.
         """
         plan = self.plan(options)
         if self.pgp is not None and (plan.sign or plan.encrypt):
@@ -122,13 +158,13 @@ class Sealer:
         raw = to_crlf(message if isinstance(message, bytes) else _as_bytes(message))
         rcpts = list(recipients) if recipients is not None else header_recipients(raw)
         try:
-            return await asyncio.wait_for(asyncio.to_thread(self._seal, raw, rcpts, plan, envelope_id),
+            return await asyncio.wait_for(asyncio.to_thread(self._seal, raw, rcpts, plan, envelope_id, seven_bit),
                                           SEAL_TIMEOUT)
         except TimeoutError:
             # gpg (or its agent) hangs: nothing was sent; a later attempt may find it working.
             raise TransientError(f"sealing took longer than {SEAL_TIMEOUT:.0f} s; not sent") from None
 
-    def _seal(self, raw: bytes, recipients: list[str], plan: Plan, envelope_id: str) -> bytes:
+    def _seal(self, raw: bytes, recipients: list[str], plan: Plan, envelope_id: str, seven_bit: bool) -> bytes:
         kind = "S/MIME" if self.smime is not None else "PGP"
         encrypt = plan.encrypt
         certs: list[Any] = []
@@ -168,6 +204,8 @@ class Sealer:
                     else "encryption"
                 raise PermanentError(f"{kind} {action} failed: {exc}; not sent") from exc
             raw = assemble(outer, entity)
+        elif seven_bit:
+            raw = message_7bit(raw)
         for signer in self.dkim:
             raw = signer.sign(raw)
         event(self.log, "mailauth.sealed", logging.DEBUG, envelope_id=envelope_id, connector=self.connector,

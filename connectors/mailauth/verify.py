@@ -1,9 +1,17 @@
 """Inbound verification: SPF (pyspf), DKIM (dkimpy, every signature), DMARC; the
 Authentication-Results header (RFC 8601); the SMTP answer a policy gives for the results.
 
-Results use RFC 8601's words: pass, fail, softfail, neutral, none, temperror, permerror. A
-check that is switched off reports ``none`` and is left out of the header. DNS failures are
-``temperror`` everywhere (see :mod:`connectors.mailauth.dns`).
+Results use RFC 8601's words: pass, fail, softfail, neutral, none, temperror, permerror, and
+``policy`` for a DKIM signature that verifies but is not accepted: ``rsa-sha1`` (RFC 8301), or
+an ``l=`` body length shorter than the body (what follows it is unsigned and could be anything).
+Such a signature counts for nothing, DMARC alignment included. A check that is switched off
+reports ``none`` and is left out of the header. DNS failures are ``temperror`` everywhere (see
+:mod:`connectors.mailauth.dns`).
+
+DMARC needs the author: every address of every From field is checked, the strictest outcome
+decides (:func:`connectors.mailauth.dmarc.strictest`). A message whose author cannot be
+determined (no From, several From fields, an address that does not parse or has no domain)
+is ``dmarc=permerror`` and, under ``policy: reject``, refused like a DMARC failure.
 """
 
 from __future__ import annotations
@@ -14,13 +22,16 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from email.parser import BytesHeaderParser
+from email import policy as email_policy
+from email.errors import HeaderMissingRequiredValue, InvalidHeaderDefect
+from email.parser import HeaderParser
 from email.policy import compat32
 from email.utils import getaddresses
 from typing import Any
 
 import dkim  # type: ignore[import-untyped]
 import spf  # type: ignore[import-untyped]
+from dkim.canonicalization import CanonicalizationPolicy  # type: ignore[import-untyped]
 from dkim.util import parse_tag_value  # type: ignore[import-untyped]
 
 from connectors.mailauth import dmarc
@@ -36,11 +47,19 @@ MAX_SIGNATURES = 8
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 
 R_DMARC_REJECT = "550 5.7.1 Message rejected: it fails the DMARC policy of {domain}"
+R_AUTHOR_UNKNOWN = "550 5.7.1 Message rejected: DMARC cannot tell its author ({reason})"
 R_SPF_FAIL = "550 5.7.23 Message rejected: SPF validation failed for {domain}"
 R_TEMPERROR = "451 4.7.1 Sender authentication could not complete (DNS), try again later"
 R_SPF_TEMPERROR = "451 4.7.24 SPF validation could not complete (DNS), try again later"
 
-_HEADER_PARSER = BytesHeaderParser(policy=compat32)
+_HEADER_PARSER = HeaderParser(policy=compat32)
+_STRICT_HEADER_PARSER = HeaderParser(policy=email_policy.default)
+#: RFC 8301 3.1: verifiers must not consider rsa-sha1 signatures valid.
+REFUSED_ALGORITHMS = frozenset({"rsa-sha1"})
+#: From fields longer than this are not parsed (email's parser is slow on hostile input).
+MAX_FROM_LENGTH = 4096
+#: Author domains DMARC looks up per message; more are a problem (a DNS-amplification guard).
+MAX_AUTHOR_DOMAINS = 8
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+./=?^_`{|}~@-]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -73,6 +92,10 @@ class AuthResults:
     spf_reason: str = ""
     signatures: tuple[DkimSignatureResult, ...] = ()
     from_domain: str = ""
+    #: Every author domain found in From (DMARC checks each; ``from_domain`` is the deciding one).
+    from_domains: tuple[str, ...] = ()
+    #: Why DMARC cannot tell the author ("" when it can): no From, several, unparsable.
+    author_problem: str = ""
     dmarc_policy: str = ""
     dmarc_disposition: str = "none"
     dmarc_reason: str = ""
@@ -87,6 +110,7 @@ class AuthResults:
             "dmarc": self.dmarc,
             "spf_domain": self.spf_domain,
             "from_domain": self.from_domain,
+            "from_domains": list(self.from_domains),
             "dmarc_policy": self.dmarc_policy,
             "dmarc_disposition": self.dmarc_disposition,
             "dkim_domains": sorted({s.domain for s in self.signatures if s.result == "pass"}),
@@ -176,21 +200,30 @@ class Verifier:
             spf_domain=spf_domain, mail_from=mail_from, helo=helo, spf_reason=spf_reason,
             signatures=tuple(signatures), checked=checked)
         if cfg.dmarc:
-            from_domain, problem = from_header_domain(raw)
-            if problem:
-                outcome = dmarc.DmarcOutcome("permerror", reason=problem)
-            else:
-                outcome = await asyncio.to_thread(
-                    dmarc.evaluate, self.resolver, from_domain, spf_result, spf_domain,
-                    [(s.domain, s.result) for s in signatures])
-            results = dataclasses.replace(
-                results, dmarc=outcome.result, from_domain=from_domain, dmarc_policy=outcome.policy,
-                dmarc_disposition=outcome.disposition, dmarc_reason=outcome.reason)
+            results = await asyncio.to_thread(self.check_dmarc, raw, results)
         bad = results.dmarc in ("fail", "temperror") or "temperror" in (results.spf, results.dkim)
         event(self.log, "mailauth.checked", logging.INFO if bad else logging.DEBUG, connector=connector,
               spf=results.spf, dkim=results.dkim, dmarc=results.dmarc, from_domain=results.from_domain,
               disposition=results.dmarc_disposition)
         return results
+
+    def check_dmarc(self, raw: bytes, results: AuthResults) -> AuthResults:
+        """``results`` with DMARC for every author domain; the strictest decides. Blocking."""
+        domains, problem = from_header_domains(raw)
+        dkim_results = [(s.domain, s.result) for s in results.signatures]
+        outcomes = [(domain, dmarc.evaluate(self.resolver, domain, results.spf, results.spf_domain, dkim_results))
+                    for domain in domains]
+        if outcomes:
+            from_domain, outcome = dmarc.strictest(outcomes)
+        else:
+            from_domain, outcome = "", dmarc.DmarcOutcome("none")
+        if problem and outcome.result not in ("fail", "temperror"):
+            # The author we could not read may be the one a policy protects.
+            outcome = dmarc.DmarcOutcome("permerror", outcome.policy, outcome.disposition, problem)
+        return dataclasses.replace(
+            results, dmarc=outcome.result, from_domain=from_domain, from_domains=tuple(domains),
+            author_problem=problem, dmarc_policy=outcome.policy, dmarc_disposition=outcome.disposition,
+            dmarc_reason=outcome.reason)
 
     def check_spf(self, ip: str, helo: str, mail_from: str) -> tuple[str, str, str, str]:
         """(result, identity, domain, reason). Blocking: run it on a worker thread."""
@@ -230,6 +263,8 @@ class Verifier:
 
     def _one_signature(self, verifier: Any, idx: int, sig_field: bytes) -> DkimSignatureResult:
         tags = _sig_tags(sig_field)
+        if tags[2] in REFUSED_ALGORITHMS:
+            return DkimSignatureResult("policy", *tags, reason=f"{tags[2]} is not accepted (RFC 8301)")
         key: dict[str, str] = {}
 
         def dnsfunc(name: bytes, timeout: int = 5) -> bytes | None:
@@ -259,6 +294,10 @@ class Verifier:
             self.log.debug("mailauth.dkim_crash", exc_info=exc)
             return DkimSignatureResult("permerror", *tags, reason=f"verification failed ({type(exc).__name__})")
         if ok:
+            unsigned = _unsigned_body_bytes(verifier)
+            if unsigned:
+                return DkimSignatureResult("policy", *tags,
+                                           reason=f"l= leaves {unsigned} bytes of the body unsigned")
             return DkimSignatureResult("pass", *tags)
         if "problem" in key:
             return DkimSignatureResult("permerror", *tags, reason=key["problem"])
@@ -271,6 +310,15 @@ async def _none_spf() -> tuple[str, str, str, str]:
 
 async def _no_signatures() -> list[DkimSignatureResult]:
     return []
+
+
+def _unsigned_body_bytes(verifier: Any) -> int:
+    """How much of the canonical body the signature just verified leaves out with its l= tag."""
+    sig = verifier.signature_fields
+    if b"l" not in sig:
+        return 0
+    canonical = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple")).canonicalize_body(verifier.body)
+    return max(0, len(canonical) - int(sig[b"l"]))
 
 
 def _sig_tags(sig_field: bytes) -> tuple[str, str, str, str]:
@@ -304,32 +352,73 @@ class _DkimLog:
 def summarize(signatures: Sequence[DkimSignatureResult]) -> str:
     """One DKIM word for a message: pass if any signature passes, else the most telling result."""
     found = {s.result for s in signatures}
-    for result in ("pass", "temperror", "fail", "permerror", "neutral"):
+    for result in ("pass", "temperror", "fail", "policy", "permerror", "neutral"):
         if result in found:
             return result
     return "none"
 
 
-def from_header_domain(raw: bytes) -> tuple[str, str]:
-    """(the From domain, "") or ("", why DMARC cannot apply): RFC 7489 6.6.1 needs exactly one."""
+def from_header_domains(raw: bytes) -> tuple[list[str], str]:
+    """(every author domain, each once; why the author cannot be told, or "").
+
+    RFC 5322 3.6 allows exactly one From field; it may hold several addresses. Two parsers
+    read it (email's compat32 ``getaddresses`` and its RFC 5322 header registry): what either
+    finds is an author, and a disagreement, a defect or an address without a valid domain is a
+    problem, since a mail client may show the author the other parser found.
+    """
     try:
-        headers = _HEADER_PARSER.parsebytes(raw)
-        values = headers.get_all("From") or []
-        addresses = [addr for _, addr in getaddresses([str(v) for v in values])]
+        fields = [f for f in split_head(raw)[0] if field_name(f) == "from"]
     except Exception:
-        return "", "unparsable From header"
-    if len(values) != 1 or len(addresses) != 1:
-        return "", f"{len(addresses)} From addresses in {len(values)} From headers (exactly one is needed)"
-    local, at, domain = addresses[0].rpartition("@")
+        return [], "unparsable header"
+    if not fields:
+        return [], "no From header"
+    if any(len(f) > MAX_FROM_LENGTH for f in fields):
+        return [], "From header too long"
+    # RFC 6532 allows UTF-8 in headers; anything else undecodable is replaced, never guessed.
+    block = b"".join(fields).decode("utf-8", "replace") + "\r\n"
+    problems: list[str] = []
+    if len(fields) > 1:
+        problems.append(f"{len(fields)} From headers")
+    try:
+        loose = [addr for _, addr in getaddresses([str(v) for v in _HEADER_PARSER.parsestr(block).get_all("From")
+                                                   or []])]
+        strict: list[str] = []
+        for value in _STRICT_HEADER_PARSER.parsestr(block).get_all("From") or []:
+            if any(isinstance(d, InvalidHeaderDefect | HeaderMissingRequiredValue) for d in value.defects):
+                problems.append("unparsable From address")
+            strict.extend(f"{a.username}@{a.domain}" if a.domain else a.username for a in value.addresses)
+    except Exception:
+        return [], "unparsable From header"
+    addresses = list(dict.fromkeys(a for a in [*loose, *strict] if a))
+    if not addresses:
+        problems.append("no From address")
+    domains: list[str] = []
+    for address in addresses:
+        domain = _author_domain(address)
+        if domain:
+            domains.append(domain)
+        else:
+            problems.append("a From address without a valid domain")
+    if {_author_domain(a) for a in loose if a} != {_author_domain(a) for a in strict if a}:
+        problems.append("ambiguous From address")
+    domains = list(dict.fromkeys(domains))
+    if len(domains) > MAX_AUTHOR_DOMAINS:
+        problems.append(f"{len(domains)} author domains")
+        domains = domains[:MAX_AUTHOR_DOMAINS]
+    return domains, ", ".join(dict.fromkeys(problems))
+
+
+def _author_domain(address: str) -> str:
+    local, at, domain = address.rpartition("@")
     if not at or not local or not domain:
-        return "", "the From address has no domain"
+        return ""
     try:
         ascii_domain = domain.strip().rstrip(".").encode("idna").decode("ascii").lower()
     except UnicodeError:
-        return "", "the From domain is not a valid domain name"
+        return ""
     if not re.fullmatch(r"[a-z0-9_.-]+", ascii_domain) or ".." in ascii_domain:
-        return "", "the From domain is not a valid domain name"
-    return ascii_domain, ""
+        return ""
+    return ascii_domain
 
 
 async def verify_message(raw: bytes, ip: str, helo: str, mail_from: str, cfg: AuthCheck) -> AuthResults:
@@ -344,9 +433,10 @@ def smtp_reply(results: AuthResults, cfg: AuthCheck) -> str | None:
     """The SMTP answer the connector's policy gives, or None to accept (and tag).
 
     Only ``policy: reject`` refuses. With DMARC on, DMARC decides: ``fail`` under a reject
-    disposition → 550 5.7.1, ``temperror`` → 451 (the sender retries); quarantine is accepted
-    and tagged. With DMARC off, an SPF ``fail`` (the domain's own ``-all``) → 550 5.7.23 and an
-    SPF ``temperror`` → 451 4.7.24. DKIM alone never refuses (RFC 6376 6.3: a broken signature
+    disposition (of any author domain) → 550 5.7.1, ``temperror`` → 451 (the sender retries);
+    a message whose author cannot be told → 550 5.7.1; quarantine is accepted and tagged. With
+    DMARC off, an SPF ``fail`` (the domain's own ``-all``) → 550 5.7.23 and an SPF ``temperror``
+    → 451 4.7.24. DKIM alone never refuses (RFC 6376 6.3: a broken signature
     is as if there were none).
     """
     if cfg.policy != "reject":
@@ -356,6 +446,8 @@ def smtp_reply(results: AuthResults, cfg: AuthCheck) -> str | None:
             return R_DMARC_REJECT.format(domain=_safe_domain(results.from_domain))
         if results.dmarc == "temperror":
             return R_TEMPERROR
+        if results.author_problem:
+            return R_AUTHOR_UNKNOWN.format(reason=_CONTROL.sub(" ", results.author_problem)[:120])
         return None
     if cfg.spf and "spf" in results.checked:
         if results.spf == "fail":

@@ -32,6 +32,10 @@ Outbound
   Delivery guarantee: delivered once the relay answered ``250`` to DATA; ``4xx``, timeouts and
   connection/TLS failures are transient (retried); ``5xx`` is permanent (dead letter with the
   relay's reply). Connections are pooled (``max_connections``) and reused for ``keepalive``.
+  8-bit mail goes with ``BODY=8BITMIME`` (and ``SMTPUTF8`` for non-ASCII addresses or
+  headers) when the relay offers it; otherwise the body is made 7-bit (quoted-printable or
+  base64) before DKIM signing. An encrypted message goes as several copies, one per Bcc
+  recipient and one for the others (a retry may repeat a copy already sent).
 
 Mail authenticity (:mod:`connectors.mailauth`; the README, "Mail authenticity and encryption")
   Inbound ``auth_check``: after DATA, SPF (client IP, MAIL FROM, HELO), DKIM and DMARC;
@@ -126,9 +130,13 @@ class SmtpConnector(Connector):
                 sender = found[0][1]
         except (HeaderInjection, MailError, ValidationError) as exc:
             raise PermanentError(f"cannot build the message: {exc}") from exc
-        data = await self._sealing.seal(built.data, recipients=built.recipients, options=opts.seal,
-                                        envelope_id=env.id)
-        await self._relay.send(sender, built.recipients, data)
+        seven_bit = not built.data.isascii() and not await self._relay.offers_8bitmime()
+        copies = await self._sealing.seal_copies(built.data, recipients=built.recipients, hidden=built.hidden,
+                                                 options=opts.seal, envelope_id=env.id, seven_bit=seven_bit)
+        # Every copy is sealed before the first is sent; a retry after a failed copy sends the
+        # earlier ones again (at-least-once).
+        for copy in copies:
+            await self._relay.send(sender, list(copy.recipients), copy.data)
         return None
 
     async def close(self) -> None:

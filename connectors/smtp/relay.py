@@ -8,6 +8,13 @@ retry may deliver twice to the others: at-least-once); 5xx only makes it permane
 
 Idle connections are kept for ``keepalive`` seconds and reused; a reused connection that turns
 out to be closed by the relay is replaced once, at once.
+
+8-bit mail: a message with 8-bit bytes goes with ``BODY=8BITMIME`` (RFC 6152), and with
+``SMTPUTF8`` (RFC 6531) when an address or a header field is not ASCII. The relay must have
+announced them at EHLO: the sender asks :meth:`Relay.offers_8bitmime` first and makes the body
+7-bit before DKIM signs it when the answer is no. A message that needs SMTPUTF8 from a relay
+without it is permanent (as Postfix bounces it); 8-bit data for a relay that stopped offering
+8BITMIME is transient (the next attempt converts it).
 """
 
 from __future__ import annotations
@@ -52,6 +59,31 @@ def translate(exc: BaseException) -> GatewayError:
     return TransientError(f"relay: unexpected {type(exc).__name__}")
 
 
+def mail_options(sender: str, recipients: list[str], data: bytes, extensions: dict[str, str]) -> list[str]:
+    """The MAIL FROM parameters ``data`` needs from a relay with these EHLO ``extensions``.
+
+    Raises :class:`PermanentError` (SMTPUTF8 needed, not offered) or :class:`TransientError`
+    (8BITMIME needed, not offered: the caller converts and tries again).
+    """
+    addresses_ascii = sender.isascii() and all(r.isascii() for r in recipients)
+    if addresses_ascii and data.isascii():
+        return []
+    head_end = data.find(b"\r\n\r\n")
+    head = data if head_end < 0 else data[:head_end]
+    options: list[str] = []
+    if not (addresses_ascii and head.isascii()):
+        if "smtputf8" not in extensions:
+            raise PermanentError("the relay does not offer SMTPUTF8, which this message needs (an address or "
+                                 "a header field is not ASCII)")
+        options.append("SMTPUTF8")
+    if not data.isascii():
+        if "8bitmime" not in extensions:
+            raise TransientError("the relay does not offer 8BITMIME (any more); the next attempt sends the "
+                                 "body 7-bit")
+        options.insert(0, "BODY=8BITMIME")
+    return options
+
+
 class Relay:
     def __init__(self, cfg: SmtpConfig, name: str, log: logging.Logger):
         assert cfg.url is not None
@@ -67,6 +99,8 @@ class Relay:
         self._slots: asyncio.Semaphore | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._tls = self._tls_context()
+        #: Whether the relay announced 8BITMIME at its last EHLO (None: not asked yet).
+        self._8bitmime: bool | None = None
 
     def _tls_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=self.cfg.ca_file)
@@ -89,6 +123,35 @@ class Relay:
         idle, self._idle = self._idle, []
         await asyncio.gather(*(self._quit(c) for c, _ in idle))
 
+    async def offers_8bitmime(self) -> bool:
+        """Whether the relay takes 8-bit bodies, as it said at its last EHLO (asked when not known).
+
+        Raises Transient/PermanentError as :meth:`send` does when the relay cannot be reached.
+        """
+        if self._8bitmime is None:
+            self.start()
+            assert self._slots is not None
+            async with self._slots:
+                client = self._take_idle() or await self._connect()
+                try:
+                    await self._ehlo(client)
+                except Exception as exc:
+                    client.close()
+                    raise translate(exc) from exc
+                self._idle.append((client, time.monotonic()))
+        return bool(self._8bitmime)
+
+    async def _ehlo(self, client: aiosmtplib.SMTP) -> dict[str, str]:
+        if client.is_ehlo_or_helo_needed:
+            await client.ehlo()
+        self._8bitmime = client.supports_extension("8bitmime")
+        return client.esmtp_extensions
+
+    async def _transaction(self, client: aiosmtplib.SMTP, sender: str, recipients: list[str],
+                           data: bytes) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
+        options = mail_options(sender, recipients, data, await self._ehlo(client))
+        return await client.sendmail(sender, recipients, data, mail_options=options)
+
     async def send(self, sender: str, recipients: list[str], data: bytes) -> str:
         """Send one message; returns the relay's answer to DATA. Raises Transient/PermanentError."""
         self.start()
@@ -99,14 +162,18 @@ class Relay:
                 client, reused = await self._connect(), False
             try:
                 try:
-                    errors, reply = await client.sendmail(sender, recipients, data)
+                    errors, reply = await self._transaction(client, sender, recipients, data)
                 except aiosmtplib.SMTPServerDisconnected:
                     if not reused:
                         raise
                     # The relay closed the idle connection; nothing of this message was taken.
                     client.close()
                     client = await self._connect()
-                    errors, reply = await client.sendmail(sender, recipients, data)
+                    errors, reply = await self._transaction(client, sender, recipients, data)
+            except GatewayError:
+                if client.is_connected:  # refused before MAIL (mail_options): reusable
+                    self._idle.append((client, time.monotonic()))
+                raise
             except Exception as exc:
                 if isinstance(exc, aiosmtplib.SMTPResponseException | aiosmtplib.SMTPRecipientsRefused) \
                         and client.is_connected and exc_code(exc) != 421:

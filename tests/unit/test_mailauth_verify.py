@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from connectors.mailauth import AuthCheck, AuthResults, Verifier, add_authentication_results, smtp_reply
 from connectors.mailauth.dmarc import organizational_domain, parse_record
-from connectors.mailauth.verify import from_header_domain, summarize
+from connectors.mailauth.verify import from_header_domains, summarize
 from tests.mailauth_support import StubDns, dkim_txt, ed25519_seed, message, pem, rsa_key, stub_dns, wire
 
 IP_OK = "127.0.0.1"
@@ -201,6 +201,33 @@ async def test_dkim_one_good_signature_among_bad_ones_passes(dns: StubDns, key: 
     assert summarize(results.signatures) == "pass"
 
 
+async def test_dkim_rsa_sha1_is_not_accepted(dns: StubDns, key: object) -> None:
+    publish(dns, key, spf="v=spf1 -all")
+    raw = wire(message())
+    raw = dkim.sign(raw, b"sel", b"example.test", pem(key, "pkcs1").encode(), signature_algorithm=b"rsa-sha1") + raw
+    cfg = check(dns)
+    results = await verify(cfg, raw, ip=IP_BAD)
+    assert [(s.result, s.algorithm) for s in results.signatures] == [("policy", "rsa-sha1")]
+    assert (results.dkim, results.dmarc) == ("policy", "fail")
+    assert smtp_reply(results, cfg) == "550 5.7.1 Message rejected: it fails the DMARC policy of example.test"
+    assert "dkim=policy (rsa-sha1 is not accepted [RFC 8301]) header.d=example.test" in results.header_value()
+
+
+async def test_dkim_body_length_limit_covers_nothing_appended(dns: StubDns, key: object) -> None:
+    publish(dns, key, spf="v=spf1 -all")
+    raw = wire(message())
+    raw = dkim.sign(raw, b"sel", b"example.test", pem(key, "pkcs1").encode(), length=True) + raw
+    cfg = check(dns)
+    exact = await verify(cfg, raw, ip=IP_BAD)
+    assert (exact.dkim, exact.dmarc) == ("pass", "pass")
+    appended = raw + b"\r\nPay the invoice to account 666 instead.\r\n"
+    results = await verify(cfg, appended, ip=IP_BAD)
+    assert results.signatures[0].result == "policy"
+    assert "l= leaves 43 bytes of the body unsigned" in results.signatures[0].reason
+    assert (results.dkim, results.dmarc) == ("policy", "fail")
+    assert smtp_reply(results, cfg) is not None
+
+
 async def test_dkim_caps_the_number_of_signatures(dns: StubDns, key: object) -> None:
     publish(dns, key)
     raw = wire(message())
@@ -292,12 +319,62 @@ async def test_dmarc_record_lookup_failure_is_temperror(dns: StubDns) -> None:
     assert smtp_reply(results, cfg).startswith("451 4.7.1 ")  # type: ignore[union-attr]
 
 
-async def test_dmarc_two_from_addresses_is_permerror_and_accepted(dns: StubDns) -> None:
+def with_second_from(raw: bytes, author: str) -> bytes:
+    return f"From: {author}\r\n".encode() + raw
+
+
+@pytest.mark.parametrize("spoof", [
+    lambda raw: raw.replace(b"From: mallory@evil.test", b"From: mallory@evil.test, ceo@example.test"),
+    lambda raw: raw.replace(b"From: mallory@evil.test", b"From: ceo@example.test, mallory@evil.test"),
+    lambda raw: with_second_from(raw, "ceo@example.test"),
+    lambda raw: raw.replace(b"From: mallory@evil.test", b"From: mallory@evil.test\r\nFrom: ceo@example.test"),
+    lambda raw: raw.replace(b"From: mallory@evil.test", b"From: mallory@evil.test <ceo@example.test>"),
+], ids=["second-address", "first-address", "from-header-above", "from-header-below", "ambiguous"])
+async def test_dmarc_a_second_author_gets_its_domains_policy(dns: StubDns, key: object, spoof: object) -> None:
+    # mallory's own domain passes SPF and DKIM; the spoofed author example.test publishes p=reject.
+    publish(dns, key, domain="evil.test", spf="v=spf1 ip4:127.0.0.1 -all", dmarc="v=DMARC1; p=none")
     dns.txt("_dmarc.example.test", "v=DMARC1; p=reject")
+    raw = signed(spoof(wire(message(sender="mallory@evil.test"))), key, domain="evil.test")  # type: ignore[operator]
     cfg = check(dns)
-    results = await verify(cfg, wire(message(sender="a@example.test, b@example.test")), ip=IP_BAD)
-    assert results.dmarc == "permerror"
+    results = await verify(cfg, raw, mail_from="mallory@evil.test")
+    assert (results.spf, results.dkim, results.dmarc) == ("pass", "pass", "fail")
+    assert (results.from_domain, results.dmarc_disposition) == ("example.test", "reject")
+    assert set(results.from_domains) == {"evil.test", "example.test"}
+    assert smtp_reply(results, cfg) == "550 5.7.1 Message rejected: it fails the DMARC policy of example.test"
+    assert "dmarc=fail (p=reject dis=reject) header.from=example.test" in results.header_value()
+
+
+async def test_dmarc_passes_only_when_every_author_passes(dns: StubDns, key: object) -> None:
+    publish(dns, key)
+    publish(dns, key, domain="example.org", spf="", dmarc="v=DMARC1; p=quarantine", selector="org")
+    raw = signed(signed(wire(message(sender="a@example.test, b@example.org")), key), key, domain="example.org",
+                 selector="org")
+    cfg = check(dns)
+    results = await verify(cfg, raw)
+    assert (results.dmarc, results.from_domains) == ("pass", ("example.test", "example.org"))
     assert smtp_reply(results, cfg) is None
+
+
+@pytest.mark.parametrize(("mangle", "problem"), [
+    (lambda raw: raw.replace(b"From: mallory@evil.test\r\n", b""), "no From header"),
+    (lambda raw: raw.replace(b"From: mallory@evil.test", b"From: undisclosed"), "without a valid domain"),
+    (lambda raw: raw.replace(b"From: mallory@evil.test", b"From: <>"), "no From address"),
+    (lambda raw: raw.replace(b"From: mallory@evil.test", b"From: Mallory <mallory@evil.test"),
+     "unparsable From address"),
+    (lambda raw: with_second_from(raw, "mallory@evil.test"), "2 From headers"),
+])
+async def test_dmarc_an_author_that_cannot_be_told_is_refused_under_reject(dns: StubDns, key: object,
+                                                                           mangle: object, problem: str) -> None:
+    publish(dns, key, domain="evil.test", spf="v=spf1 ip4:127.0.0.1 -all", dmarc=None)
+    raw = mangle(signed(wire(message(sender="mallory@evil.test")), key, domain="evil.test"))  # type: ignore[operator]
+    cfg = check(dns)
+    results = await verify(cfg, raw, mail_from="mallory@evil.test")
+    assert results.dmarc == "permerror"
+    assert problem in results.author_problem
+    reply = f"550 5.7.1 Message rejected: DMARC cannot tell its author ({results.author_problem})"
+    assert smtp_reply(results, cfg) == reply
+    assert smtp_reply(results, check(dns, policy="tag")) is None
+    assert "dmarc=permerror" in results.header_value()
 
 
 async def test_dmarc_invalid_record_is_permerror(dns: StubDns) -> None:
@@ -312,8 +389,12 @@ def test_dmarc_record_parsing_and_organizational_domains() -> None:
     assert parse_record("v=DMARC1; rua=mailto:x@y").p == "none"
     assert organizational_domain("a.b.example.co.uk") == "example.co.uk"
     assert organizational_domain("mail.example.test") == "example.test"
-    assert from_header_domain(b"From: =?utf-8?q?J=C3=B6rg?= <j@Example.TEST>\r\n\r\n") == ("example.test", "")
-    assert from_header_domain(b"Subject: x\r\n\r\n")[0] == ""
+    assert from_header_domains(b"From: =?utf-8?q?J=C3=B6rg?= <j@Example.TEST>\r\n\r\n") == (["example.test"], "")
+    assert from_header_domains("From: J\u00f6rg <j@b\u00fccher.test>\r\n\r\n".encode()) == (["xn--bcher-kva.test"], "")
+    assert from_header_domains(b"From: a@x.test, b@y.test, a@x.test\r\n\r\n") == (["x.test", "y.test"], "")
+    assert from_header_domains(b"Subject: x\r\n\r\n") == ([], "no From header")
+    many = ", ".join(f"a@d{i}.test" for i in range(20)).encode()
+    assert from_header_domains(b"From: " + many + b"\r\n\r\n")[1] == "20 author domains"
 
 
 # --- policy, header, config -----------------------------------------------------------------
