@@ -46,7 +46,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from connectors.imap.mapping import authenticate, mail_envelope
+from connectors.imap.mapping import authenticate, mail_envelope_off_loop
 from connectors.imap.session import tls_reason
 from connectors.imap.state import CheckpointStore, StateError
 from connectors.mail_common.mailbox import RetryLater, auth_verifier
@@ -346,8 +346,8 @@ class Pop3Connector(Connector):
             return
         raw = await asyncio.to_thread(drop.retr, num, size)
         raw, auth = await authenticate(self._verifier, raw, connector=self.name)
-        env = mail_envelope(raw, source=self.name, protocol="pop3", mailbox=self.cfg.mailbox_address,
-                            idempotency_key=f"pop3:{uidl}", extra={"pop3.uidl": uidl}, auth=auth)
+        env = await mail_envelope_off_loop(raw, source=self.name, protocol="pop3", mailbox=self.cfg.mailbox_address,
+                                           idempotency_key=f"pop3:{uidl}", extra={"pop3.uidl": uidl}, auth=auth)
         event(self.log, "pop3.fetched", logging.DEBUG, envelope_id=env.id, size=len(raw), **where)
         outcome = await self._deliver(env)
         if outcome.acknowledge:

@@ -65,7 +65,7 @@ import aioimaplib
 from pydantic import ValidationError
 
 from connectors.imap.config import ImapConfig, ImapTarget, check_folder
-from connectors.imap.mapping import authenticate, mail_envelope
+from connectors.imap.mapping import authenticate, mail_envelope_off_loop
 from connectors.imap.session import ImapRefused, LoginFailed, Session, SessionLost, open_session
 from connectors.imap.state import CheckpointStore, FolderCheckpoint, StateError
 from connectors.mail_common import HeaderInjection, MailError, build_mail, validated_options
@@ -321,10 +321,11 @@ class ImapConnector(Connector):
         if raw is None:
             return
         raw, auth = await authenticate(self._verifier, raw, connector=self.name)
-        env = mail_envelope(raw, source=self.name, protocol="imap", mailbox=self.cfg.mailbox_address,
-                            idempotency_key=f"imap:{folder}:{uidvalidity}:{uid}",
-                            extra={"imap.folder": folder, "imap.uid": uid, "imap.uidvalidity": uidvalidity,
-                                   "imap.flags": sorted(meta.flags)}, auth=auth)
+        env = await mail_envelope_off_loop(
+            raw, source=self.name, protocol="imap", mailbox=self.cfg.mailbox_address,
+            idempotency_key=f"imap:{folder}:{uidvalidity}:{uid}",
+            extra={"imap.folder": folder, "imap.uid": uid, "imap.uidvalidity": uidvalidity,
+                   "imap.flags": sorted(meta.flags)}, auth=auth)
         event(self.log, "imap.fetched", logging.DEBUG, envelope_id=env.id, size=len(raw), **where)
         outcome = await self._deliver(env)
         if outcome.acknowledge:

@@ -5,12 +5,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from typing import Any
 
 from connectors.mail_common import MESSAGE_RFC822, addresses, envelope_headers, parse_message
 from connectors.mailauth import Verifier, add_authentication_results
 from connectors.mailauth.mime import field_name, field_value, split_head
-from gateway.envelope import Envelope
+from gateway.envelope import PARSE_INLINE_BYTES, Envelope
 
 
 async def authenticate(verifier: Verifier | None, raw: bytes, *, connector: str) -> tuple[bytes, dict[str, Any] | None]:
@@ -58,5 +60,15 @@ def mail_envelope(raw: bytes, *, source: str, protocol: str, mailbox: str, extra
     }
     if auth is not None:
         attributes["auth"] = auth
-    return Envelope(source=source, protocol=protocol, subject=mailbox, body=raw, content_type=MESSAGE_RFC822,
-                    headers=envelope_headers(view), attributes=attributes)
+    env = Envelope(source=source, protocol=protocol, subject=mailbox, body=raw, content_type=MESSAGE_RFC822,
+                   headers=envelope_headers(view), attributes=attributes)
+    env.__dict__["data"] = view  # what Envelope.data would parse again from the body (message/rfc822)
+    return env
+
+
+async def mail_envelope_off_loop(raw: bytes, **kwargs: Any) -> Envelope:
+    """:func:`mail_envelope`, in a worker thread for a large message: the e-mail parser is pure
+    Python (about 20 ms a megabyte), and a mailbox may hold messages of tens of megabytes."""
+    if len(raw) > PARSE_INLINE_BYTES:
+        return await asyncio.to_thread(functools.partial(mail_envelope, raw, **kwargs))
+    return mail_envelope(raw, **kwargs)

@@ -39,7 +39,7 @@ from gateway.deadlines import Deadlines
 from gateway.delivery.options import DeliveryMetrics, DeliveryOptions, RoutingState
 from gateway.delivery.store import Job, Remembered, SpoolBackend, SpoolError, SpoolFull
 from gateway.delivery.workers import Dispatcher, Worker, count_dead, count_failure
-from gateway.envelope import PARSE_INLINE_BYTES, Envelope
+from gateway.envelope import PARSE_INLINE_BYTES, Envelope, is_json_type
 from gateway.logs import event
 from gateway.metrics import Metrics
 from gateway.routing.router import CompiledRoute, MessageScope, Planned
@@ -128,10 +128,14 @@ class Delivery:
         if self._closing:
             return self._answer(env, self._refuse(env, "shutdown", "gateway is shutting down"))
         if len(env.body) > PARSE_INLINE_BYTES and state.router.reads_data(env.source):
-            # Routing reads ``data`` without awaiting: parse a large body first, in steps that let
-            # the loop run between them.
-            for _ in env.parse_steps():
-                await asyncio.sleep(0)
+            # Routing reads ``data`` without awaiting: parse a large body first, JSON in steps that
+            # let the loop run between them (its parser keeps the GIL), others (the e-mail parser
+            # is pure Python) in a worker thread.
+            if is_json_type(env.content_type):
+                for _ in env.parse_steps():
+                    await asyncio.sleep(0)
+            elif "data" not in env.__dict__:
+                await asyncio.to_thread(env.data_or_none)
         key = env.attributes.get("idempotency_key")
         if isinstance(key, str) and key:
             return self._answer(env, await self._deliver_once(env, state, key))
