@@ -63,7 +63,7 @@ class Runtime:
         self.metrics = Metrics()
         settings = config.model.gateway
         self.spool = make_spool(settings.spool)
-        self.http = HttpHub(logging.getLogger("gateway.http"))
+        self.http = HttpHub(logging.getLogger("gateway.http"), settings.http)
         self.slots: dict[str, ConnectorSlot] = {}
         self.delivery = Delivery(
             state=RoutingState(config.router, settings.unmatched, config.version),

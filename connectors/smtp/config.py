@@ -59,6 +59,9 @@ class SmtpConfig(ConnectorConfig, AuthCheckSettings, SealSettings):
     #: The whole DATA transfer must finish within this (slow senders are cut off: 421 4.4.2).
     data_timeout: Duration = 600.0
     max_sessions: int = Field(default=100, ge=1, le=100_000)
+    #: Sessions open at once from one client address (past it: 421 4.7.0); 0: no such bound.
+    #: 20 is what a Postfix sender opens to one destination by default.
+    max_sessions_per_client: int = Field(default=20, ge=0, le=100_000)
     #: How often one session may send each command (MAIL, RCPT, NOOP…) before it gets 421.
     max_commands_per_session: int = Field(default=1000, ge=10)
 

@@ -2,8 +2,9 @@
 
 Each accepted message is first checked (``auth_check``: SPF, DKIM, DMARC; the policy may refuse
 it right there), then becomes one envelope per recipient; the DATA answer is
-:func:`reply_for` of their outcomes. Past ``max_sessions`` a connection gets ``421 4.3.2``;
-``stop`` says ``421`` to idle sessions and waits (up to the drain time) for messages in flight.
+:func:`reply_for` of their outcomes. Past ``max_sessions`` a connection gets ``421 4.3.2``,
+past ``max_sessions_per_client`` from its address ``421 4.7.0`` (so one client cannot take every
+session); ``stop`` says ``421`` to idle sessions and waits (up to the drain time) for messages in flight.
 """
 
 from __future__ import annotations
@@ -112,6 +113,11 @@ class Listener:
                   sessions=len(self.sessions))
             return _Refuse()
         return GatewaySMTP(self)
+
+    def crowded(self, peer_ip: str) -> bool:
+        """``peer_ip`` has ``max_sessions_per_client`` sessions open already."""
+        per_client = self.cfg.max_sessions_per_client
+        return bool(per_client) and sum(1 for s in self.sessions if s.peer_ip == peer_ip) >= per_client
 
     @property
     def serving(self) -> bool:

@@ -12,8 +12,15 @@ What we change in aiosmtpd (1.4.6), and why:
   carries the exception text).
 * The idle timer writes ``421 4.4.2`` before closing; a session past ``max_sessions`` gets
   ``421 4.3.2``; shutdown sends ``421 4.3.2`` to idle sessions and lets busy ones finish.
-* AUTH PLAIN/LOGIN check the password file off the event loop; three failures end the session.
+* AUTH PLAIN/LOGIN check the password file off the event loop; three failures (a wrong
+  password or an unknown mechanism, ``504 5.5.4``) end the session. Only :data:`MECHANISMS` are
+  offered: aiosmtpd would offer every attribute named ``auth_*`` (``auth_user`` among them).
+  Mechanism names are matched case-insensitively.
 * Replies aiosmtpd hardcodes without an enhanced status code get one (``500 5.5.2 Line too long``).
+* Bounds aiosmtpd lacks: ``max_sessions_per_client`` sessions from one address (more get
+  ``421 4.7.0``); :data:`MAX_ERRORS` syntax or sequence errors end a session (``421 4.7.0``);
+  buffered commands are answered :data:`REPLIES_PER_TURN` at a time before the event loop
+  serves others; a session logs its first :data:`MAX_LOGGED_REFUSALS` refusals only.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import re
 from base64 import b64decode
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from connectors.smtp.data import R_BARE_NEWLINE, DataReader, read_data
@@ -35,6 +42,8 @@ if TYPE_CHECKING:
     from connectors.smtp.listener import Listener
 
 MAX_AUTH_FAILURES = 3
+#: The SASL mechanisms this session implements (``auth_LOGIN``, ``auth_PLAIN``).
+MECHANISMS = ("LOGIN", "PLAIN")
 #: The socket reader's buffer limit; DATA lines are checked against max_line_length ourselves.
 READER_LIMIT = 64 * 1024
 
@@ -43,6 +52,18 @@ R_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
 R_BUSY = "421 4.3.2 Too many connections, try again later"
 R_IDLE = "421 4.4.2 Idle timeout, closing connection"
 R_DATA_TIMEOUT = "421 4.4.2 DATA not completed in time, closing connection"
+R_CLIENT_BUSY = "421 4.7.0 Too many connections from your address, try again later"
+R_TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+
+#: Syntax and sequence errors (500-504) one session may make before it is closed; empty lines
+#: or junk would otherwise be answered one by one as fast as the client sends them (Postfix:
+#: ``smtpd_hard_error_limit``).
+MAX_ERRORS = 20
+#: Refusals a session logs; the rest are only answered (a client must not flood the log).
+MAX_LOGGED_REFUSALS = 10
+#: aiosmtpd answers buffered commands without waiting on the socket: after this many replies a
+#: session lets the event loop serve others.
+REPLIES_PER_TURN = 32
 
 # aiosmtpd answers without enhanced status codes (RFC 3463) in places we cannot hook.
 _REWRITE = {
@@ -132,6 +153,11 @@ class GatewaySMTP(SMTP):
         self.auth_user: str | None = None
         self._auth_failures = 0
         self._registered = False
+        #: Past max_sessions_per_client: answered 421 at connection, never a session.
+        self._turned_away = False
+        self._errors = 0
+        self._replies = 0
+        self._logged_refusals = 0
         self.peer = ""
         #: The client's IP address, as SPF checks it.
         self.peer_ip = ""
@@ -149,10 +175,11 @@ class GatewaySMTP(SMTP):
             timeout=cfg.idle_timeout,
             auth_required=listener.users is not None,
             auth_require_tls=True,
-            auth_exclude_mechanism=[] if listener.users is not None else ["PLAIN", "LOGIN"],
             command_call_limit=cfg.max_commands_per_session,
             loop=asyncio.get_running_loop(),
         )
+        offered = MECHANISMS if listener.users is not None else ()
+        self._auth_methods = {name: impl for name, impl in self._auth_methods.items() if name in offered}
 
     # --- connection bookkeeping ----------------------------------------------------------
 
@@ -162,6 +189,13 @@ class GatewaySMTP(SMTP):
             peername = transport.get_extra_info("peername")
             self.peer = _peer(peername)
             self.peer_ip = str(peername[0]) if isinstance(peername, tuple) and peername else ""
+            if self.listener.crowded(self.peer_ip):
+                self._turned_away = True
+                event(self.listener.log, "smtp.too_many_sessions", logging.WARNING, connector=self.listener.name,
+                      peer=self.peer, per_client=self.listener.cfg.max_sessions_per_client)
+                transport.write(R_CLIENT_BUSY.encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
+                transport.close()
+                return
             self.listener.sessions.add(self)
             if transport.get_extra_info("ssl_object") is not None:
                 # Implicit TLS: aiosmtpd only knows STARTTLS and looks for its TLS protocol to
@@ -170,6 +204,8 @@ class GatewaySMTP(SMTP):
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._turned_away:
+            return  # no session was started, so there is none to end
         self.listener.sessions.discard(self)
         super().connection_lost(error)
 
@@ -200,11 +236,23 @@ class GatewaySMTP(SMTP):
         if isinstance(status, str):
             status = _REWRITE.get(status, status)
             if status[:1] in ("4", "5"):
-                event(self.listener.log, "smtp.refused", logging.INFO, connector=self.listener.name,
-                      peer=self.peer, reply=status[:200])
+                self._logged_refusals += 1
+                if self._logged_refusals <= MAX_LOGGED_REFUSALS:
+                    event(self.listener.log, "smtp.refused", logging.INFO, connector=self.listener.name,
+                          peer=self.peer, reply=status[:200])
         await super().push(status)
-        if isinstance(status, str) and status.startswith("421"):
-            self._close()  # 421 means the server closes (RFC 5321 3.8)
+        if isinstance(status, str):
+            if status.startswith("421"):
+                self._close()  # 421 means the server closes (RFC 5321 3.8)
+                return
+            if status[:3] in ("500", "501", "502", "503", "504"):
+                self._errors += 1
+                if self._errors >= MAX_ERRORS:
+                    await self.push(R_TOO_MANY_ERRORS)
+                    return
+        self._replies += 1
+        if self._replies % REPLIES_PER_TURN == 0:
+            await asyncio.sleep(0)
 
     async def handle_exception(self, error: Exception) -> str:
         self.listener.log.error("smtp.internal_error", exc_info=error, extra={"fields": {
@@ -305,6 +353,20 @@ class GatewaySMTP(SMTP):
 
     # --- AUTH (only over TLS; aiosmtpd enforces that before calling these) ---------------
 
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        mechanism, _, rest = (arg or "").strip().partition(" ")
+        mechanism = mechanism.upper()
+        session = self.session
+        # The checks aiosmtpd makes before it looks the mechanism up (EHLO, TLS, not yet in).
+        ready = (session is not None and session.extended_smtp and not session.authenticated
+                 and not (self._auth_require_tls and not self._tls_protocol))
+        if ready and mechanism and mechanism not in self._auth_methods and len(rest.split()) <= 1:
+            if not await self._failed("unknown mechanism", mechanism=mechanism[:20]):
+                await self.push("504 5.5.4 Unrecognized authentication type")
+            return
+        await super().smtp_AUTH(f"{mechanism} {rest}".strip())
+
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         if len(args) == 1:
             blob = await self.challenge_auth("")
@@ -347,11 +409,19 @@ class GatewaySMTP(SMTP):
             event(self.listener.log, "smtp.authenticated", logging.INFO, connector=self.listener.name,
                   peer=self.peer, user=name[:64])
             return AuthResult(success=True, auth_data=name)
+        if await self._failed("wrong credentials", user=name[:64]):
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False)
+
+    async def _failed(self, reason: str, **fields: str) -> bool:
+        """Count and log a failed AUTH; True when it was one too many (421 sent, closing)."""
         self._auth_failures += 1
+        printable = {k: v.encode("ascii", "replace").decode() for k, v in fields.items()}
         event(self.listener.log, "smtp.auth_failed", logging.WARNING, connector=self.listener.name,
-              peer=self.peer, user=name[:64].encode("ascii", "replace").decode(), failures=self._auth_failures)
+              peer=self.peer, reason=reason, failures=self._auth_failures,
+              **printable)
         if self._auth_failures >= MAX_AUTH_FAILURES:
             await self.push("421 4.7.0 Too many authentication failures, closing connection")
             self._close()
-            return AuthResult(success=False, handled=True)
-        return AuthResult(success=False, handled=False)
+            return True
+        return False

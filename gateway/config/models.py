@@ -173,6 +173,33 @@ class LogSettings(Strict):
     format: Literal["auto", "json", "text"] = "auto"
 
 
+class HttpListenerSettings(Strict):
+    """Bounds of one HTTP listen address (REST, SOAP, admin): what a client may send and how long
+    it may take. Every listen address has them; ``gateway.http`` changes them per address."""
+
+    #: The request line and headers must arrive within this time of the connection (or of the first
+    #: byte of a later request on it): 408, or a silent close when nothing came.
+    head_timeout: Duration = Field(default=10.0, gt=0)
+    #: The whole request body must arrive within this time of its head: 408 and close.
+    body_timeout: Duration = Field(default=60.0, gt=0)
+    #: A kept-alive connection with no request for this long is closed.
+    idle_timeout: Duration = Field(default=5.0, gt=0)
+    #: Longest request target (path and query): 414.
+    max_url: ByteSize = Field(default=8 * 1024, ge=256)
+    #: Header section size (names and values): 431.
+    max_header_bytes: ByteSize = Field(default=16 * 1024, ge=1024)
+    #: Header fields in one request: 431.
+    max_headers: int = Field(default=100, ge=10, le=10_000)
+    #: Requests in progress (head received, answer not finished); past it: 503 + Retry-After.
+    max_requests: int = Field(default=1000, ge=1)
+    #: Open connections. A new one past it closes the oldest connection without a request in
+    #: progress (idle, or its head still coming); if every one is busy, the new one is closed.
+    max_connections: int = Field(default=1000, ge=1)
+    #: Open connections from one client address, the same way; 0: no per-address bound (behind
+    #: a proxy every connection has the proxy's address).
+    max_connections_per_client: int = Field(default=256, ge=0)
+
+
 class GatewaySettings(Strict):
     admin: AdminSettings = Field(default_factory=AdminSettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
@@ -186,6 +213,18 @@ class GatewaySettings(Strict):
     state_dir: str = "var/state"
     #: Log ``loop.blocked`` (with the stack that holds it) when the event loop is held this long.
     loop_warn_after: Duration = Field(default=0.1, gt=0)
+    #: Per HTTP listen address (``"0.0.0.0:8080"``, as the connector's ``listen`` says it): the
+    #: bounds of :class:`HttpListenerSettings`. An address not named here gets the defaults.
+    http: dict[str, HttpListenerSettings] = Field(default_factory=dict)
+
+    @field_validator("http")
+    @classmethod
+    def _http_addresses(cls, v: dict[str, HttpListenerSettings]) -> dict[str, HttpListenerSettings]:
+        for address in v:
+            _, sep, port = address.rpartition(":")
+            if not sep or not port.isdigit() or int(port) > 65535:
+                raise ValueError(f"gateway.http key {address!r} must be a listen address HOST:PORT")
+        return v
 
 
 class RetryPolicy(Strict):
