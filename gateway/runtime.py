@@ -126,11 +126,12 @@ class Runtime:
 
         self.watchdog.start()
         await self.spool.open()
-        from gateway.routing.storm import StormControl, StormState
+        from gateway.delivery.stormstore import SqliteStormStore
+        from gateway.routing.storm import StormControl
 
-        self.storm = StormControl(StormState(os.path.join(self.config.model.gateway.state_dir, "storm.db")),
+        self.storm = StormControl(SqliteStormStore(os.path.join(self.config.model.gateway.state_dir, "storm.db")),
                                   self.delivery.emit_digest)
-        await self.storm.state.open()
+        await self.storm.open()
         self.delivery.storm = self.storm
         self.storm.start()
         self._apply_metrics(self.config)
@@ -232,7 +233,7 @@ class Runtime:
             self._gauge_task.cancel()
         await self.spool.close()
         if self.storm is not None:
-            await self.storm.state.close()
+            await self.storm.store.close()
         await self.watchdog.stop()
         event(self.log, "gateway.stopped")
 

@@ -295,6 +295,9 @@ class DigestSpec(Strict):
 
     key: str = "{{ subject }}"
     window: Duration = 300.0
+    #: How many of a window's messages the digest lists in ``data.digest.events`` (the count
+    #: goes on past it); bounds the stored window and the digest message's size.
+    max_listed: int = Field(default=1000, ge=0, le=10_000)
 
 
 class AlarmSpec(Strict):

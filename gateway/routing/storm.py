@@ -12,37 +12,45 @@ Each control is optional on a route and they apply in this order:
 ``throttle: {key, limit, window, then: drop | digest}``
     At most ``limit`` messages per key per window; the rest are dropped (counted) or folded
     into the key's digest.
-``digest: {key, window}``
+``digest: {key, window, max_listed}``
     Without ``throttle``: every message is folded into its key's digest. At the end of the
     window one message is sent for the key: its ``data`` is the last event's data plus
-    ``data.digest = {key, count, first, last, events: [{id, subject, time, data}, …]}``,
+    ``data.digest = {key, count, listed, first, last, events: [{id, subject, time, data}, …]}``,
     and ``attributes.digest`` is true, so one template can serve both (``{% if data.digest
-    is defined %}…``).
+    is defined %}…``). ``count`` is every message of the window; ``events`` lists the first
+    ``max_listed`` of them (default 1,000) in the order they arrived, and ``listed`` says how
+    many that is, so a template can say "and 2,345 more" when ``count > listed``. A digest that
+    could not be sent is tried again every second with the same id.
 
-Keys are templates (``"{{ subject }}"``, ``"{{ data.site }}"``). State lives in a SQLite file
-in the gateway's state directory, so a restart neither re-sends a storm nor forgets a raised
-alarm. Decisions are made in memory without awaiting (atomic on the event loop) and written
-through to disk; a digest is stored durably before the sender is acknowledged.
+Keys are templates (``"{{ subject }}"``, ``"{{ data.site }}"``). Decisions are made here, in
+memory and without awaiting (atomic on the event loop); the state is kept by a
+:class:`StormStore` (``gateway.delivery.stormstore``: a SQLite file in the state directory), so
+a restart neither re-sends a storm nor forgets a raised alarm. What a message costs the store
+does not grow with its window: a folded message is one appended row (none past ``max_listed``)
+and an update of the window's summary; the events are read back only to send the digest, on the
+store's thread. :meth:`StormControl.fold` returns once the message is durably in its digest, so
+the sender is acknowledged only after that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol, TypeVar
 
 from gateway.config.models import AlarmSpec, DedupeSpec, DigestSpec, ThrottleSpec
-from gateway.envelope import Envelope
+from gateway.envelope import Envelope, new_id
 from gateway.routing.expr import Fn, compile_expression
 from gateway.routing.templates import Template, make_environment
 
-MAX_DIGEST_EVENTS = 1000
+#: ``max_listed`` of a throttle's digest (``then: digest`` without a ``digest:``), and the default.
+DEFAULT_MAX_LISTED: int = DigestSpec.model_fields["max_listed"].default
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -55,12 +63,19 @@ class Decision:
 
 
 @dataclass
+class _DigestRule:
+    key: Template
+    window: float
+    max_listed: int
+
+
+@dataclass
 class _Compiled:
     route: str
     alarm: tuple[Template, Fn, Fn] | None = None
     dedupe: tuple[Template, float] | None = None
     throttle: tuple[Template, int, float, str] | None = None
-    digest: tuple[Template, float] | None = None
+    digest: _DigestRule | None = None
 
 
 def compile_storm(route: str, dedupe: DedupeSpec | None, throttle: ThrottleSpec | None, digest: DigestSpec | None,
@@ -77,112 +92,123 @@ def compile_storm(route: str, dedupe: DedupeSpec | None, throttle: ThrottleSpec 
     if throttle:
         c.throttle = (Template(env, throttle.key), throttle.limit, throttle.window, throttle.then)
         if throttle.then == "digest" and digest is None:
-            c.digest = (Template(env, throttle.key), throttle.window)
+            c.digest = _DigestRule(Template(env, throttle.key), throttle.window, DEFAULT_MAX_LISTED)
     if digest:
-        c.digest = (Template(env, digest.key), digest.window)
+        c.digest = _DigestRule(Template(env, digest.key), digest.window, digest.max_listed)
     return c
 
 
+# --- what the store keeps -------------------------------------------------------------------
+
+
 @dataclass
-class _DigestBuffer:
+class DigestWindow:
+    """One digest window's summary. The events themselves stay in the store."""
+
+    #: Also the id of the digest message, so a digest sent again (after a failed send or a
+    #: restart) keeps it and receivers can deduplicate.
+    id: str
     route: str
     key: str
     window_end: float
-    events: list[dict[str, Any]] = field(default_factory=list)
+    max_listed: int
     count: int = 0
+    listed: int = 0
+    #: The sequence number the next listed event gets (never reused, also after a failed fold).
+    next_seq: int = 0
     first: float = 0.0
     last: float = 0.0
-    last_env: str = ""  # Envelope JSON of the newest event
 
 
-class StormState:
-    """Durable state of every route's controls (one SQLite file, WAL)."""
+@dataclass
+class StormSnapshot:
+    """Everything the store holds, as read on open (digest windows without their events)."""
 
-    def __init__(self, path: str):
-        self.path = path
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storm")
-        self._db: sqlite3.Connection | None = None
-        self.dedupe: dict[tuple[str, str], float] = {}  # (route, key) -> expires
-        self.throttle: dict[tuple[str, str], tuple[float, int]] = {}  # -> (window_start, count)
-        self.alarms: dict[tuple[str, str], bool] = {}
-        self.digests: dict[tuple[str, str], _DigestBuffer] = {}
+    dedupe: dict[tuple[str, str], float] = field(default_factory=dict)  # (route, key) -> expires
+    throttle: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)  # -> (start, count)
+    alarms: dict[tuple[str, str], bool] = field(default_factory=dict)
+    digests: list[DigestWindow] = field(default_factory=list)
 
-    async def open(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._open)
 
-    def _open(self) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("CREATE TABLE IF NOT EXISTS kv (kind TEXT, route TEXT, key TEXT, value TEXT, "
-                   "PRIMARY KEY (kind, route, key))")
-        now = time.time()
-        for kind, route, key, value in db.execute("SELECT kind, route, key, value FROM kv").fetchall():
-            v = json.loads(value)
-            if kind == "dedupe" and v > now:
-                self.dedupe[(route, key)] = v
-            elif kind == "throttle":
-                self.throttle[(route, key)] = (v[0], v[1])
-            elif kind == "alarm":
-                self.alarms[(route, key)] = bool(v)
-            elif kind == "digest":
-                self.digests[(route, key)] = _DigestBuffer(route=route, key=key, **v)
-        self._db = db
+@dataclass
+class StoredDigest:
+    """A digest window as stored: what :meth:`StormControl.digest_envelope` builds the message from."""
 
-    async def save(self, kind: str, route: str, key: str, value: Any) -> None:
-        """Write through; durable (fsync) when this returns."""
-        text = json.dumps(value, default=str)
+    window: DigestWindow
+    #: Envelope JSON of the window's newest message.
+    last_envelope: str
+    #: The listed events, ``{id, subject, time, data}``, in the order they arrived.
+    events: list[dict[str, Any]]
 
-        def op() -> None:
-            assert self._db is not None
-            if value is None:
-                self._db.execute("DELETE FROM kv WHERE kind=? AND route=? AND key=?", (kind, route, key))
-            else:
-                self._db.execute("INSERT OR REPLACE INTO kv (kind, route, key, value) VALUES (?,?,?,?)",
-                                 (kind, route, key, text))
 
-        await asyncio.get_running_loop().run_in_executor(self._pool, op)
+class StormStore(Protocol):
+    """Durable storm state. IO happens off the event loop; writes are applied in call order."""
+
+    async def open(self) -> StormSnapshot:
+        """Open (creating or migrating the file) and read everything back."""
+
+    def put(self, kind: Literal["dedupe", "throttle", "alarm"], route: str, key: str, value: Any) -> None:
+        """Queue a small value (``None`` deletes it); stored with the next group of writes."""
+
+    async def add_to_digest(self, window: DigestWindow, env: Envelope, seq: int | None, at: float) -> None:
+        """Count ``env`` in ``window`` (listed under ``seq`` unless that is None); durable on return."""
+
+    async def read_digest(self, window_id: str, build: Callable[[StoredDigest], T]) -> T | None:
+        """``build(stored window)`` on the store's thread (None: nothing stored for it)."""
+
+    async def forget_digest(self, window_id: str) -> None:
+        """Delete a sent window and its events."""
 
     async def close(self) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
-            await asyncio.get_running_loop().run_in_executor(self._pool, db.close)
-        self._pool.shutdown(wait=True)
+        """Finish the queued writes and close."""
+
+
+# --- decisions ---------------------------------------------------------------------------
 
 
 class StormControl:
     """Applies compiled controls; ``emit(route, envelope)`` sends a finished digest."""
 
-    def __init__(self, state: StormState, emit: Callable[[str, Envelope], Awaitable[bool]],
+    def __init__(self, store: StormStore, emit: Callable[[str, Envelope], Awaitable[bool]],
                  clock: Callable[[], float] = time.time):
-        self.state = state
+        self.store = store
         self.emit = emit
         self.clock = clock
+        self.dedupe: dict[tuple[str, str], float] = {}
+        self.throttle: dict[tuple[str, str], tuple[float, int]] = {}
+        self.alarms: dict[tuple[str, str], bool] = {}
+        #: The open window of each (route, key); a new message joins it.
+        self.digests: dict[tuple[str, str], DigestWindow] = {}
+        #: Windows that ended and wait to be sent, oldest first.
+        self.due: list[DigestWindow] = []
         self._task: asyncio.Task[None] | None = None
-        self._pending_writes: set[asyncio.Task[None]] = set()
 
-    def _write(self, kind: str, route: str, key: str, value: Any) -> None:
-        task = asyncio.ensure_future(self.state.save(kind, route, key, value))
-        self._pending_writes.add(task)
-        task.add_done_callback(self._pending_writes.discard)
+    async def open(self) -> None:
+        """Open the store and take up its state (windows that ended while stopped are sent next)."""
+        snap = await self.store.open()
+        self.dedupe, self.throttle, self.alarms = snap.dedupe, snap.throttle, snap.alarms
+        for w in sorted(snap.digests, key=lambda w: w.window_end):
+            older = self.digests.get((w.route, w.key))
+            if older is not None:  # one window per key is open; the older one was being sent
+                self.due.append(older)
+            self.digests[(w.route, w.key)] = w
 
     def admit(self, c: _Compiled, env: Envelope, scope: dict[str, Any]) -> Decision:
         """Decide without awaiting, so concurrent messages see each other's effect."""
         now = self.clock()
-        st = self.state
+        put = self.store.put
         if c.alarm:
             tpl, raise_when, clear_when = c.alarm
             key = tpl.render(scope)
-            raised = st.alarms.get((c.route, key), False)
+            raised = self.alarms.get((c.route, key), False)
             if not raised and raise_when(scope):
-                st.alarms[(c.route, key)] = True
-                self._write("alarm", c.route, key, True)
+                self.alarms[(c.route, key)] = True
+                put("alarm", c.route, key, True)
                 env = env.evolve(attributes={**env.attributes, "alarm": "raised", "alarm_key": key})
                 scope = {**scope, "attributes": env.attributes}
             elif raised and clear_when(scope):
-                st.alarms[(c.route, key)] = False
-                self._write("alarm", c.route, key, False)
+                self.alarms[(c.route, key)] = False
+                put("alarm", c.route, key, False)
                 env = env.evolve(attributes={**env.attributes, "alarm": "resolved", "alarm_key": key})
                 scope = {**scope, "attributes": env.attributes}
             else:
@@ -191,32 +217,32 @@ class StormControl:
         if c.dedupe:
             tpl, window = c.dedupe
             key = tpl.render(scope)
-            expires = st.dedupe.get((c.route, key), 0.0)
+            expires = self.dedupe.get((c.route, key), 0.0)
             if expires > now:
                 return Decision("suppress", "duplicate within the dedupe window", key=key)
-            st.dedupe[(c.route, key)] = now + window
-            self._write("dedupe", c.route, key, now + window)
+            self.dedupe[(c.route, key)] = now + window
+            put("dedupe", c.route, key, now + window)
 
             def undo_dedupe(k: str = key, old: float = expires) -> None:
                 if old:
-                    st.dedupe[(c.route, k)] = old
+                    self.dedupe[(c.route, k)] = old
                 else:
-                    st.dedupe.pop((c.route, k), None)
-                self._write("dedupe", c.route, k, old or None)
+                    self.dedupe.pop((c.route, k), None)
+                put("dedupe", c.route, k, old or None)
 
             undo.append(undo_dedupe)
         if c.throttle:
             tpl, limit, window, then = c.throttle
             key = tpl.render(scope)
-            start, count = st.throttle.get((c.route, key), (now, 0))
+            start, count = self.throttle.get((c.route, key), (now, 0))
             if now - start >= window:
                 start, count = now, 0
             if count >= limit:
                 if then == "digest":
                     return Decision("digest", "over the throttle limit", env, key=self._digest_key(c, scope))
                 return Decision("suppress", "over the throttle limit", key=key)
-            st.throttle[(c.route, key)] = (start, count + 1)
-            self._write("throttle", c.route, key, [start, count + 1])
+            self.throttle[(c.route, key)] = (start, count + 1)
+            put("throttle", c.route, key, [start, count + 1])
             return Decision("pass", envelope=env, undo=_chain(undo))
         if c.digest:
             return Decision("digest", "folded into the digest", env, key=self._digest_key(c, scope))
@@ -225,56 +251,62 @@ class StormControl:
     @staticmethod
     def _digest_key(c: _Compiled, scope: dict[str, Any]) -> str:
         assert c.digest is not None
-        return c.digest[0].render(scope)
+        return c.digest.key.render(scope)
 
     async def fold(self, c: _Compiled, key: str, env: Envelope) -> None:
         """Add ``env`` to its digest, durably (the sender is acknowledged after this)."""
         assert c.digest is not None
         now = self.clock()
-        buf = self.state.digests.get((c.route, key))
-        if buf is None:
-            buf = self.state.digests[(c.route, key)] = _DigestBuffer(c.route, key, now + c.digest[1], first=now)
-        buf.count += 1
-        buf.last = now
-        buf.last_env = env.to_json()
-        if len(buf.events) < MAX_DIGEST_EVENTS:
-            buf.events.append({"id": env.id, "subject": env.subject, "time": env.time.isoformat(),
-                               "data": env.data_or_none() if not isinstance(env.data_or_none(), bytes) else None})
-        await self.state.save("digest", c.route, key, _stored(buf))
+        w = self.digests.get((c.route, key))
+        if w is None:
+            w = self.digests[(c.route, key)] = DigestWindow(new_id(), c.route, key, now + c.digest.window,
+                                                             c.digest.max_listed, first=now)
+        w.count += 1
+        w.last = now
+        seq = None
+        if w.listed < w.max_listed:
+            seq, w.next_seq = w.next_seq, w.next_seq + 1
+            w.listed += 1
+        try:
+            await self.store.add_to_digest(w, env, seq, now)
+        except BaseException:
+            # Not stored, so not in the digest: the sender is refused and retries.
+            w.count -= 1
+            if seq is not None:
+                w.listed -= 1
+            raise
 
-    def digest_envelope(self, buf: _DigestBuffer) -> Envelope:
-        last = Envelope.from_json(buf.last_env)
+    def digest_envelope(self, stored: StoredDigest) -> Envelope:
+        """The digest message. Runs on the store's thread: its size grows with the window."""
+        w = stored.window
+        last = Envelope.from_json(stored.last_envelope)
         base = last.data_or_none()
         data = dict(base) if isinstance(base, dict) else {}
-        # Folds finish in completion order; the digest lists events in the order they arrived.
-        events = sorted(buf.events, key=lambda e: str(e.get("time", "")))
-        data["digest"] = {"key": buf.key, "count": buf.count,
-                          "first": _iso(buf.first), "last": _iso(buf.last), "events": events}
+        data["digest"] = {"key": w.key, "count": w.count, "listed": len(stored.events),
+                          "first": _iso(w.first), "last": _iso(w.last), "events": stored.events}
         body = json.dumps(data, ensure_ascii=False, default=str).encode("utf-8")
-        return last.evolve(id=_digest_id(last), body=body, content_type="application/json",
-                           attributes={**last.attributes, "digest": True})
+        digest = last.evolve(id=w.id, body=body, content_type="application/json",
+                             attributes={**last.attributes, "digest": True})
+        digest.__dict__["data"] = data  # Envelope.data, parsed already: the loop need not parse it again
+        return digest
 
     async def flush_due(self, force: bool = False) -> int:
         """Emit every digest whose window ended. Returns how many were sent."""
         now = self.clock()
+        for rk, w in list(self.digests.items()):
+            if force or w.window_end <= now:
+                # Detached before awaiting: a message folded while this one is being sent starts
+                # the key's next window instead of joining one that is already read.
+                del self.digests[rk]
+                self.due.append(w)
         sent = 0
-        for (route, key), buf in list(self.state.digests.items()):
-            if not force and buf.window_end > now:
-                continue
-            # Detach before awaiting: an alert folded while the digest is being sent starts the
-            # next window instead of being lost with this one.
-            self.state.digests.pop((route, key), None)
-            if await self.emit(route, self.digest_envelope(buf)):
-                sent += 1
-                nxt = self.state.digests.get((route, key))
-                await self.state.save("digest", route, key, None if nxt is None else _stored(nxt))
-            else:
-                nxt = self.state.digests.get((route, key))
-                if nxt is not None:  # merge what arrived meanwhile; retried on the next tick
-                    buf.events.extend(nxt.events[: max(0, MAX_DIGEST_EVENTS - len(buf.events))])
-                    buf.count += nxt.count
-                    buf.last, buf.last_env = nxt.last, nxt.last_env
-                self.state.digests[(route, key)] = buf
+        for w in list(self.due):
+            env = await self.store.read_digest(w.id, self.digest_envelope)
+            if env is not None and not await self.emit(w.route, env):
+                return sent  # tried again on the next tick, oldest first
+            await self.store.forget_digest(w.id)
+            self.due.remove(w)
+            sent += env is not None
         return sent
 
     async def run(self, interval: float = 1.0) -> None:
@@ -282,7 +314,7 @@ class StormControl:
             await asyncio.sleep(interval)
             try:
                 await self.flush_due()
-            except Exception:  # a failed emit is retried on the next tick; the buffer stays
+            except Exception:  # a failed emit is retried on the next tick; the window stays stored
                 await asyncio.sleep(interval)
 
     def start(self, interval: float = 1.0) -> None:
@@ -293,13 +325,6 @@ class StormControl:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        if self._pending_writes:
-            await asyncio.gather(*self._pending_writes, return_exceptions=True)
-
-
-def _stored(buf: _DigestBuffer) -> dict[str, Any]:
-    return {"window_end": buf.window_end, "events": buf.events, "count": buf.count, "first": buf.first,
-            "last": buf.last, "last_env": buf.last_env}
 
 
 def _chain(undos: list[Callable[[], None]]) -> Callable[[], None] | None:
@@ -314,12 +339,4 @@ def _chain(undos: list[Callable[[], None]]) -> Callable[[], None] | None:
 
 
 def _iso(ts: float) -> str:
-    from datetime import UTC, datetime
-
     return datetime.fromtimestamp(ts, UTC).isoformat()
-
-
-def _digest_id(last: Envelope) -> str:
-    from gateway.envelope import new_id
-
-    return new_id()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +65,70 @@ routes:
         metrics = rt.metrics.exposition().decode()
         assert 'gateway_messages_routed_total{outcome="digested",route="throttled"} 27.0' in metrics
         assert 'gateway_messages_routed_total{outcome="suppressed",route="once-per-sensor"} 27.0' in metrics
+
+
+async def test_a_digest_window_survives_kill_9_with_every_acknowledged_alert(tmp_path: Path) -> None:
+    from tests.hostile.harness import HostileGateway
+
+    port, out = free_port(), tmp_path / "digests.jsonl"
+    routes = f"""
+        gateway:
+          admin: {{listen: "127.0.0.1:{free_port()}"}}
+          spool: {{path: "{tmp_path / 'spool.db'}", min_free_bytes: 0}}
+          state_dir: "{tmp_path / 'state'}"
+          log: {{format: json}}
+        connectors:
+          api: {{type: rest, listen: "127.0.0.1:{port}", auth: {{type: none}}}}
+          sink: {{type: file, path: "{out}"}}
+        routes:
+          - name: storm
+            from: api
+            digest: {{key: "{{{{ data.sensor }}}}", window: 6s, max_listed: 20}}
+            to:
+              - connector: sink
+                format: body
+                body: >-
+                  {{"sensor": "{{{{ data.sensor }}}}", "count": {{{{ data.digest.count }}}},
+                  "listed": {{{{ data.digest.listed }}}}, "id": "{{{{ id }}}}"}}
+        """
+    acked, sent = dict.fromkeys("abc", 0), dict.fromkeys("abc", 0)
+    enough = asyncio.Event()
+
+    async def alert(http: httpx.AsyncClient, i: int) -> None:
+        sensor = "abc"[i % 3]
+        sent[sensor] += 1
+        try:
+            r = await http.post(f"http://127.0.0.1:{port}/alert", json={"sensor": sensor, "n": i})
+        except httpx.TransportError:
+            return  # the gateway was killed before it answered: not acknowledged
+        if r.status_code == 202:
+            acked[sensor] += 1
+            if sum(acked.values()) >= 60:
+                enough.set()
+
+    def listening() -> bool:
+        # /readyz can answer 200 a few milliseconds before the REST port is bound.
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    limits = httpx.Limits(max_connections=20)
+    async with httpx.AsyncClient(limits=limits, timeout=10) as http:
+        async with HostileGateway(tmp_path, routes) as gw:
+            await wait_for(listening, what="the REST listener")
+            storm = asyncio.gather(*(alert(http, i) for i in range(600)))
+            await asyncio.wait_for(enough.wait(), timeout=30)
+            assert gw.proc is not None
+            gw.proc.kill()  # kill -9 inside the window, with alerts in flight
+            await gw.proc.wait()
+            await storm
+        assert lines(out) == [] and sum(acked.values()) < 600
+        async with HostileGateway(tmp_path, routes):
+            await wait_for(listening, what="the REST listener")
+            await asyncio.gather(*(alert(http, i) for i in range(600, 615)))  # the same windows go on
+            await wait_for(lambda: len(lines(out)) == 3, timeout=30, what="a digest for each sensor")
+            await asyncio.sleep(1.5)  # and nothing more arrives
+    got = {d["sensor"]: d for d in lines(out)}
+    assert len(lines(out)) == 3
+    for sensor in "abc":  # every acknowledged alert counted; one the kill cut off may be too
+        assert acked[sensor] <= got[sensor]["count"] <= sent[sensor], (sensor, acked, got)
+        assert got[sensor]["listed"] == 20

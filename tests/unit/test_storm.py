@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from gateway.config.loader import load_config_text
+from gateway.delivery.stormstore import SqliteStormStore
 from gateway.envelope import Envelope
 from gateway.routing.router import MessageScope
-from gateway.routing.storm import StormControl, StormState
+from gateway.routing.storm import StormControl
 
 
 class Clock:
@@ -42,8 +43,7 @@ def alert(sensor: str, **data: object) -> Envelope:
 
 @pytest.fixture
 async def control(tmp_path: Path):  # type: ignore[no-untyped-def]
-    state = StormState(str(tmp_path / "storm.db"))
-    await state.open()
+    store = SqliteStormStore(str(tmp_path / "storm.db"))
     emitted: list[tuple[str, Envelope]] = []
 
     async def emit(route_name: str, env: Envelope) -> bool:
@@ -51,12 +51,13 @@ async def control(tmp_path: Path):  # type: ignore[no-untyped-def]
         return True
 
     clock = Clock()
-    ctl = StormControl(state, emit, clock=clock)
+    ctl = StormControl(store, emit, clock=clock)
+    await ctl.open()
     ctl.emitted = emitted  # type: ignore[attr-defined]
     ctl.clock_obj = clock  # type: ignore[attr-defined]
     yield ctl
     await ctl.stop()
-    await state.close()
+    await store.close()
 
 
 def actions(ctl: StormControl, compiled, envs: list[Envelope]) -> list[str]:  # type: ignore[no-untyped-def]
@@ -114,18 +115,18 @@ async def test_state_survives_a_restart(tmp_path: Path) -> None:
     async def noop(route_name: str, env: Envelope) -> bool:
         return True
 
-    state = StormState(str(tmp_path / "s.db"))
-    await state.open()
-    ctl = StormControl(state, noop)
+    store = SqliteStormStore(str(tmp_path / "s.db"))
+    ctl = StormControl(store, noop)
+    await ctl.open()
     assert actions(ctl, c, [alert("a")]) == ["pass"]
     await ctl.stop()
-    await state.close()
-    state2 = StormState(str(tmp_path / "s.db"))
-    await state2.open()
-    ctl2 = StormControl(state2, noop)
+    await store.close()
+    store2 = SqliteStormStore(str(tmp_path / "s.db"))
+    ctl2 = StormControl(store2, noop)
+    await ctl2.open()
     assert actions(ctl2, c, [alert("a"), alert("b")]) == ["suppress", "pass"]
     await ctl2.stop()
-    await state2.close()
+    await store2.close()
 
 
 async def test_undo_forgets_a_dedupe_key_when_the_message_could_not_be_stored(control: StormControl) -> None:
@@ -142,3 +143,154 @@ def test_bad_controls_are_config_errors() -> None:
     with pytest.raises(ConfigError) as info:
         route("    alarm: {raise_when: 'data.t >', clear_when: 'data.t < 1'}")
     assert "routes[0].alarm" in str(info.value)
+
+
+async def fold_all(ctl: StormControl, c, envs: list[Envelope]) -> None:  # type: ignore[no-untyped-def]
+    for e in envs:
+        d = ctl.admit(c, e, dict(MessageScope(e)))
+        assert d.action == "digest"
+        await ctl.fold(c, d.key, e)
+
+
+async def test_a_digest_lists_up_to_max_listed_and_counts_every_event(control: StormControl) -> None:
+    c = route("    digest: {key: '{{ data.sensor }}', window: 1m, max_listed: 3}")
+    await fold_all(control, c, [alert("a", n=i) for i in range(10)])
+    control.clock_obj.now += 61  # type: ignore[attr-defined]
+    assert await control.flush_due() == 1
+    [(_, digest)] = control.emitted  # type: ignore[attr-defined]
+    summary = json.loads(digest.body)["digest"]
+    assert summary["count"] == 10 and summary["listed"] == 3
+    assert [e["data"]["n"] for e in summary["events"]] == [0, 1, 2]
+
+
+async def test_max_listed_defaults_to_a_thousand(control: StormControl) -> None:
+    c = route("    throttle: {key: '{{ data.sensor }}', limit: 1, window: 1m, then: digest}")
+    envs = [alert("a", n=i) for i in range(1102)]
+    assert control.admit(c, envs[0], dict(MessageScope(envs[0]))).action == "pass"
+    await fold_all(control, c, envs[1:])
+    control.clock_obj.now += 61  # type: ignore[attr-defined]
+    assert await control.flush_due() == 1
+    summary = control.emitted[0][1].data["digest"]  # type: ignore[attr-defined]
+    assert (summary["count"], summary["listed"], len(summary["events"])) == (1101, 1000, 1000)
+
+
+def io_written() -> int:
+    """Bytes this process has handed to write() so far (Linux)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no wchar in /proc/self/io")
+
+
+async def test_storing_an_event_costs_the_same_late_in_a_window_as_early(control: StormControl) -> None:
+    c = route("    digest: {key: '{{ data.sensor }}', window: 1h}")
+    payload = "x" * 200
+    early0 = io_written()
+    await fold_all(control, c, [alert("a", n=i, p=payload) for i in range(100)])
+    early = io_written() - early0
+    await fold_all(control, c, [alert("a", n=i, p=payload) for i in range(100, 900)])
+    late0 = io_written()
+    await fold_all(control, c, [alert("a", n=i, p=payload) for i in range(900, 1000)])
+    late = io_written() - late0
+    # Rewriting the window on every event made the 900th..1000th cost about ten times the first hundred.
+    assert late < 2 * early, (early, late)
+
+
+async def test_a_window_open_at_a_restart_is_sent_after_it_with_every_event(tmp_path: Path) -> None:
+    c = route("    digest: {key: '{{ data.sensor }}', window: 1m, max_listed: 50}")
+    clock = Clock()
+    emitted: list[Envelope] = []
+
+    async def emit(route_name: str, env: Envelope) -> bool:
+        emitted.append(env)
+        return True
+
+    store = SqliteStormStore(str(tmp_path / "s.db"))
+    ctl = StormControl(store, emit, clock=clock)
+    await ctl.open()
+    await fold_all(ctl, c, [alert("a", n=i) for i in range(60)])
+    await ctl.stop()
+    await store.close()
+
+    store = SqliteStormStore(str(tmp_path / "s.db"))
+    ctl = StormControl(store, emit, clock=clock)
+    await ctl.open()
+    await fold_all(ctl, c, [alert("a", n=i) for i in range(60, 65)])  # the same window goes on
+    assert await ctl.flush_due() == 0
+    clock.now += 61
+    assert await ctl.flush_due() == 1
+    await ctl.stop()
+    await store.close()
+    [digest] = emitted
+    summary = digest.data["digest"]
+    assert (summary["count"], summary["listed"]) == (65, 50)
+    assert [e["data"]["n"] for e in summary["events"]] == list(range(50))
+    assert digest.data["n"] == 64
+
+
+async def test_a_digest_that_could_not_be_sent_is_sent_again_with_its_id(tmp_path: Path) -> None:
+    c = route("    digest: {key: '{{ data.sensor }}', window: 1m}")
+    clock = Clock()
+    answers = [False, True, True]
+    emitted: list[Envelope] = []
+
+    async def emit(route_name: str, env: Envelope) -> bool:
+        emitted.append(env)
+        return answers.pop(0)
+
+    store = SqliteStormStore(str(tmp_path / "s.db"))
+    ctl = StormControl(store, emit, clock=clock)
+    await ctl.open()
+    await fold_all(ctl, c, [alert("a", n=i) for i in range(3)])
+    clock.now += 61
+    assert await ctl.flush_due() == 0
+    await fold_all(ctl, c, [alert("a", n=i) for i in range(3, 5)])  # a new window meanwhile
+    assert await ctl.flush_due() == 1
+    clock.now += 61
+    assert await ctl.flush_due() == 1
+    await ctl.stop()
+    await store.close()
+    first, again, second = emitted
+    assert again.id == first.id and second.id != first.id
+    assert [e.data["digest"]["count"] for e in emitted] == [3, 3, 2]
+
+
+async def test_state_files_of_the_single_table_layout_are_taken_up(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    last = alert("a", n=2)
+    events = [{"id": f"e{i}", "subject": "/plant/a/alert", "time": f"2024-01-01T00:00:0{i}+00:00",
+               "data": {"sensor": "a", "n": i}} for i in range(3)]
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE kv (kind TEXT, route TEXT, key TEXT, value TEXT, PRIMARY KEY (kind, route, key))")
+        db.execute("INSERT INTO kv VALUES ('alarm', 'alerts', 'a', 'true')")
+        db.execute("INSERT INTO kv VALUES ('digest', 'alerts', 'a', ?)", (json.dumps(
+            {"window_end": 1_000_030.0, "events": events, "count": 7, "first": 999_990.0, "last": 999_999.0,
+             "last_env": last.to_json()}),))
+    clock = Clock()
+    emitted: list[Envelope] = []
+
+    async def emit(route_name: str, env: Envelope) -> bool:
+        emitted.append(env)
+        return True
+
+    store = SqliteStormStore(str(path))
+    ctl = StormControl(store, emit, clock=clock)
+    await ctl.open()
+    alarm = route("    alarm: {key: '{{ data.sensor }}', raise_when: 'data.n > 1', clear_when: 'data.n < 0'}")
+    assert actions(ctl, alarm, [alert("a", n=5)]) == ["suppress"]  # still raised: not raised again
+    clock.now += 31
+    assert await ctl.flush_due() == 1
+    await ctl.stop()
+    await store.close()
+    summary = emitted[0].data["digest"]
+    assert summary["count"] == 7 and [e["data"]["n"] for e in summary["events"]] == [0, 1, 2]
+
+
+def test_max_listed_is_bounded() -> None:
+    from gateway.config.yamlsrc import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        route("    digest: {max_listed: 1000000}")
+    assert "max_listed" in str(info.value) and "10000" in str(info.value)
