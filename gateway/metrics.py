@@ -2,19 +2,53 @@
 
 Labels stay low-cardinality: connector, route, outcome, reason — never a topic or an address.
 A :class:`Metrics` has its own registry, so tests and several runtimes never share state.
+
+Every counter series the running config makes knowable (per connector and route, with the
+outcomes and reasons listed here) exists from the moment the config is applied, at 0
+(:meth:`Metrics.start_at_zero`): a series that appeared only with its first event would make
+``increase()`` miss that event, and alerts fire only on the second. A reload adds the series of
+new routes and connectors and removes those of removed ones.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any, Self
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 # The *_created series double the exposition for no use on a dashboard.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# The fixed label values the delivery engine and workers count with; each series starts at 0.
+#: ``gateway_inbound_outcomes_total{outcome}``: :class:`gateway.contract.Status` values.
+INBOUND_OUTCOMES = ("accepted", "dead_lettered", "dropped", "retry", "rejected")
+#: ``gateway_messages_routed_total{outcome}`` of a named route.
+ROUTE_OUTCOMES = ("matched", "suppressed", "digested", "rejected", "dropped", "dead_lettered")
+#: ``gateway_messages_routed_total{route=""}``: messages no route matched.
+UNMATCHED_OUTCOMES = ("unmatched", "dropped", "dead_lettered")
+#: ``gateway_delivery_failures_total{outcome}``.
+FAILURE_OUTCOMES = ("transient", "permanent")
+#: ``gateway_messages_dead_lettered_total{reason}`` of a named route. A reason an inbound
+#: connector gives for a message it refused itself (``too_large``) is not known in advance.
+ROUTE_DEAD_LETTER_REASONS = ("permanent", "attempts", "max_age", "template", "parse", "corrupt",
+                             "connector_missing")
+#: ... and of ``route=""``: unmatched messages, digests of a removed route.
+UNMATCHED_DEAD_LETTER_REASONS = ("unmatched", "orphaned")
+#: ``gateway_backpressure_refusals_total{reason}``: why a message was refused with a temporary error.
+REFUSAL_REASONS = ("pending", "inflight", "disk", "spool_error", "shutdown", "storm_state")
+#: ``gateway_delivery_dropped_total{reason}``: why a delivery on a route with ``dead_letter: false`` ended.
+DROP_REASONS = ("permanent", "attempts", "max_age", "connector_missing")
+#: ``gateway_config_reloads_total{outcome}``.
+RELOAD_OUTCOMES = ("applied", "invalid", "failed")
+
+#: The label values of each series a metric has from the start: ``{metric: {(value, ...), ...}}``.
+Series = Mapping[MetricWrapperBase, Iterable[tuple[str, ...]]]
 
 
 class _QuickLabels:
@@ -101,6 +135,37 @@ class Metrics:
             "How much later than asked the event loop ran the watchdog's timer (ten times a second): "
             "how long every protocol waited behind the work that held the loop.",
             registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+        self._at_zero: dict[MetricWrapperBase, set[tuple[str, ...]]] = {}
+
+    def config_series(self, *, inbound: Collection[str], outbound: Collection[str],
+                      targets: Mapping[str, Collection[str]]) -> dict[MetricWrapperBase, set[tuple[str, ...]]]:
+        """The core's series a config makes knowable: ``inbound`` and ``outbound`` connector names,
+        ``targets`` the target connectors of each route by route name."""
+        pairs: set[tuple[str, ...]] = {(c, route) for route, connectors in targets.items() for c in connectors}
+        return {
+            self.received: {(c,) for c in inbound},
+            self.inbound_outcomes: {(c, o) for c in inbound for o in INBOUND_OUTCOMES},
+            self.routed: {(r, o) for r in targets for o in ROUTE_OUTCOMES} | {("", o) for o in UNMATCHED_OUTCOMES},
+            self.delivered: pairs,
+            self.failures: {(c, r, o) for c, r in pairs for o in FAILURE_OUTCOMES},
+            self.dead_lettered: ({(r, why) for r in targets for why in ROUTE_DEAD_LETTER_REASONS}
+                                 | {("", why) for why in UNMATCHED_DEAD_LETTER_REASONS}),
+            self.connector_up: {(c,) for c in (*inbound, *outbound)},
+            self.reloads: {(o,) for o in RELOAD_OUTCOMES},
+        }
+
+    def start_at_zero(self, series: Series) -> None:
+        """Create each listed series (a counter at 0), and remove every series an earlier call
+        listed that this one does not: those of routes and connectors a reload removed."""
+        for metric, wanted in series.items():
+            labels = set(wanted)
+            for gone in self._at_zero.get(metric, set()) - labels:
+                with contextlib.suppress(KeyError):
+                    metric.remove(*gone)
+            for values in labels:
+                metric.labels(*values)
+            self._at_zero[metric] = labels
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

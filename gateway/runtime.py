@@ -25,13 +25,23 @@ from gateway.config.loader import LoadedConfig, load_config
 from gateway.config.yamlsrc import ConfigError
 from gateway.contract import Connector, ConnectorContext, Health
 from gateway.delivery.engine import Delivery, DeliveryOptions, RoutingState
+from gateway.delivery.options import DeliveryMetrics
 from gateway.delivery.spool import make_spool
 from gateway.http import HttpHub
 from gateway.logs import event
-from gateway.metrics import Metrics
+from gateway.metrics import DROP_REASONS, REFUSAL_REASONS, Metrics
 from gateway.registry import Registry
 from gateway.reload import Reloader, ReloadFailed, ReloadRefused, watch
 from gateway.watchdog import LoopWatchdog
+
+#: Inbound kinds that serve a port of this pod: REST and SOAP on the shared HTTP listeners, SMTP on
+#: its own. Listening, they take work whatever any peer is doing, and a replica whose listener is
+#: not up would refuse the connections its Service sends it, so every one must be up for the pod
+#: to be ready. Every other inbound kind (MQTT, AMQP, IMAP, POP3 and XMPP consumers, file and
+#: maildir pollers) is a client of something outside the pod: it takes work only while connected,
+#: and a down broker is down for every replica alike. Those make the pod ready only when it has
+#: no listener, and then while at least one of them is up.
+LISTENER_KINDS = frozenset({"rest", "soap", "smtp"})
 
 
 @dataclass
@@ -51,6 +61,24 @@ class ConnectorSlot:
             return self.connector.health()
         except Exception as exc:
             return Health(False, f"health check failed: {type(exc).__name__}")
+
+    def status(self) -> dict[str, Any]:
+        """What /readyz shows for this connector: ``state`` is ``up`` only while it is started
+        *and* its health check passes (``down`` when either fails), so ``up`` never contradicts it."""
+        h = self.health()
+        state = "up" if h.up else ("down" if self.state == "up" else self.state)
+        return {"state": state, "up": h.up, "detail": h.detail, "inbound": self.inbound,
+                "kind": type(self.connector).kind}
+
+    @property
+    def listener(self) -> bool:
+        """An inbound side that serves a port of this pod (see :data:`LISTENER_KINDS`)."""
+        return self.inbound and type(self.connector).kind in LISTENER_KINDS
+
+
+def _why_down(name: str, status: dict[str, Any]) -> str:
+    detail = status["detail"]
+    return f"inbound {name!r} is {status['state']}" + (f": {detail}" if detail and detail != status["state"] else "")
 
 
 class Runtime:
@@ -105,19 +133,37 @@ class Runtime:
                 and not self.delivery.pressure)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        connectors = {}
-        ready = not self.stopping
-        for name, slot in self.slots.items():
-            h = slot.health()
-            connectors[name] = {"up": h.up, "detail": h.detail, "state": slot.state}
-            self.metrics.connector_up.labels(name).set(1 if h.up else 0)
-            ready = ready and h.up
+        """Can this pod accept work now? Not stopping, the spool writable with room, every inbound
+        listener up, or (no listener) at least one inbound consumer connected (:data:`LISTENER_KINDS`).
+
+        Outbound connectors do not count: a target that is down holds its messages in the spool,
+        which is what the spool is for, and it is down for every replica alike; taking them all
+        out of service would only refuse what they can still accept. Their health is in
+        ``connectors`` (``/readyz?verbose``), ``gateway_connector_up`` and GatewayConnectorDown.
+        Per-connector back pressure (``spool.backpressure``) refuses only messages for that
+        connector, so it is shown but does not count either.
+        """
+        connectors = {name: slot.status() for name, slot in self.slots.items()}
+        for name, status in connectors.items():
+            self.metrics.connector_up.labels(name).set(1 if status["up"] else 0)
+        reasons: list[str] = []
+        if self.stopping:
+            reasons.append("stopping")
         spool_ok = self.spool.healthy and self.spool.has_space
-        pressure = self.delivery.pressure
-        ready = ready and spool_ok and not pressure
+        if not spool_ok:
+            reasons.append("the spool is not writable or short of free space")
+        listeners = [n for n, s in self.slots.items() if s.listener]
+        consumers = [n for n, s in self.slots.items() if s.inbound and not s.listener]
+        inbound = {n: connectors[n]["state"] for n in (*listeners, *consumers)}
+        if listeners:
+            reasons += [_why_down(n, connectors[n]) for n in listeners if not connectors[n]["up"]]
+        elif consumers and not any(connectors[n]["up"] for n in consumers):
+            reasons += [_why_down(n, connectors[n]) for n in consumers]
+        ready = not reasons
         self.metrics.ready.set(1 if ready else 0)
-        return ready, {"ready": ready, "stopping": self.stopping, "spool": {"ok": spool_ok, "backpressure": pressure},
-                       "connectors": connectors, "config_version": self.config.version}
+        return ready, {"ready": ready, "reasons": reasons, "stopping": self.stopping,
+                       "spool": {"ok": spool_ok, "backpressure": self.delivery.pressure},
+                       "inbound": inbound, "connectors": connectors, "config_version": self.config.version}
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -158,9 +204,21 @@ class Runtime:
               connectors=",".join(self.slots))
 
     def _apply_metrics(self, config: LoadedConfig) -> None:
+        """The config's gauges, and every counter series it makes knowable at 0 (a reload drops
+        those of removed routes and connectors), so that alerts on ``increase()`` see the first event."""
         self.metrics.routes_loaded.set(len(config.router))
         self.metrics.config_info.clear()
         self.metrics.config_info.labels(config.version).set(1)
+        inbound = self._inbound_names(config)
+        targets = {r.name: {t.connector for t in r.targets} for r in config.router.routes}
+        series = self.metrics.config_series(inbound=inbound, outbound=set(config.connectors) - inbound,
+                                            targets=targets)
+        extra = DeliveryMetrics.of(self.metrics)
+        pairs: set[tuple[str, ...]] = {(c, r) for r, connectors in targets.items() for c in connectors}
+        series[extra.retries] = pairs
+        series[extra.refused] = {(c, why) for c in inbound for why in REFUSAL_REASONS}
+        series[extra.dropped] = {(r, why) for r in targets for why in DROP_REASONS}
+        self.metrics.start_at_zero(series)
 
     async def _open(self, slot: ConnectorSlot) -> None:
         try:

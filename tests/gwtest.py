@@ -52,7 +52,8 @@ async def running_gateway(
     tmp_path: Path, yaml_text: str, *, registry: Registry | None = None, wait_ready: bool = True,
     ready_timeout: float = 15.0,
 ) -> AsyncIterator[Runtime]:
-    """Start a Runtime on the config; yield it; stop it (draining) afterwards."""
+    """Start a Runtime on the config; yield it; stop it (draining) afterwards. ``wait_ready``
+    waits until it is ready *and* every connector is up: readiness leaves outbound ones out."""
     path = write_config(tmp_path, yaml_text)
     registry = registry or Registry()
     config = load_config(str(path), registry)
@@ -62,7 +63,7 @@ async def running_gateway(
         if wait_ready:
             loop = asyncio.get_running_loop()
             end = loop.time() + ready_timeout
-            while not rt.readiness()[0]:
+            while not (rt.readiness()[0] and all(c["up"] for c in rt.readiness()[1]["connectors"].values())):
                 if loop.time() > end:
                     raise AssertionError(f"gateway not ready: {rt.readiness()[1]}")
                 await asyncio.sleep(0.05)

@@ -6,7 +6,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway.admin.api_config import config_api
@@ -40,8 +40,12 @@ def build_admin(runtime: Runtime, live: LiveLog | None = None) -> FastAPI:
         return {"status": "ok", "uptime_seconds": round(time.time() - runtime.started_at, 1)}
 
     @app.get("/readyz", include_in_schema=False)
-    async def readyz() -> JSONResponse:
+    async def readyz(request: Request) -> JSONResponse:
+        """Can this pod accept work now (see :meth:`Runtime.readiness`)? ``?verbose`` adds every
+        connector, outbound ones included, which never make the pod unready."""
         ready, detail = runtime.readiness()
+        if "verbose" not in request.query_params:
+            del detail["connectors"]
         return JSONResponse(detail, status_code=200 if ready else 503)
 
     @app.get("/metrics", include_in_schema=False)

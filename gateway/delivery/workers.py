@@ -443,6 +443,7 @@ class Dispatcher:
         if isinstance(exc, PermanentError):
             count_failure(self.metrics, spec, "permanent", started)
             w.breaker.success()  # the peer is up: it answered, with a no
+            job.attempts += 1
             await self._final(job, "permanent", str(exc))
             return
         if isinstance(exc, TimeoutError):

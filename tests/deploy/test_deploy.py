@@ -243,7 +243,7 @@ def test_chart_refuses_routes_a_pod_cannot_run(
 def test_chart_accepts_drain_within_drain_seconds(helm: Helm, tmp_path: Path) -> None:
     routes_file = tmp_path / "routes.yaml"
     routes_file.write_text("gateway: {admin: {listen: '0.0.0.0:8081'}, drain: 500ms}\n")
-    proc = helm.template("--set-file", f"config.routes={routes_file}")
+    proc = helm.template("--set-file", f"config.routes={routes_file}", "--set", "service.http.enabled=false")
     assert proc.returncode == 0, explain(proc)
 
 
@@ -255,11 +255,13 @@ def mqtt_routes(*, clean_start: bool = False, inbound: bool = True) -> str:
              "{name: log-to-plant, from: console, to: [{connector: plant, topic: t}]}")
     return f"""gateway: {{admin: {{listen: "0.0.0.0:8081"}}}}
 connectors:
-  plant: {{type: mqtt, url: "mqtt://mosquitto:1883", client_id: "gateway-${{POD_NAME}}", share: gw,
-           subscribe: ["plant/#"], clean_start: {str(clean_start).lower()}}}
+  plant: {{type: mqtt, url: "mqtt://mosquitto:1883", client_id: "gateway-${{POD_NAMESPACE}}-${{POD_NAME}}",
+           share: gw, subscribe: ["plant/#"], clean_start: {str(clean_start).lower()}}}
+  api: {{type: rest, listen: "0.0.0.0:8080", auth: {{type: bearer, tokens: ["${{API_TOKEN}}"]}}}}
   console: {{type: log}}
 routes:
   - {route}
+  - {{name: api-to-log, from: api, to: [{{connector: console}}]}}
 """
 
 
@@ -324,6 +326,135 @@ def test_mqtt_values_are_in_the_schema(helm: Helm) -> None:
     assert proc.returncode != 0 and "mqtt.inbound" in proc.stdout + proc.stderr, explain(proc)
     proc = helm("lint", "--strict", CHART, "--set", "mqtt.acknowledgeRisk=true")
     assert proc.returncode != 0 and "acknowledgeRisk" in proc.stdout + proc.stderr, explain(proc)
+
+
+# ------------------------------------------------------------- values that cannot work together
+
+def routes_with(connectors: str) -> str:
+    """routes.yaml with these connectors (YAML lines under ``connectors:``) and a log sink."""
+    return f"""gateway: {{admin: {{listen: "0.0.0.0:8081"}}}}
+connectors:
+{connectors}
+  console: {{type: log}}
+routes: []
+"""
+
+
+REST = '  api: {type: rest, listen: "0.0.0.0:8080", auth: {type: none}}'
+SMTP_25 = '  mail: {type: smtp, listen: "0.0.0.0:25", recipients: [a@example.com]}'
+MQTT_FIXED = '  plant: {type: mqtt, url: "mqtt://mq:1883", client_id: gw-fixed, clean_start: true, subscribe: [a/#]}'
+MQTT_DEFAULT_ID = '  plant: {type: mqtt, url: "mqtt://mq:1883", clean_start: true, subscribe: [a/#]}'
+MQTT_NO_NAMESPACE = ('  plant: {type: mqtt, url: "mqtt://mq:1883", client_id: "gw-${POD_NAME}", clean_start: true,'
+                     ' subscribe: [a/#]}')
+MONITORED = ["-f", CHART / "ci" / "servicemonitor-on.yaml"]
+
+
+@pytest.mark.parametrize(("routes", "args", "message"), [
+    (None, ["--set", "ports.http=9090"],
+     'connectors.api.listen is "0.0.0.0:8080", but the pod\'s http port is ports.http=9090'),
+    (routes_with(REST.replace("0.0.0.0", "127.0.0.1")), [],
+     'connectors.api.listen is "127.0.0.1:8080", but the pod\'s http port is ports.http=8080'),
+    (None, ["--set", "service.smtp.enabled=true"], "service.smtp.enabled is true, but no SMTP connector"),
+    (routes_with(REST + "\n" + SMTP_25), ["--set", "service.smtp.enabled=true"],
+     'connectors.mail.listen is "0.0.0.0:25", but the pod\'s smtp port is ports.smtp=2525'),
+    (routes_with(MQTT_DEFAULT_ID.replace("clean_start: true", "clean_start: true, share: g")), [],
+     "service.http.enabled is true, but no REST or SOAP connector in config.routes listens"),
+    (None, [*MONITORED, "--set", "networkPolicy.enabled=true"],
+     "the NetworkPolicy lets nobody but the node reach the admin port, so Prometheus could not scrape"),
+    (None, ["--set", "metrics.serviceMonitor.enabled=true"],
+     "metrics.serviceMonitor.enabled and metrics.podAnnotations are both true"),
+    (None, ["--set", "podDisruptionBudget.enabled=true", "--set", "podDisruptionBudget.minAvailable=1"],
+     "podDisruptionBudget.minAvailable=1 with replicaCount=1 never allows an eviction"),
+    (None, ["--set", "replicaCount=3", "--set", "podDisruptionBudget.enabled=true",
+            "--set-string", "podDisruptionBudget.minAvailable=90%"],
+     "podDisruptionBudget.minAvailable=90% with replicaCount=3 never allows an eviction"),
+    (None, ["-f", CHART / "ci" / "replicas-3.yaml", "--set", "podDisruptionBudget.minAvailable=3"],
+     "podDisruptionBudget.minAvailable=3 with autoscaling.minReplicas=3 never allows an eviction"),
+    (None, ["--set", "podDisruptionBudget.enabled=true", "--set", "podDisruptionBudget.maxUnavailable=0"],
+     "podDisruptionBudget.maxUnavailable=0 never allows an eviction"),
+    (routes_with(REST + "\n" + MQTT_FIXED), ["--set", "replicaCount=2"],
+     'connectors.plant.client_id is "gw-fixed", and several replicas'),
+    (routes_with(REST + "\n" + MQTT_DEFAULT_ID), ["--set", "autoscaling.enabled=true"],
+     'connectors.plant.client_id is "gateway-plant" (the default), and several replicas'),
+    (routes_with(REST + "\n" + MQTT_NO_NAMESPACE), ["--set", "replicaCount=2"],
+     "pod names are unique within a namespace only"),
+    (None, ["--set", "admin.sessionKeySecret.name=gateway-admin"],
+     'config.routes does not read it: set gateway.admin.session_key: "${ADMIN_SESSION_KEY}"'),
+], ids=["http-port", "http-loopback", "smtp-service-without-listener", "smtp-port", "http-service-without-listener",
+        "networkpolicy-blocks-scrape", "double-scrape", "pdb-min-one-of-one", "pdb-min-percent",
+        "pdb-min-autoscaling", "pdb-max-zero", "mqtt-fixed-id", "mqtt-default-id", "mqtt-id-without-namespace",
+        "session-key-unread"])
+def test_chart_refuses_values_that_cannot_work(
+    helm: Helm, tmp_path: Path, routes: str | None, args: list[str | Path], message: str,
+) -> None:
+    if routes is not None:
+        (tmp_path / "routes.yaml").write_text(routes)
+        args = ["--set-file", f"config.routes={tmp_path / 'routes.yaml'}", *args]
+    proc = helm.template(*args)
+    assert proc.returncode != 0, explain(proc)
+    assert message in proc.stderr, explain(proc)
+
+
+@pytest.mark.parametrize(("routes", "args"), [
+    (routes_with(REST + "\n" + MQTT_NO_NAMESPACE.replace("gw-${POD_NAME}", "gw-${POD_NAMESPACE}-${POD_NAME}")),
+     ["--set", "replicaCount=2"]),
+    (routes_with(REST + "\n" + MQTT_FIXED), []),
+    (None, ["--set", "replicaCount=3", "--set", "podDisruptionBudget.enabled=true",
+            "--set-string", "podDisruptionBudget.minAvailable=50%"]),
+    (None, ["--set", "replicaCount=3", "--set", "podDisruptionBudget.enabled=true",
+            "--set", "podDisruptionBudget.minAvailable=2"]),
+    (routes_with(MQTT_FIXED), ["--set", "service.http.enabled=false"]),
+    (None, [*MONITORED, "--set", "networkPolicy.enabled=true",
+            "--set", "networkPolicy.adminFrom[0].namespaceSelector.matchLabels.name=monitoring"]),
+], ids=["mqtt-ids-per-pod", "mqtt-fixed-id-one-replica", "pdb-min-percent", "pdb-min-two-of-three",
+        "consumer-only", "networkpolicy-admits-prometheus"])
+def test_chart_renders_values_that_work(
+    helm: Helm, tmp_path: Path, routes: str | None, args: list[str | Path],
+) -> None:
+    if routes is not None:
+        (tmp_path / "routes.yaml").write_text(routes)
+        args = ["--set-file", f"config.routes={tmp_path / 'routes.yaml'}", *args]
+    proc = helm.template(*args)
+    assert proc.returncode == 0, explain(proc)
+    builtin = [d for d in yaml.safe_load_all(proc.stdout) if d and not d["apiVersion"].startswith(CRD_GROUPS)]
+    validator = tool("kubernetes-validate", DEV_EXTRAS)
+    checked = run([validator, "--strict", "-k", KUBE_VERSION, "-"], input=yaml.safe_dump_all(builtin))
+    assert checked.returncode == 0, explain(checked)
+
+
+# ------------------------------------------------------------------------ alert rules in the chart
+
+def test_chart_alert_rules_are_the_monitoring_alert_rules() -> None:
+    """The chart can read only its own directory: files/alerts.yml must stay a copy of the one
+    source, deploy/monitoring/alerts.yml (cp deploy/monitoring/alerts.yml helm/gateway/files/)."""
+    assert (CHART / "files" / "alerts.yml").read_bytes() == ALERTS.read_bytes(), \
+        "helm/gateway/files/alerts.yml differs: cp deploy/monitoring/alerts.yml helm/gateway/files/alerts.yml"
+
+
+@ci_values
+def test_prometheus_rule_only_when_enabled(render: Callable[[Path], Rendered], values_file: Path) -> None:
+    r = render(values_file)
+    settings = r.values["metrics"]["prometheusRule"]
+    rules = r.kinds("PrometheusRule")
+    if not settings["enabled"]:
+        assert not rules
+        return
+    (rule,) = rules
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["namespace"] == (settings["namespace"] or "gw-ns")
+    assert settings["labels"].items() <= rule["metadata"]["labels"].items()
+    assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
+
+
+@ci_values
+def test_admin_session_key_from_a_secret(render: Callable[[Path], Rendered], values_file: Path) -> None:
+    r = render(values_file)
+    secret = r.values["admin"]["sessionKeySecret"]
+    env = {e["name"]: e for e in r.container["env"]}
+    if not secret["name"]:
+        assert "ADMIN_SESSION_KEY" not in env
+        return
+    assert env["ADMIN_SESSION_KEY"]["valueFrom"] == {"secretKeyRef": {"name": secret["name"], "key": secret["key"]}}
 
 
 # ------------------------------------------------------------------------ kubernetes-validate
@@ -549,6 +680,8 @@ def test_pod_disruption_budget(render: Callable[[Path], Rendered], values_file: 
         assert "maxUnavailable" not in spec
     else:
         assert spec["maxUnavailable"] == pdb["maxUnavailable"]
+    # an unready pod (say, its only inbound broker is down) must not hold up a node drain
+    assert spec["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     assert spec["selector"]["matchLabels"] == r.workload["spec"]["selector"]["matchLabels"]
 
 
@@ -830,7 +963,9 @@ def shipped_routes(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 @pytest.mark.timeout(600)
 def test_shipped_routes_pass_gateway_validate(image_venv: Path, tmp_path: Path) -> None:
-    env = dict(os.environ, API_TOKEN="test-token", POD_NAME="gw-gateway-0")
+    # What the pod's environment holds: the downward API's name and namespace, and the Secrets.
+    env = dict(os.environ, API_TOKEN="test-token", POD_NAME="gw-gateway-0", POD_NAMESPACE="gw-ns",
+               ADMIN_SESSION_KEY="an-admin-session-key-of-44-characters-000000")
     checked = 0
     for label, path in shipped_routes(tmp_path):
         proc = run([str(image_venv / "bin" / "gateway"), "validate", str(path)], env=env, cwd=tmp_path)

@@ -98,7 +98,7 @@ async def test_the_readme_walkthrough_on_the_default_config(tmp_path: Path) -> N
     await gw.start(timeout=30)
     try:
         async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://{ports['admin']}/readyz") as r:
+            async with http.get(f"http://{ports['admin']}/readyz?verbose") as r:
                 ready = await r.json()
             # every connector is up: the brokers are there
             assert all(c["up"] for c in ready["connectors"].values()), ready

@@ -548,7 +548,9 @@ async def test_rest_to_mqtt_publishes_with_properties_and_refuses_topic_injectio
     assert all("topic" in d.last_error for d in dead), [d.last_error for d in dead]
 
 
-async def test_unreachable_broker_makes_connector_unready_not_the_gateway(tmp_path: Path) -> None:
+async def test_unreachable_broker_leaves_a_gateway_with_a_listener_ready(tmp_path: Path) -> None:
+    """The REST listener takes work while the broker is away, so the pod stays in service; the
+    MQTT consumer is shown down (``state`` and ``up`` agree) until the broker appears."""
     port, api = free_port(), free_port()
     out = tmp_path / "out.jsonl"
     yaml = gateway_yaml(f"""
@@ -567,13 +569,16 @@ async def test_unreachable_broker_makes_connector_unready_not_the_gateway(tmp_pa
     async with running_gateway(tmp_path, yaml, wait_ready=False) as rt, httpx.AsyncClient() as http:
         await asyncio.sleep(1.5)
         ready, detail = rt.readiness()
-        assert not ready and not detail["connectors"]["plant"]["up"]
-        assert "refused" in detail["connectors"]["plant"]["detail"].lower()
+        assert ready and detail["inbound"] == {"api": "up", "plant": "down"}
+        plant = detail["connectors"]["plant"]
+        assert (plant["state"], plant["up"]) == ("down", False)
+        assert "refused" in plant["detail"].lower()
         r = await http.post(f"http://127.0.0.1:{api}/e", json={"a": 1})
         assert r.status_code == 202  # the rest of the gateway goes on
         # the broker appears: the connector comes up by itself and consumes
         with mosquitto(tmp_path / "broker", port=port):
-            await wait_for(lambda: rt.readiness()[0], 15, what="readiness once the broker is up")
+            await wait_for(lambda: rt.readiness()[1]["connectors"]["plant"]["state"] == "up", 15,
+                           what="the connector up once the broker is")
             async with mqtt_probe(port=port) as probe:
                 probe.publish("a/b", b"hello", qos=1)
                 await wait_for(lambda: out.exists() and b"hello" in out.read_bytes(), 5, what="message")

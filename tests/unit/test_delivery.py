@@ -198,7 +198,7 @@ async def test_permanent_failure_dead_letters_at_once(tmp_path: Path) -> None:
         assert outcome.status is Status.ACCEPTED
         await wait_for(lambda: _dead(h, 1), what="dead letter")
         [dl] = await h.spool.dead_letters()
-        assert (dl.reason, dl.attempts, dl.last_error) == ("permanent", 0, "HTTP 400: bad order")
+        assert (dl.reason, dl.attempts, dl.last_error) == ("permanent", 1, "HTTP 400: bad order")
         assert len(h.out().calls) == 1
         assert json.loads(dl.envelope)["id"] == outcome.envelope_id
 

@@ -214,8 +214,8 @@ spec:
           value: /var/lib/gateway
         - name: TMPDIR
           value: /tmp
-        # For routes.yaml: per-replica identities, e.g. an MQTT client_id "gateway-${POD_NAME}"
-        # (stable across restarts only in a StatefulSet).
+        # For routes.yaml: per-replica identities, e.g. an MQTT client_id
+        # "gateway-${POD_NAMESPACE}-${POD_NAME}" (stable across restarts only in a StatefulSet).
         - name: POD_NAME
           valueFrom:
             fieldRef:
@@ -224,6 +224,16 @@ spec:
           valueFrom:
             fieldRef:
               fieldPath: metadata.namespace
+        {{- with .Values.admin.sessionKeySecret }}
+        {{- if .name }}
+        # routes.yaml: gateway.admin.session_key: "${ADMIN_SESSION_KEY}", one key for every replica.
+        - name: ADMIN_SESSION_KEY
+          valueFrom:
+            secretKeyRef:
+              name: {{ .name }}
+              key: {{ .key }}
+        {{- end }}
+        {{- end }}
         {{- with .Values.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -323,4 +333,132 @@ spec:
   topologySpreadConstraints:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+{{- end }}
+
+{{/* Replicas the chart may run at the least: autoscaling.minReplicas, or replicaCount. */}}
+{{- define "gateway.minReplicas" -}}
+{{- if .Values.autoscaling.enabled }}{{ int .Values.autoscaling.minReplicas }}{{ else }}{{ int .Values.replicaCount }}{{ end }}
+{{- end }}
+
+{{/*
+The data-plane listeners in config.routes against ports.http / ports.smtp and the Service: a
+listener on another port than the container's, or on loopback, is unreachable; a Service port
+with no listener behind it refuses every connection. Only when the chart renders routes.yaml.
+*/}}
+{{- define "gateway.validateListeners" -}}
+{{- if not .Values.config.existingConfigMap }}
+{{- $routes := fromYaml .Values.config.routes }}
+{{- $found := dict "http" (list) "smtp" (list) }}
+{{- range $name, $c := default (dict) (get $routes "connectors") }}
+{{- if kindIs "map" $c }}
+{{- $type := toString (get $c "type") }}
+{{- $listens := list }}
+{{- if and (eq $type "rest") (hasKey $c "listen") }}
+{{- $listens = list (list "http" (printf "connectors.%s.listen" $name) (get $c "listen")) }}
+{{- else if eq $type "soap" }}
+{{- range $part := list "serve" "rest_facade" }}
+{{- $section := get $c $part }}
+{{- if and (kindIs "map" $section) (hasKey $section "listen") }}
+{{- $listens = append $listens (list "http" (printf "connectors.%s.%s.listen" $name $part) (get $section "listen")) }}
+{{- end }}
+{{- end }}
+{{- else if and (eq $type "smtp") (hasKey $c "listen") }}
+{{- $listens = list (list "smtp" (printf "connectors.%s.listen" $name) (get $c "listen")) }}
+{{- end }}
+{{- range $listens }}
+{{- $port := index . 0 }}
+{{- $where := index . 1 }}
+{{- $listen := toString (index . 2) }}
+{{- $host := regexReplaceAll ":[0-9]+$" $listen "" }}
+{{- $expected := get $.Values.ports $port }}
+{{- if or (has $host (list "127.0.0.1" "localhost" "[::1]" "::1")) (ne (regexFind "[0-9]+$" $listen) (toString $expected)) }}
+{{- fail (printf "config.routes: %s is %q, but the pod's %s port is ports.%s=%v: the listener must be \"0.0.0.0:%v\" (or change ports.%s) for the Service and its clients to reach it" $where $listen $port $port $expected $expected $port) }}
+{{- end }}
+{{- $_ := set $found $port (append (get $found $port) $where) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and .Values.service.http.enabled (not (get $found "http")) }}
+{{- fail "service.http.enabled is true, but no REST or SOAP connector in config.routes listens: the Service's http port would refuse every connection; set service.http.enabled=false, or add a listener on ports.http" }}
+{{- end }}
+{{- if and .Values.service.smtp.enabled (not (get $found "smtp")) }}
+{{- fail "service.smtp.enabled is true, but no SMTP connector in config.routes listens: the Service's smtp port would refuse every connection; add an smtp connector with listen: \"0.0.0.0:<ports.smtp>\", or set service.smtp.enabled=false" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Each replica needs MQTT client ids of its own: the broker disconnects a client when another
+connects with the same id, so replicas sharing one take each other's connection in turn. The
+chart passes POD_NAME and POD_NAMESPACE (downward API) for routes.yaml to build them from; pod
+names are unique within a namespace only, so both. Only when the chart renders routes.yaml.
+*/}}
+{{- define "gateway.validateMqttClientIds" -}}
+{{- if and (not .Values.config.existingConfigMap) (or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled) }}
+{{- $routes := fromYaml .Values.config.routes }}
+{{- range $name, $c := default (dict) (get $routes "connectors") }}
+{{- if and (kindIs "map" $c) (eq (toString (get $c "type")) "mqtt") }}
+{{- $id := toString (default (printf "gateway-%s" $name) (get $c "client_id")) }}
+{{- if not (contains "${POD_NAME}" $id) }}
+{{- fail (printf "config.routes: connectors.%s.client_id is %q%s, and several replicas (replicaCount > 1 or autoscaling.enabled) would connect with it: the broker lets one client per id connect and drops the other, so they would take each other's connection in turn. Build it from the pod: client_id: \"gateway-${POD_NAMESPACE}-${POD_NAME}\"" $name $id (hasKey $c "client_id" | ternary "" " (the default)")) }}
+{{- else if not (contains "${POD_NAMESPACE}" $id) }}
+{{- fail (printf "config.routes: connectors.%s.client_id is %q: pod names are unique within a namespace only, so a release of the same name in another namespace would connect to the broker with the same ids and take the connections of these replicas in turn. Build it from the pod's name and namespace: client_id: \"gateway-${POD_NAMESPACE}-${POD_NAME}\"" $name $id) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A PodDisruptionBudget that can never allow an eviction blocks every node drain for good. */}}
+{{- define "gateway.validatePdb" -}}
+{{- with .Values.podDisruptionBudget }}
+{{- if .enabled }}
+{{- $replicas := int (include "gateway.minReplicas" $) }}
+{{- $what := $.Values.autoscaling.enabled | ternary (printf "autoscaling.minReplicas=%d" $replicas) (printf "replicaCount=%d" $replicas) }}
+{{- if not (kindIs "invalid" .minAvailable) }}
+{{- $min := 0 }}
+{{- if kindIs "string" .minAvailable }}
+{{- /* Kubernetes rounds a percentage of minAvailable up. */}}
+{{- $min = div (add (mul (int (trimSuffix "%" .minAvailable)) $replicas) 99) 100 | int }}
+{{- else }}
+{{- $min = int .minAvailable }}
+{{- end }}
+{{- if ge $min $replicas }}
+{{- fail (printf "podDisruptionBudget.minAvailable=%v with %s never allows an eviction, so every node drain would hang on these pods; use a lower minAvailable or podDisruptionBudget.maxUnavailable" .minAvailable $what) }}
+{{- end }}
+{{- else if eq (toString .maxUnavailable) "0" "0%" }}
+{{- fail (printf "podDisruptionBudget.maxUnavailable=%v never allows an eviction, so every node drain would hang on these pods; use 1 or more" .maxUnavailable) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Scraping: a ServiceMonitor and the prometheus.io annotations would each scrape every pod, so
+every series would be stored (and every alert fire) twice; a NetworkPolicy that admits nobody to
+the admin port keeps the ServiceMonitor's Prometheus out.
+*/}}
+{{- define "gateway.validateMonitoring" -}}
+{{- if .Values.metrics.serviceMonitor.enabled }}
+{{- if .Values.metrics.podAnnotations }}
+{{- fail "metrics.serviceMonitor.enabled and metrics.podAnnotations are both true: Prometheus would scrape every pod twice (double series, double alerts); set metrics.podAnnotations=false" }}
+{{- end }}
+{{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.adminFrom) }}
+{{- fail "metrics.serviceMonitor.enabled with networkPolicy.enabled and an empty networkPolicy.adminFrom: the NetworkPolicy lets nobody but the node reach the admin port, so Prometheus could not scrape /metrics; add Prometheus's namespace (or pods) to networkPolicy.adminFrom" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The admin session key Secret is only of use when routes.yaml reads it: gateway.admin.session_key
+must be "${ADMIN_SESSION_KEY}", the variable the chart sets from it.
+*/}}
+{{- define "gateway.validateSessionKey" -}}
+{{- if and .Values.admin.sessionKeySecret.name (not .Values.config.existingConfigMap) }}
+{{- $routes := fromYaml .Values.config.routes }}
+{{- $admin := default (dict) (get (default (dict) (get $routes "gateway")) "admin") }}
+{{- if ne (toString (get $admin "session_key")) "${ADMIN_SESSION_KEY}" }}
+{{- fail (printf "admin.sessionKeySecret.name is %q, but config.routes does not read it: set gateway.admin.session_key: \"${ADMIN_SESSION_KEY}\"" .Values.admin.sessionKeySecret.name) }}
+{{- end }}
+{{- end }}
 {{- end }}
