@@ -111,7 +111,9 @@ class MaildirConnector(Connector):
             opts = MaildirTarget.model_validate(validated_options(target))
             built = build_mail(env, opts, route=target.route, default_sender=self.cfg.sender,
                                require_recipients=False)
-        except (HeaderInjection, MailError, ValidationError) as exc:
+        # ValueError too: email's own refusal of a header with a line break that is not CR/LF
+        # (U+2028, NEL, from an untemplated subject), as permanent as the other three.
+        except (HeaderInjection, MailError, ValidationError, ValueError) as exc:
             raise PermanentError(f"cannot build the message: {exc}") from exc
         folder = opts.folder or ""
         if folder and not _FOLDER.match(folder):

@@ -29,7 +29,7 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
@@ -47,6 +47,7 @@ from gateway.contract import (
     PermanentError,
     Reply,
     Status,
+    SubstitutionCheck,
     Target,
     TargetOptions,
     TransientError,
@@ -134,8 +135,12 @@ class RestTarget(TargetOptions):
     query: dict[str, str] = Field(default_factory=dict)
     headers: dict[str, str] = Field(default_factory=dict)
 
-    # A value from a message is one path segment, never a new segment, query or host.
-    substitution_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {"path": lambda v: quote(str(v), safe="")}
+    # A value from a message is one path segment, never a new segment, query or host. Query
+    # values are percent-encoded when the URL is built; a route's ``headers`` are the core's
+    # (checked for CR, LF and NUL as rendered).
+    substitution_checks: ClassVar[dict[str, SubstitutionCheck]] = {
+        "path": SubstitutionCheck(each=lambda v: quote(str(v), safe="")),
+    }
 
 
 class RestConnector(Connector):
@@ -217,17 +222,17 @@ class RestConnector(Connector):
             await _respond(send, 200, body, b"application/json")
             return
         if not self._accepting or self._deliver is None:
-            await send_problem(send, 503, "Service Unavailable", "the gateway is not accepting messages",
+            await self._refuse(send, scope, 503, "Service Unavailable", "the gateway is not accepting messages",
                                [(b"retry-after", b"5")])
             return
         matching = [(methods, types) for rx, methods, types in self._endpoints if rx.match(path)]
         if not matching:
-            await send_problem(send, 404, "Not Found", f"no endpoint is configured for {path}")
+            await self._refuse(send, scope, 404, "Not Found", f"no endpoint is configured for {path}")
             return
         accepting = [types for methods, types in matching if method in methods]
         if not accepting:
             allow = ", ".join(sorted(set().union(*(m for m, _ in matching)))).encode()
-            await send_problem(send, 405, "Method Not Allowed", f"{method} is not accepted on {path}",
+            await self._refuse(send, scope, 405, "Method Not Allowed", f"{method} is not accepted on {path}",
                                [(b"allow", allow)])
             return
         headers = _headers(scope["headers"])
@@ -235,27 +240,27 @@ class RestConnector(Connector):
             mt = media_type(headers.get("content-type", ""))
             if not any(fnmatch.fnmatch(mt, t) for types in accepting for t in types or []):
                 wanted = ", ".join(sorted({t for types in accepting for t in types or []}))
-                await send_problem(send, 415, "Unsupported Media Type",
+                await self._refuse(send, scope, 415, "Unsupported Media Type",
                                    f"{mt or 'no content type'} is not accepted on {path}; send {wanted}")
                 return
         denied = self._check_auth(headers)
         if denied:
-            await send_problem(send, denied[0], denied[1], denied[2], [(b"www-authenticate", b"Bearer")]
+            await self._refuse(send, scope, denied[0], denied[1], denied[2], [(b"www-authenticate", b"Bearer")]
                                if denied[0] == 401 else None)
             return
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.cfg.max_body):
             status, title = (413, "Content Too Large") if declared.isdigit() else (400, "Bad Request")
-            await send_problem(send, status, title, f"the body limit is {self.cfg.max_body} bytes")
+            await self._refuse(send, scope, status, title, f"the body limit is {self.cfg.max_body} bytes")
             return
         try:
             with self._deadlines.after(self.cfg.read_timeout):
                 body = await _read_body(receive, self.cfg.max_body)
         except _TooLarge:
-            await send_problem(send, 413, "Content Too Large", f"the body limit is {self.cfg.max_body} bytes")
+            await self._refuse(send, scope, 413, "Content Too Large", f"the body limit is {self.cfg.max_body} bytes")
             return
         except TimeoutError:
-            await send_problem(send, 408, "Request Timeout", f"the body did not arrive within "
+            await self._refuse(send, scope, 408, "Request Timeout", f"the body did not arrive within "
                                f"{self.cfg.read_timeout:g}s")
             return
         except _Disconnected:
@@ -263,7 +268,7 @@ class RestConnector(Connector):
         try:
             env = self._envelope(scope, headers, body)
         except ValueError as exc:
-            await send_problem(send, 400, "Bad Request", str(exc))
+            await self._refuse(send, scope, 400, "Bad Request", str(exc)[:300])
             return
         self._inflight += 1
         try:
@@ -271,6 +276,15 @@ class RestConnector(Connector):
         finally:
             self._inflight -= 1
         await self._answer(send, env, outcome)
+
+    async def _refuse(self, send: Send, scope: Scope, status: int, title: str, detail: str,
+                      headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """A request refused before it became a message: the answer's id is in the log line."""
+        error_id = await send_problem(send, status, title, detail, headers)
+        client = scope.get("client")
+        event(self.log, "rest.refused", logging.INFO, error_id=error_id, connector=self.name, status=status,
+              reason=detail, method=scope.get("method"), path=scope.get("path"),
+              peer=f"{client[0]}:{client[1]}" if client else "")
 
     def _check_auth(self, headers: dict[str, str]) -> tuple[int, str, str] | None:
         auth = self.cfg.auth
@@ -336,26 +350,30 @@ class RestConnector(Connector):
             await _respond(send, r.status if 200 <= r.status < 300 else 200, r.body, r.content_type.encode(),
                            [(b"x-envelope-id", env_id.encode())])
         elif outcome.acknowledge:
-            if outcome.reason:
-                body = json.dumps({"id": env_id, "status": st.value, "reason": outcome.reason}).encode()
+            # The outcome's reason may name routes, connectors and hosts: the log line with this
+            # id has it; the caller learns only what happened to its message.
+            reason = _unparsed_body(outcome.reason) or _ACKNOWLEDGED.get(st, "")
+            if st is Status.ACCEPTED and outcome.reason.startswith("duplicate"):
+                reason = _DUPLICATE
+            if reason:
+                body = json.dumps({"id": env_id, "status": st.value, "reason": reason}).encode()
             else:  # the common answer, built without a dict; the same bytes json.dumps gives
                 body = f'{{"id": {json.dumps(env_id)}, "status": "{st.value}"}}'.encode()
             await _respond(send, 202, body, b"application/json", [(b"x-envelope-id", env_id.encode())])
         else:
-            # A target's failure speaks through its own client-facing message (never the
-            # reason, which may name internal hosts); its other details go in "upstream".
-            detail = dict(outcome.detail or {})
-            message = str(detail.pop("message", "") or outcome.reason)
+            code, kind, message = client_failure(outcome)
             extra: dict[str, Any] = {"envelope_id": env.id}
-            if detail:
-                extra["upstream"] = detail
+            upstream = _upstream(outcome.detail or {})
+            if upstream:
+                extra["upstream"] = upstream
+            errors = _field_errors(outcome.detail or {})
+            if errors:
+                extra["errors"] = errors
             headers = [(b"x-envelope-id", env.id.encode())]
             if st is Status.RETRY:
-                code = outcome.code if outcome.code in (502, 503, 504) else 503
                 headers.append((b"retry-after", str(int(max(1, outcome.retry_after or 5))).encode()))
-            else:
-                code = outcome.code if outcome.code and 400 <= outcome.code < 600 else 422
-            await send_problem(send, code, _TITLES.get(code, "Unprocessable Content"), message, headers, extra)
+            await send_problem(send, code, _TITLES.get(code, "Unprocessable Content"), message, headers, extra,
+                               kind=kind, problem_id=env.id)
 
     def openapi(self) -> dict[str, Any]:
         paths: dict[str, Any] = {}
@@ -441,6 +459,101 @@ _TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not 
            405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict", 413: "Content Too Large",
            415: "Unsupported Media Type", 422: "Unprocessable Content", 429: "Too Many Requests",
            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+_ACKNOWLEDGED = {Status.DEAD_LETTERED: "the gateway kept the message as a dead letter for its operators",
+                 Status.DROPPED: "the gateway's configuration drops this message"}
+_DUPLICATE = "duplicate: answered from the Idempotency-Key record"
+#: (status, problem kind, what the client is told) for a failure that has no client-facing
+#: message of its own.
+_RETRY_ANSWERS = {
+    502: ("upstream-failed", "the service behind the gateway failed; retry later"),
+    503: ("unavailable", "the gateway cannot take the message now; retry later"),
+    504: ("upstream-timeout", "the service behind the gateway did not answer in time; retry later"),
+}
+_REJECT_ANSWERS = {
+    404: ("no-route", "nothing here takes this message"),
+    413: ("too-large", "the message is too large"),
+    422: ("unprocessable", "the message cannot be delivered as sent: a value it needs is missing or not allowed"),
+    502: ("upstream-failed", "the service behind the gateway failed"),
+}
+
+
+def client_failure(outcome: Outcome) -> tuple[int, str, str]:
+    """(HTTP status, problem kind, message) a caller is told about a RETRY or REJECTED outcome.
+
+    Never the outcome's reason (it names routes, connectors, hosts and exceptions; the log line
+    with the envelope id has it): a fixed text per status, or the client-facing ``message``
+    an outbound connector put in its error's detail (``the upstream service answered HTTP 404``).
+    """
+    detail = outcome.detail or {}
+    said = detail.get("message") if isinstance(detail.get("message"), str) else None
+    upstream = isinstance(detail.get("status"), int) or "faultstring" in detail
+    if outcome.status is Status.RETRY:
+        code = outcome.code if outcome.code in _RETRY_ANSWERS else 503
+        kind, text = _RETRY_ANSWERS[code]
+        if code == 503 and (said or upstream):
+            kind = "upstream-unavailable"
+        return code, kind, said or text
+    code = outcome.code if outcome.code and 400 <= outcome.code < 600 else 422
+    if upstream:
+        kind, text = ("upstream-failed", "the service behind the gateway failed") if code >= 500 else (
+            "upstream-refused", "the service behind the gateway refused the request")
+    else:
+        kind, text = _REJECT_ANSWERS.get(code, ("refused", "the request was refused"))
+        text = _unparsed_body(outcome.reason) or text
+    return code, kind, said or text
+
+
+def _unparsed_body(reason: str) -> str | None:
+    """The parser's own words when the caller's body did not parse (``invalid JSON: …``): they
+    are about the caller's input, and the one thing in a routing reason it can fix. The router
+    words that reason ``route '<name>' needs the parsed body: <parser's words>``."""
+    _, found, said = reason.partition(" needs the parsed body: ")
+    return f"the body cannot be parsed: {said[:300]}" if found and said else None
+
+
+def _field_errors(detail: Mapping[str, Any]) -> list[str]:
+    """A target's schema check of the message (``/a: expected an integer``, from a SOAP
+    operation's XSD): each names a JSON path of the payload and what the published contract wants
+    there, which is what a caller fixes; at most 20, each cut at 300 characters."""
+    errors = detail.get("errors")
+    if not isinstance(errors, list):
+        return []
+    out = []
+    for e in errors[:20]:
+        if isinstance(e, dict):
+            e = f"{e.get('path') or '/'}: {e.get('message', '')}"
+        if isinstance(e, str):
+            out.append(e[:300])
+    return out
+
+
+def _upstream(detail: Mapping[str, Any]) -> dict[str, Any]:
+    """What the service behind a request/reply route told its callers: its status and its own
+    message (a SOAP faultstring, a problem+json ``detail``/``title``), a SOAP fault's code and
+    typed detail; never its raw body."""
+    out: dict[str, Any] = {}
+    if isinstance(detail.get("status"), int):
+        out["status"] = detail["status"]
+    said = detail.get("faultstring")
+    body = detail.get("body")
+    if not said and isinstance(body, str) and body.lstrip().startswith("{"):
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            said = next((doc[k] for k in ("detail", "title", "message", "error")
+                         if isinstance(doc.get(k), str) and doc[k]), None)
+    if isinstance(said, str) and said:
+        out["message"] = said[:500]
+    # A SOAP fault is the backend's own answer to its caller: its code and typed detail too.
+    if isinstance(detail.get("faultcode"), str):
+        out["faultcode"] = detail["faultcode"]
+    if "faultstring" in detail and detail.get("detail") is not None:
+        out["detail"] = detail["detail"]
+    return out
 
 
 class _TooLarge(Exception):

@@ -126,6 +126,68 @@ class ConnectorConfig(BaseModel):
     type: str
 
 
+@dataclass(frozen=True)
+class TemplateText:
+    """A templated option as the route wrote it: its literal text and where templates go.
+
+    ``pieces`` alternates literal text (``str``) with ``None`` for each template part (a
+    ``{{ }}`` substitution, a ``{% %}`` block or a comment). ``"{{ user }}@example.com"`` is
+    ``(None, "@example.com")``: the route fixed the domain, the message fills the rest.
+    """
+
+    source: str
+    pieces: tuple[str | None, ...]
+
+    @property
+    def prefix(self) -> str:
+        """The literal text before the first template part: every rendering starts with it."""
+        return self.pieces[0] if self.pieces and self.pieces[0] is not None else ""
+
+    @property
+    def suffix(self) -> str:
+        """The literal text after the last template part: every rendering ends with it."""
+        return self.pieces[-1] if self.pieces and self.pieces[-1] is not None else ""
+
+    @property
+    def literal(self) -> str:
+        """All literal text, template parts left out."""
+        return "".join(p for p in self.pieces if p is not None)
+
+
+@dataclass(frozen=True)
+class SubstitutionCheck:
+    """A connector's rule for one option whose value a route renders from message content.
+
+    Both parts return the (possibly escaped) value or raise ``ValueError`` with a reason; the
+    core then dead-letters that target for that message (permanent: the same message renders
+    the same way again).
+    """
+
+    #: Applied to every value a template substitutes (Jinja's ``finalize``), before it joins the
+    #: literal text: e.g. percent-quoting a path segment so a value stays one segment.
+    each: Callable[[Any], Any] | None = None
+    #: Applied to the whole rendered string with the route's :class:`TemplateText`, so the rule
+    #: can keep what the route fixed: e.g. one recipient, in the domain the route wrote.
+    result: Callable[[str, TemplateText], str] | None = None
+
+
+#: The characters that end a line somewhere: CR, LF and NUL, and those ``str.splitlines`` (and so
+#: Python's ``email`` package) also breaks at.
+LINE_BREAKS = "\r\n\0\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def one_line(rendered: str, _: TemplateText) -> str:
+    """``rendered`` if it holds no line break; ``ValueError`` otherwise."""
+    bad = next((c for c in rendered if c in LINE_BREAKS), None)
+    if bad is not None:
+        raise ValueError(f"the value would contain {bad!r} (a line break: header injection refused)")
+    return rendered
+
+
+#: For an option that becomes one protocol line (a mail header, an HTTP header): no line breaks.
+ONE_LINE = SubstitutionCheck(result=one_line)
+
+
 class TargetOptions(BaseModel):
     """Base of the per-target options a connector accepts in a route's ``to:`` entry.
 
@@ -136,11 +198,11 @@ class TargetOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    #: Per option field: a function applied to every value a template substitutes into it
-    #: (Jinja's ``finalize``). It returns the value to insert (escaped) or raises ``ValueError``
-    #: to refuse the message, e.g. URL-quoting a path segment or refusing ``+``/``#`` in an
-    #: MQTT topic, so a value from a message can never change the shape of an address.
-    substitution_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {}
+    #: Per option field: how a value rendered from a message is kept from changing the shape of
+    #: an address (a recipient, a topic, a path), see :class:`SubstitutionCheck`. Applies to
+    #: every templated string of the field, in lists and dict values too; a value the route
+    #: wrote without a template is never checked.
+    substitution_checks: ClassVar[dict[str, SubstitutionCheck]] = {}
 
 
 @dataclass(frozen=True)

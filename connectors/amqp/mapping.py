@@ -7,14 +7,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
 from connectors.broker_common.config import BrokerConfig, BrokerTls
 from gateway.config.models import ByteSize, Duration, Strict
-from gateway.contract import PermanentError, TargetOptions
+from gateway.contract import PermanentError, SubstitutionCheck, TargetOptions, TemplateText
 from gateway.envelope import Envelope, from_cloudevent, media_type
 
 _EXCHANGE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{0,127}$")
@@ -109,6 +109,37 @@ class AmqpConfig(BrokerConfig):
         return urlsplit(self.url).scheme == "amqps" or self.tls is not None
 
 
+def _templated_exchange(rendered: str, text: TemplateText) -> str:
+    """A rendered exchange name is a valid name, never empty (the default exchange) and never a
+    broker-reserved ``amq.`` exchange unless the route's own text starts with ``amq.``."""
+    if not rendered:
+        raise ValueError("a value from the message left the exchange name empty (the default exchange)")
+    if rendered.startswith("amq.") and not text.prefix.startswith("amq."):
+        raise ValueError(f"a value from the message made the exchange {rendered[:60]!r}; "
+                         "only the route's own text may name an amq. exchange")
+    if not _EXCHANGE_NAME.match(rendered):
+        raise ValueError(f"exchange name {rendered[:60]!r} is not valid (letters, digits, - _ . :, ≤ 127)")
+    return rendered
+
+
+def _templated_routing_key(rendered: str, text: TemplateText) -> str:
+    """A rendered routing key fits AMQP (≤ 255 bytes, no NUL), names no server-named ``amq.``
+    queue the route did not write, and, where the route wrote dotted words
+    (``orders.{{ data.region }}``), a value adds no words of its own."""
+    if "\0" in rendered:
+        raise ValueError("the routing key would contain NUL")
+    if len(rendered.encode("utf-8", "surrogatepass")) > 255:
+        raise ValueError("the routing key would be longer than 255 bytes")
+    if rendered.startswith("amq.") and not text.prefix.startswith("amq."):
+        raise ValueError(f"a value from the message made the routing key {rendered[:60]!r}; "
+                         "only the route's own text may start it with amq.")
+    dots = text.literal.count(".")
+    if dots and rendered.count(".") > dots:
+        raise ValueError(f"a value from the message added words to the routing key ({rendered[:60]!r}); "
+                         "values may not contain '.'")
+    return rendered
+
+
 class AmqpTarget(TargetOptions):
     """Where and how one route target publishes. String values are templates."""
 
@@ -128,6 +159,11 @@ class AmqpTarget(TargetOptions):
     correlation_id: str | None = None
     #: CloudEvents binary mode: ``cloudEvents:*`` application properties.
     cloudevents: bool = False
+
+    substitution_checks: ClassVar[dict[str, SubstitutionCheck]] = {
+        "exchange": SubstitutionCheck(result=_templated_exchange),
+        "routing_key": SubstitutionCheck(result=_templated_routing_key),
+    }
 
 
 # --- inbound ---------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from connectors.mail_common import MailOptions
 from connectors.mailauth import AuthCheckSettings, SealOptions, SealSettings
 from gateway.config.models import ByteSize, Duration, Secret, Strict
-from gateway.contract import ConnectorConfig
+from gateway.contract import ConnectorConfig, SubstitutionCheck
 
 #: A flag APPEND may set: a system flag (``\\Seen``) or a keyword (``$label1``).
 FLAG = re.compile(r"^\\?[A-Za-z$][A-Za-z0-9$_.-]{0,63}$")
@@ -153,7 +153,8 @@ class ImapTarget(MailOptions):
     #: This route's sealing over the connector's smime/pgp settings.
     seal: SealOptions | None = None
 
-    substitution_checks: ClassVar[dict[str, Any]] = {"folder": _folder_value}
+    substitution_checks: ClassVar[dict[str, SubstitutionCheck]] = {
+        **MailOptions.substitution_checks, "folder": SubstitutionCheck(each=_folder_value)}
 
     @field_validator("flags")
     @classmethod

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
 from email.utils import format_datetime, formataddr, getaddresses
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
 from connectors.mail_common.parse import MESSAGE_RFC822
 from gateway.config.models import Strict
-from gateway.contract import Target, TargetOptions
+from gateway.contract import ONE_LINE, SubstitutionCheck, Target, TargetOptions, TemplateText, one_line
 from gateway.envelope import Envelope, media_type
 
 
@@ -35,6 +35,37 @@ class Attachment(Strict):
     filename: str
     content_type: str | None = None
     content: str | None = None
+
+
+# The literal text after the last template part, when it fixes the domain ("@example.com",
+# "@example.com>") or the whole address (" <alerts@example.com>").
+_FIXED_TAIL = re.compile(r"(?:<(?P<local>[^<>@\s]+))?@(?P<domain>[^@<>\s]+)>?\s*$")
+
+
+def _templated_address(rendered: str, text: TemplateText) -> str:
+    """A templated address option yields one address (or nothing), in the domain the route's
+    literal text fixed (``"{{ data.user }}@example.com"``): a value from a message can never
+    add a recipient or move one to another domain."""
+    one_line(rendered, text)
+    if not rendered.strip():
+        return rendered  # adds no address at all
+    found = parse_addresses("address", rendered)
+    if len(found) != 1:
+        raise ValueError(f"a value from the message made {len(found)} addresses where the route has one")
+    address = found[0][1]
+    fixed = _FIXED_TAIL.search(text.suffix)
+    if fixed is not None:
+        local, _, domain = address.rpartition("@")
+        if domain.lower() != fixed["domain"].lower():
+            raise ValueError(f"a value from the message moved the address out of {fixed['domain']}")
+        if fixed["local"] is not None and local != fixed["local"]:
+            raise ValueError(f"a value from the message changed the address the route wrote "
+                             f"({fixed['local']}@{fixed['domain']})")
+    return rendered
+
+
+#: For options holding one address or a list of them: each templated string, one address.
+TEMPLATED_ADDRESS = SubstitutionCheck(result=_templated_address)
 
 
 class MailOptions(TargetOptions):
@@ -61,6 +92,11 @@ class MailOptions(TargetOptions):
     #: Pass an inbound ``message/rfc822`` body through unchanged. Omitted: forward when the
     #: body is a message and nothing above asks for building a new one.
     forward: bool | None = None
+
+    substitution_checks: ClassVar[dict[str, SubstitutionCheck]] = {
+        **{name: TEMPLATED_ADDRESS for name in ("sender", "to", "cc", "bcc", "reply_to")},
+        **{name: ONE_LINE for name in ("subject", "message_id", "mail_headers")},
+    }
 
 
 @dataclass(frozen=True)

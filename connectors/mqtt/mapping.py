@@ -10,14 +10,14 @@ import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
 from connectors.broker_common.config import BrokerConfig, BrokerTls
 from gateway.config.models import ByteSize, Duration, Strict
-from gateway.contract import PermanentError, TargetOptions
+from gateway.contract import PermanentError, SubstitutionCheck, TargetOptions, TemplateText
 from gateway.envelope import Envelope, from_cloudevent, media_type
 
 #: CloudEvents context attributes carried as MQTT 5 user properties (binary mode).
@@ -165,6 +165,18 @@ def filter_error(f: str) -> str | None:
     return None
 
 
+def _templated_topic(rendered: str, text: TemplateText) -> str:
+    """A rendered topic starts with ``$`` (``$SYS/…``, ``$share/…``: the broker's own topics)
+    only when the route wrote the ``$``, and never holds a wildcard, NUL or a control character."""
+    if rendered.startswith("$") and not text.prefix.startswith("$"):
+        raise ValueError(f"a value from the message made the topic start with '$' ({rendered[:60]!r}); "
+                         "only the route's own text may name a $ topic")
+    err = topic_error(rendered)
+    if err:
+        raise ValueError(err)
+    return rendered
+
+
 class MqttTarget(TargetOptions):
     """Where and how one route target publishes. String values are templates."""
 
@@ -184,6 +196,11 @@ class MqttTarget(TargetOptions):
     topic_levels: int | Literal["any"] | None = None
     #: Send CloudEvents binary mode: context attributes as MQTT 5 user properties.
     cloudevents: bool = False
+
+    substitution_checks: ClassVar[dict[str, SubstitutionCheck]] = {
+        "topic": SubstitutionCheck(result=_templated_topic),
+        "response_topic": SubstitutionCheck(result=_templated_topic),
+    }
 
     @model_validator(mode="before")
     @classmethod

@@ -128,7 +128,9 @@ class SmtpConnector(Connector):
                 if len(found) != 1:
                     raise MailError("envelope_from must be exactly one address")
                 sender = found[0][1]
-        except (HeaderInjection, MailError, ValidationError) as exc:
+        # ValueError too: email's own refusal of a header with a line break that is not CR/LF
+        # (U+2028, NEL, from an untemplated subject), as permanent as the other three.
+        except (HeaderInjection, MailError, ValidationError, ValueError) as exc:
             raise PermanentError(f"cannot build the message: {exc}") from exc
         seven_bit = not built.data.isascii() and not await self._relay.offers_8bitmime()
         copies = await self._sealing.seal_copies(built.data, recipients=built.recipients, hidden=built.hidden,

@@ -5,16 +5,17 @@ from __future__ import annotations
 import fnmatch
 import re
 import socket
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
 from connectors.mail_common import MailOptions, parse_addresses
+from connectors.mail_common.build import TEMPLATED_ADDRESS
 from connectors.mailauth import AuthCheckSettings, SealOptions, SealSettings
 from connectors.smtp.users import Users
 from gateway.config.models import ByteSize, Duration, Secret, Strict
-from gateway.contract import ConnectorConfig
+from gateway.contract import ConnectorConfig, SubstitutionCheck
 
 DEFAULT_PORT = 2525
 _LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?$")
@@ -199,3 +200,6 @@ class SmtpTarget(MailOptions):
 
     envelope_from: str | None = None
     seal: SealOptions | None = None
+
+    substitution_checks: ClassVar[dict[str, SubstitutionCheck]] = {
+        **MailOptions.substitution_checks, "envelope_from": TEMPLATED_ADDRESS}

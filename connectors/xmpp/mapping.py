@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -16,7 +15,7 @@ from slixmpp.stanza import Message
 from slixmpp.xmlstream import register_stanza_plugin
 
 from gateway.config.models import ByteSize, Duration, Secret
-from gateway.contract import ConnectorConfig, TargetOptions
+from gateway.contract import ConnectorConfig, SubstitutionCheck, TargetOptions, TemplateText
 from gateway.envelope import Envelope
 
 # What the client's xep_0184/xep_0203 plugins register; done here too so the mapping works alone.
@@ -25,7 +24,6 @@ register_stanza_plugin(Message, Delay)
 
 #: Characters a value substituted into a JID template may not contain: they would change the
 #: JID's shape (RFC 7622 §3.3.1 forbids them in a localpart; '@' and '/' move the domain).
-_JID_STRUCTURE = re.compile(r"[\"&'/:<>@\s\x00-\x1f\x7f]")
 #: XML 1.0 cannot carry these characters at all; a body with them cannot be sent.
 _NOT_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
@@ -88,13 +86,32 @@ class XmppConfig(ConnectorConfig):
         return out
 
 
-def _jid_value(value: Any) -> Any:
-    """A value a template substitutes into ``to`` must stay inside its part of the JID."""
-    text = str(value)
-    if _JID_STRUCTURE.search(text):
-        raise ValueError(f"value {text[:60]!r} would change the shape of the JID (contains @, /, quotes, "
-                         "':', '<', '>', '&', spaces or control characters)")
-    return value
+def _templated_jid(rendered: str, text: TemplateText) -> str:
+    """A rendered ``to`` is exactly one JID with a user part, in the domain the route's text
+    fixed (``"{{ data.user }}@example.com"``), with a resource only where the route wrote a
+    ``/`` or left the whole JID to the message."""
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(f"a value from the message would change the shape of the JID {rendered[:80]!r} ({why})")
+
+    try:
+        jid = JID(rendered)
+    except InvalidJID as exc:
+        raise refuse(f"not a valid JID: {exc}") from None
+    if not jid.user or not jid.domain:
+        raise refuse("it needs user@domain")
+    suffix, prefix = text.suffix, text.prefix
+    if "@" in suffix:
+        fixed_domain = suffix.rpartition("@")[2].partition("/")[0].lower()
+        if jid.domain != fixed_domain:
+            raise refuse(f"the route fixed the domain {fixed_domain}")
+    if "@" in prefix and "/" in prefix.partition("@")[2]:
+        fixed_bare = prefix.partition("/")[0].lower()
+        if jid.bare != fixed_bare:
+            raise refuse(f"the route fixed {fixed_bare}")
+    if jid.resource and text.literal and "/" not in text.literal:
+        raise refuse("a resource the route did not write")
+    return rendered
 
 
 class XmppTarget(TargetOptions):
@@ -104,7 +121,7 @@ class XmppTarget(TargetOptions):
     #: Optional message subject.
     subject: str | None = None
 
-    substitution_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {"to": _jid_value}
+    substitution_checks: ClassVar[dict[str, SubstitutionCheck]] = {"to": SubstitutionCheck(result=_templated_jid)}
 
     @model_validator(mode="after")
     def _room_subject(self) -> XmppTarget:

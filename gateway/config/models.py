@@ -200,6 +200,20 @@ class HttpListenerSettings(Strict):
     max_connections_per_client: int = Field(default=256, ge=0)
 
 
+class TemplateSettings(Strict):
+    """Bounds of one render of a route's templates (body, headers, options). A render that breaks
+    one fails for that message: the target is dead-lettered with the reason."""
+
+    #: The rendered text, and each string or list a template builds on the way (characters);
+    #: everything one render builds together may take 4 times this.
+    max_output: ByteSize = Field(default=1024 * 1024, ge=1024)
+    #: Loop iterations, calls and includes in one render, counted across all loops, so nested
+    #: loops multiply; also the longest ``range()``.
+    max_iterations: int = Field(default=100_000, ge=100)
+    #: How long one render may take.
+    render_timeout: Duration = Field(default=0.05, gt=0)
+
+
 class GatewaySettings(Strict):
     admin: AdminSettings = Field(default_factory=AdminSettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
@@ -216,6 +230,8 @@ class GatewaySettings(Strict):
     #: Per HTTP listen address (``"0.0.0.0:8080"``, as the connector's ``listen`` says it): the
     #: bounds of :class:`HttpListenerSettings`. An address not named here gets the defaults.
     http: dict[str, HttpListenerSettings] = Field(default_factory=dict)
+    #: Bounds of every template render (:class:`TemplateSettings`).
+    templates: TemplateSettings = Field(default_factory=TemplateSettings)
 
     @field_validator("http")
     @classmethod

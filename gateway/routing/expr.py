@@ -17,15 +17,24 @@ Grammar (by example)::
 A missing key or index yields ``None``; an ordering comparison involving ``None`` or
 mismatched types is false rather than an error, so a condition on a field some messages lack
 simply does not match them.
+
+Conditions read message data on the event loop, so nothing in them is superlinear or unbounded:
+``matches()`` uses RE2 (linear time, no backreferences or lookaround; a pattern of at most 512
+characters, compiled within :data:`REGEX_MAX_MEM`). A constant pattern RE2 cannot compile is
+refused at load; a pattern from the message that does not compile makes ``matches()`` null
+(false), like any other function given the wrong kind of value. Arithmetic whose result would
+be over :data:`MAX_INT_BITS` bits or a string over :data:`MAX_STRING` characters is null, as
+an overflow is.
 """
 
 from __future__ import annotations
 
 import ast
 import operator
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import re2
 
 Scope = Mapping[str, Any]
 Fn = Callable[[Scope], Any]
@@ -36,7 +45,22 @@ NAMES = frozenset(
 )
 
 _MAX_REGEX = 512
-_regex_cache: dict[str, re.Pattern[str]] = {}
+#: RE2's memory budget for one compiled pattern (its default is 8 MiB).
+REGEX_MAX_MEM = 2 * 1024 * 1024
+MAX_INT_BITS = 16_384
+MAX_STRING = 16 * 1024 * 1024
+_regex_cache: dict[str, Any] = {}
+
+
+def _regex_options() -> re2.Options:
+    options = re2.Options()
+    options.max_mem = REGEX_MAX_MEM
+    options.log_errors = False  # a refused pattern is reported to the caller, not on stderr
+    options.never_capture = True  # matches() answers yes or no
+    return options
+
+
+_REGEX_OPTIONS = _regex_options()
 
 
 class ExpressionError(ValueError):
@@ -47,12 +71,17 @@ class ExpressionError(ValueError):
         self.column = column
 
 
-def _regex(pattern: str) -> re.Pattern[str]:
+def _regex(pattern: str) -> Any:
+    """The compiled pattern; ``ValueError`` when it is too long or RE2 cannot compile it."""
     rx = _regex_cache.get(pattern)
     if rx is None:
         if len(pattern) > _MAX_REGEX:
-            raise ValueError("regular expression too long")
-        rx = re.compile(pattern)
+            raise ValueError(f"regular expression longer than {_MAX_REGEX} characters")
+        try:
+            rx = re2.compile(pattern, _REGEX_OPTIONS)
+        except re2.error as exc:
+            reason = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+            raise ValueError(f"{reason} (RE2 syntax: no backreferences or lookaround)") from None
         if len(_regex_cache) < 1024:
             _regex_cache[pattern] = rx
     return rx
@@ -291,13 +320,13 @@ class _Compiler:
         if node.func.id == "matches" and len(args) == 2 and isinstance(node.args[1], ast.Constant):
             try:
                 _regex(str(node.args[1].value))
-            except (re.error, ValueError) as exc:
+            except ValueError as exc:
                 raise ExpressionError(f"invalid regular expression: {exc}", node.args[1].col_offset + 1) from None
 
         def call(s: Scope) -> Any:
             try:
                 return impl(*[a(s) for a in args])
-            except (TypeError, ValueError, re.error):
+            except (TypeError, ValueError):
                 return None
 
         return call
@@ -306,7 +335,13 @@ class _Compiler:
 def _arith(op: Callable[..., Any], *values: Any) -> Any:
     if any(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
         if op is operator.add and all(isinstance(v, str) for v in values):
+            if sum(len(v) for v in values) > MAX_STRING:
+                return None
             return op(*values)
+        return None
+    # Bounded before computing: a product of products of message integers grows without end.
+    bits = [v.bit_length() for v in values if isinstance(v, int)]
+    if bits and (max(bits) > MAX_INT_BITS or (op is operator.mul and sum(bits) > MAX_INT_BITS)):
         return None
     try:
         return op(*values)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateway.config.models import FileModel, RetryPolicy, RouteConfig, TargetSpec
 from gateway.config.yamlsrc import Issue, Path, Source
-from gateway.contract import Connector, Target, TargetOptions
+from gateway.contract import Connector, SubstitutionCheck, Target, TargetOptions, TemplateText
 from gateway.envelope import Envelope, ParseError
 from gateway.registry import did_you_mean
 from gateway.routing.expr import ExpressionError, Fn, compile_expression
@@ -210,7 +210,14 @@ class Router:
                             break
                         continue
                 scope = scope or MessageScope(env)
-                if not route.when(scope):
+                try:
+                    taken = route.when(scope)
+                except (RecursionError, MemoryError) as exc:  # this message's data: permanent
+                    out.append(Selected(route, f"route {route.name!r} condition failed: {type(exc).__name__}"))
+                    if not route.continue_:
+                        break
+                    continue
+                if not taken:
                     continue
             out.append(Selected(route))
             if not route.continue_:
@@ -235,7 +242,10 @@ class Router:
     def _plan(env: Envelope, route: CompiledRoute, t: CompiledTarget, scope: dict[str, Any]) -> Planned:
         changes: dict[str, Any] = {}
         if t.body is not None:
-            changes["body"] = t.body.render(scope).encode("utf-8")
+            try:
+                changes["body"] = t.body.render(scope).encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate, from a JSON "\ud800" escape
+                raise ReshapeError(f"the rendered body is not valid text: {exc.reason}") from None
             changes["content_type"] = t.content_type or "text/plain; charset=utf-8"
         elif t.content_type:
             changes["content_type"] = t.content_type
@@ -264,8 +274,39 @@ def _check_header(key: str, value: str) -> None:
             raise ReshapeError(f"header {key!r} would contain {bad!r} (header injection refused)")
 
 
+@dataclass(frozen=True)
+class _CheckedTemplate:
+    """An option template whose rendering the connector checks against the route's text."""
+
+    option: str
+    template: Template
+    text: TemplateText
+    check: Callable[[str, TemplateText], str]
+
+    def render(self, scope: Mapping[str, Any]) -> str:
+        rendered = self.template.render(scope)
+        try:
+            return self.check(rendered, self.text)
+        except ValueError as exc:
+            raise ReshapeError(f"{self.option}: {exc}") from None
+
+
+def template_text(env: Any, source: str) -> TemplateText:
+    """``source`` split by Jinja's own lexer into literal text and template parts."""
+    pieces: list[str | None] = []
+    for _, kind, value in env.lex(source):
+        if kind == "data":
+            if pieces and isinstance(pieces[-1], str):
+                pieces[-1] += value
+            else:
+                pieces.append(value)
+        elif not pieces or pieces[-1] is not None:
+            pieces.append(None)
+    return TemplateText(source, tuple(pieces))
+
+
 def _render_tree(tree: Any, scope: Mapping[str, Any]) -> Any:
-    if isinstance(tree, Template):
+    if isinstance(tree, Template | _CheckedTemplate):
         return tree.render(scope)
     if isinstance(tree, dict):
         return {k: _render_tree(v, scope) for k, v in tree.items()}
@@ -274,20 +315,27 @@ def _render_tree(tree: Any, scope: Mapping[str, Any]) -> Any:
     return tree
 
 
-def _compile_tree(value: Any, env: Any, path: Path, issues: list[Issue], src: Source) -> tuple[Any, bool]:
-    """Templates inside an options value; returns (tree, has_templates)."""
+def _compile_tree(value: Any, env: Any, path: Path, issues: list[Issue], src: Source,
+                  check: SubstitutionCheck | None = None, option: str = "") -> tuple[Any, bool]:
+    """Templates inside an options value; returns (tree, has_templates). ``option`` names the
+    value in a refusal's reason (``to[1]``, ``mail_headers.X-Site``)."""
     if isinstance(value, str):
         if is_template(value):
             try:
-                return Template(env, value), True
+                template = Template(env, value)
+                if check is not None and check.result is not None:
+                    return _CheckedTemplate(option, template, template_text(env, value), check.result), True
+                return template, True
             except TemplateError as exc:
                 issues.append(src.issue(path, str(exc)))
         return value, False
     if isinstance(value, list):
-        items = [_compile_tree(v, env, (*path, i), issues, src) for i, v in enumerate(value)]
+        items = [_compile_tree(v, env, (*path, i), issues, src, check, f"{option}[{i}]")
+                 for i, v in enumerate(value)]
         return [i[0] for i in items], any(i[1] for i in items)
     if isinstance(value, dict):
-        pairs = {k: _compile_tree(v, env, (*path, k), issues, src) for k, v in value.items()}
+        pairs = {k: _compile_tree(v, env, (*path, k), issues, src, check, f"{option}.{k}")
+                 for k, v in value.items()}
         return {k: p[0] for k, p in pairs.items()}, any(p[1] for p in pairs.values())
     return value, False
 
@@ -329,7 +377,7 @@ def _model_for(path: Path) -> type[BaseModel] | None:
         return m.GatewaySettings
     if len(path) == 2 and path[0] == "gateway":
         sections: dict[str, type[BaseModel]] = {"admin": m.AdminSettings, "spool": m.SpoolSettings,
-                                                "log": m.LogSettings}
+                                                "log": m.LogSettings, "templates": m.TemplateSettings}
         return sections.get(str(path[1]))
     if len(path) == 2 and path[0] == "routes":
         return m.RouteConfig
@@ -353,7 +401,7 @@ def compile_routes(
 ) -> tuple[Router, list[Issue]]:
     """Compile validated routes against the configured connectors. Collects every issue."""
     issues: list[Issue] = []
-    jenv = make_environment(base_dir)
+    jenv = make_environment(base_dir, limits=model.gateway.templates)
     routes: list[CompiledRoute] = []
     index: dict[str, _SourceIndex] = {}
     seen_names: dict[str, int] = {}
@@ -461,7 +509,8 @@ def _compile_target(
             else:
                 body = Template(jenv, spec.body)
         except TemplateError as exc:
-            line = f" (template line {exc.line})" if exc.line and isinstance(spec.body, dict) else ""
+            multiline = isinstance(spec.body, dict) or "\n" in spec.body.strip()
+            line = f" (template line {exc.line})" if exc.line and multiline else ""
             issues.append(src.issue((*tp, "body"), f"{exc}{line}"))
     headers: dict[str, Template | str] = {}
     for key, value in spec.headers.items():
@@ -480,8 +529,9 @@ def _compile_target(
     templated: dict[str, Any] = {}
     for key, value in raw_options.items():
         check = cls.Options.substitution_checks.get(key)
-        field_env = make_environment(base_dir, finalize=check) if check else jenv
-        tree, has = _compile_tree(value, field_env, (*tp, key), issues, src)
+        each = check.each if check is not None else None
+        field_env = make_environment(base_dir, finalize=each, limits=jenv.limits) if each else jenv
+        tree, has = _compile_tree(value, field_env, (*tp, key), issues, src, check, key)
         if has:
             templated[key] = tree
     return CompiledTarget(

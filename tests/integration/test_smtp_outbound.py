@@ -85,6 +85,10 @@ async def test_4xx_then_2xx_arrives_once(tmp_path: Path) -> None:
     assert view["headers"]["auto-submitted"] == "auto-generated"
 
 
+TWO_TEMPLATED_RECIPIENTS = """
+        to: ["{{ data.to }}", "{{ data.also | default('') }}"]"""
+
+
 async def test_5xx_goes_to_the_dead_letters_with_the_relay_reply(tmp_path: Path) -> None:
     rest = free_port()
     handler = RelayHandler(data_replies=["554 5.7.1 Message rejected as spam"],
@@ -92,11 +96,11 @@ async def test_5xx_goes_to_the_dead_letters_with_the_relay_reply(tmp_path: Path)
                                          "busy@example.com": "450 4.2.1 Mailbox busy"})
     with Relay(handler) as relay:
         async with running_gateway(tmp_path, gateway_yaml(rest, {"url": f"smtp://127.0.0.1:{relay.port}"},
-                                                          target='\n        to: ["{{ data.to }}"]')) as rt:
+                                                          target=TWO_TEMPLATED_RECIPIENTS)) as rt:
             spam = await post(rest, {"to": "ops@example.com"})
             await wait_for(rt.spool.dead_letters, what="the first dead letter")
             gone = await post(rest, {"to": "gone@example.com"})
-            partial = await post(rest, {"to": "ops@example.com, gone@example.com"})
+            partial = await post(rest, {"to": "ops@example.com", "also": "gone@example.com"})
             await wait_for(lambda: _count(rt, 3), what="three dead letters")
             busy = await post(rest, {"to": "busy@example.com"})
             await wait_for(lambda: handler.rcpts_seen.count("busy@example.com") >= 3, what="a 450 to be retried")
@@ -120,7 +124,7 @@ async def test_header_injection_through_a_template_is_refused(tmp_path: Path) ->
             env_id = await post(rest, {**ALERT, "title": "hot\r\nBcc: victim@attacker.test"})
             await wait_for(rt.spool.dead_letters, what="the dead letter")
             dead = await rt.spool.dead_letters()
-    assert [(d.envelope_id, d.reason) for d in dead] == [(env_id, "permanent")]
+    assert [(d.envelope_id, d.reason) for d in dead] == [(env_id, "template")]  # refused as rendered
     assert "header injection refused" in dead[0].last_error
     assert relay.handler.messages == [] and relay.handler.ehlo_count == 0  # never even connected
 
