@@ -521,11 +521,10 @@ def _field_errors(detail: Mapping[str, Any]) -> list[str]:
     if not isinstance(errors, list):
         return []
     out = []
-    for e in errors[:20]:
-        if isinstance(e, dict):
-            e = f"{e.get('path') or '/'}: {e.get('message', '')}"
-        if isinstance(e, str):
-            out.append(e[:300])
+    for error in errors[:20]:
+        text = f"{error.get('path') or '/'}: {error.get('message', '')}" if isinstance(error, dict) else error
+        if isinstance(text, str):
+            out.append(text[:300])
     return out
 
 
