@@ -8,6 +8,7 @@
     gateway token hash            (reads a token on stdin, prints its sha256 for gateway.admin.tokens)
 
 Exit codes: 0 success, 1 failure (invalid config, failed route tests), 2 usage error.
+An invalid config prints one ``file:line: path: message`` line per problem on stderr.
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ import sys
 import time
 from typing import Any
 
-import yaml
-
 from gateway.config.loader import LoadedConfig, load_config
-from gateway.config.yamlsrc import ConfigError
+from gateway.config.yamlsrc import ConfigError, load_data
 from gateway.registry import Registry
 
 
@@ -36,7 +35,7 @@ def _print_issues(exc: ConfigError, as_json: bool) -> None:
         print(json.dumps({"valid": False, "errors": [i.as_dict() for i in exc.issues]}, indent=2))
     else:
         for issue in exc.issues:
-            print(f"error: {issue}", file=sys.stderr)
+            print(issue, file=sys.stderr)
         print(f"{len(exc.issues)} problem(s) found", file=sys.stderr)
 
 
@@ -83,7 +82,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def _load_yaml_file(path: str) -> Any:
     with open(path, encoding="utf-8") as fh:
-        return yaml.safe_load(fh)
+        return load_data(fh.read(), path)
 
 
 def cmd_routes_test(args: argparse.Namespace) -> int:
@@ -100,7 +99,7 @@ def cmd_routes_test(args: argparse.Namespace) -> int:
             print(json.dumps(dry_run(cfg, env), indent=2, ensure_ascii=False))
             return 0
         results = run_tests(cfg, _load_yaml_file(args.tests))
-    except (OSError, yaml.YAMLError, SampleError) as exc:
+    except (OSError, UnicodeDecodeError, ConfigError, SampleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     failed = 0

@@ -2,38 +2,56 @@
 
 Every write goes through :meth:`~gateway.reload.Reloader.save_and_apply`: an edit carries
 ``If-Match: "<version>"`` and an edit of a stale version answers ``409``. An invalid config
-answers ``422`` with every problem and its line; the running routes stay.
+answers ``422`` with every problem and its line; the running routes stay. Both refusals are
+logged with who, what and why (``config.refused``, ``config.invalid``).
+
+A config in a request is at most ``gateway.admin.max_config_bytes`` (``413`` past it). Its
+parsing and validation, diffs, round-trip merges, dry runs and the JSON rendering of a whole
+document run in the reloader's config worker, never on the event loop; when the worker's queue
+is full the request is answered ``503`` + ``Retry-After`` (the admin API's own concurrency: no
+other protocol is touched).
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import yaml
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from gateway.admin.auth import Principal
-from gateway.admin.body import MAX_CONFIG_BYTES, read_body, read_json
+from gateway.admin.body import parse_json, read_body
 from gateway.config.loader import LoadedConfig, load_config_text
-from gateway.config.yamlsrc import ConfigError
+from gateway.config.yamlsrc import ConfigError, decode, load_data
 from gateway.history import unified_diff
 from gateway.logs import event
 from gateway.reload import ReloadFailed, ReloadRefused, merge_document, version_of
+from gateway.reload.worker import ConfigWorker, WorkerBusy
 
 if TYPE_CHECKING:
     from gateway.runtime import Runtime
 
 _log = logging.getLogger("gateway.admin")
 
+T = TypeVar("T")
+
+#: Dry-run samples and route test cases one request may hold.
+MAX_SAMPLES = 100
+MAX_TESTS = 1000
+
 
 def config_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> None:
     """``/api/config``, ``/api/routes`` (and its validate, test), ``/api/reload``, ``/api/history``, ``/api/schema``."""
     reloader = runtime.reloader
+    worker = reloader.worker
+
+    async def config_body(request: Request) -> bytes:
+        return await read_body(request, runtime.config.model.gateway.admin.max_config_bytes)
 
     @app.get("/api/config")
     async def config(response: Response, _: Principal = Depends(auth)) -> dict[str, Any]:  # noqa: B008
@@ -49,71 +67,42 @@ def config_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> None:
         etag = {"ETag": f'"{cfg.version}"'}
         if "yaml" in request.headers.get("accept", "") or request.query_params.get("format") == "yaml":
             return PlainTextResponse(cfg.source.text, media_type="application/yaml", headers=etag)
-        return JSONResponse({
-            "version": cfg.version,
-            "routes": [
-                {"name": r.name, "from": r.sources, "subjects": r.subjects, "when": r.config.match.when,
-                 "mode": r.mode, "targets": [t.connector for t in r.targets], "reply": r.wants_reply}
-                for r in cfg.router.routes
-            ],
-            # The file as written (before ${VAR} substitution, so no secret value appears).
-            "document": json.loads(json.dumps(yaml.safe_load(cfg.source.text) or {}, default=str)),
-        }, headers=etag)
+        body = await _work(worker, functools.partial(_routes_json, cfg))
+        return Response(body, media_type="application/json", headers=etag)
 
     @app.put("/api/routes")
     async def put_routes(request: Request, p: Principal = Depends(editor)) -> JSONResponse:  # noqa: B008
         base = _if_match(request)
-        text = await _config_text(request, runtime.config.source.text)
+        raw = await config_body(request)
+        job = functools.partial(_candidate_text, raw, request.headers.get("content-type", ""),
+                                runtime.config.source.text, runtime.config_path or "routes.yaml")
+        try:
+            text = await worker.run(job)
+        except WorkerBusy as exc:
+            reloader.record_refused(str(exc), by=p.name, base=base, status=503)
+            raise _busy(exc) from None
+        except ConfigError as exc:
+            reloader.record_invalid(exc, p.name)
+            return _invalid(exc)
         return await _save(text, base, p, "")
 
     @app.post("/api/routes/validate")
-    async def validate(request: Request, _: Principal = Depends(auth)) -> dict[str, Any]:  # noqa: B008
-        text = await _config_text(request, runtime.config.source.text)
-        running = runtime.config
-        out: dict[str, Any] = {"version": version_of(text), "running": running.version,
-                               "diff": unified_diff(running.source.text, text, f"running ({running.version})",
-                                                    "candidate")}
-        try:
-            cfg = await _candidate(runtime, text)
-        except ConfigError as exc:
-            return {**out, "valid": False, "errors": [i.as_dict() for i in exc.issues]}
-        return {**out, "valid": True, "errors": [], "routes": len(cfg.router), "connectors": sorted(cfg.connectors)}
+    async def validate(request: Request, _: Principal = Depends(auth)) -> JSONResponse:  # noqa: B008
+        raw = await config_body(request)
+        job = functools.partial(_validate, runtime, runtime.config, raw, request.headers.get("content-type", ""))
+        return await _work(worker, job)
 
     @app.post("/api/routes/test")
     async def test_routes(request: Request, _: Principal = Depends(auth)) -> JSONResponse:  # noqa: B008
-        from gateway.dryrun import SampleError, dry_run, run_tests, sample_envelope
-
-        body = await read_json(request, MAX_CONFIG_BYTES)
-        text = body.get("config")
-        if text is not None and not isinstance(text, str):
-            raise HTTPException(422, "config is the candidate routes.yaml as a string")
-        try:
-            cfg = runtime.config if text is None else await _candidate(runtime, text)
-        except ConfigError as exc:
-            return JSONResponse({"detail": "the candidate config is invalid",
-                                 "errors": [i.as_dict() for i in exc.issues]}, status_code=422)
-        try:
-            if "tests" in body:
-                cases = run_tests(cfg, {"tests": _yaml_or_value(body["tests"])})
-                return JSONResponse({"version": cfg.version, "tests": [
-                    {"name": c.name, "ok": c.ok, "failures": c.failures, "result": c.result} for c in cases]})
-            messages = body.get("messages", [body["message"]] if "message" in body else None)
-            if not isinstance(messages, list) or not messages:
-                raise SampleError("give message (one sample), messages (a list) or tests")
-            results = []
-            for i, raw in enumerate(messages[:100]):
-                try:
-                    results.append(dry_run(cfg, sample_envelope(_yaml_or_value(raw), cfg)))
-                except SampleError as exc:
-                    raise SampleError(f"messages[{i}]: {exc}") from None
-        except SampleError as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=422)
-        return JSONResponse({"version": cfg.version, "sent": False, "results": results})
+        raw = await config_body(request)
+        return await _work(worker, functools.partial(_test_routes, runtime, runtime.config, raw))
 
     @app.post("/api/reload")
     async def reload_file(p: Principal = Depends(editor)) -> JSONResponse:  # noqa: B008
         try:
-            result = await reloader.from_file(by=p.name)
+            result = await reloader.from_file(by=p.name, wait=False)
+        except WorkerBusy as exc:
+            raise _busy(exc) from None
         except ConfigError as exc:
             return _invalid(exc)
         except ReloadRefused as exc:
@@ -132,8 +121,9 @@ def config_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> None:
         from_: str = Query(..., alias="from"), to: str | None = None,
     ) -> dict[str, Any]:
         to = to or runtime.config.version
-        return {"from": from_, "to": to,
-                "diff": unified_diff(_history_text(runtime, from_), _history_text(runtime, to), from_, to)}
+        old, new = _history_text(runtime, from_), _history_text(runtime, to)
+        diff = await _work(worker, functools.partial(unified_diff, old, new, from_, to))
+        return {"from": from_, "to": to, "diff": diff}
 
     @app.get("/api/history/{version}", response_model=None)
     async def history_version(version: str, request: Request, _: Principal = Depends(auth)) -> Any:  # noqa: B008
@@ -163,6 +153,9 @@ def config_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> None:
     async def _save(text: str, base: str, p: Principal, note: str) -> JSONResponse:
         try:
             result = await reloader.save_and_apply(text, base=base, by=p.name, note=note)
+        except WorkerBusy as exc:
+            reloader.record_refused(str(exc), by=p.name, base=base, status=503, version=version_of(text))
+            raise _busy(exc) from None
         except ConfigError as exc:
             return _invalid(exc)
         except ReloadRefused as exc:
@@ -178,6 +171,18 @@ def _invalid(exc: ConfigError) -> JSONResponse:
                          "errors": [i.as_dict() for i in exc.issues]}, status_code=422)
 
 
+def _busy(exc: WorkerBusy) -> HTTPException:
+    return HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
+
+
+async def _work(worker: ConfigWorker, job: Callable[[], T]) -> T:
+    """``job()`` in the config worker; 503 + Retry-After when its queue is full."""
+    try:
+        return await worker.run(job)
+    except WorkerBusy as exc:
+        raise _busy(exc) from None
+
+
 def _if_match(request: Request) -> str:
     raw = request.headers.get("if-match", "").strip()
     if not raw:
@@ -186,10 +191,73 @@ def _if_match(request: Request) -> str:
     return raw.removeprefix("W/").strip('"')
 
 
-async def _candidate(runtime: Runtime, text: str) -> LoadedConfig:
+# --- jobs of the config worker (run in its thread, never on the event loop) ----------------------
+
+
+def _routes_json(cfg: LoadedConfig) -> bytes:
+    return json.dumps({
+        "version": cfg.version,
+        "routes": [
+            {"name": r.name, "from": r.sources, "subjects": r.subjects, "when": r.config.match.when,
+             "mode": r.mode, "targets": [t.connector for t in r.targets], "reply": r.wants_reply}
+            for r in cfg.router.routes
+        ],
+        # The file as written (before ${VAR} substitution, so no secret value appears).
+        "document": load_data(cfg.source.text, cfg.source.file) or {},
+    }, default=str).encode("utf-8")
+
+
+def _validate(runtime: Runtime, running: LoadedConfig, raw: bytes, content_type: str) -> JSONResponse:
+    out: dict[str, Any] = {"version": "", "running": running.version, "diff": ""}
+    try:
+        text = _candidate_text(raw, content_type, running.source.text, runtime.config_path or "routes.yaml")
+        out["version"] = version_of(text)
+        out["diff"] = unified_diff(running.source.text, text, f"running ({running.version})", "candidate")
+        cfg = _candidate(runtime, text)
+    except ConfigError as exc:
+        return JSONResponse({**out, "valid": False, "errors": [i.as_dict() for i in exc.issues]})
+    return JSONResponse({**out, "valid": True, "errors": [], "routes": len(cfg.router),
+                         "connectors": sorted(cfg.connectors)})
+
+
+def _test_routes(runtime: Runtime, running: LoadedConfig, raw: bytes) -> JSONResponse:
+    from gateway.dryrun import SampleError, dry_run, run_tests, sample_envelope
+
+    body = parse_json(raw)
+    text = body.get("config")
+    if text is not None and not isinstance(text, str):
+        raise HTTPException(422, "config is the candidate routes.yaml as a string")
+    try:
+        cfg = running if text is None else _candidate(runtime, text)
+    except ConfigError as exc:
+        return JSONResponse({"detail": "the candidate config is invalid",
+                             "errors": [i.as_dict() for i in exc.issues]}, status_code=422)
+    try:
+        if "tests" in body:
+            tests = _yaml_or_value(body["tests"])
+            if isinstance(tests, list) and len(tests) > MAX_TESTS:
+                raise SampleError(f"at most {MAX_TESTS} tests in one request")
+            cases = run_tests(cfg, {"tests": tests})
+            return JSONResponse({"version": cfg.version, "tests": [
+                {"name": c.name, "ok": c.ok, "failures": c.failures, "result": c.result} for c in cases]})
+        messages = body.get("messages", [body["message"]] if "message" in body else None)
+        if not isinstance(messages, list) or not messages:
+            raise SampleError("give message (one sample), messages (a list) or tests")
+        results = []
+        for i, sample in enumerate(messages[:MAX_SAMPLES]):
+            try:
+                results.append(dry_run(cfg, sample_envelope(_yaml_or_value(sample), cfg)))
+            except SampleError as exc:
+                raise SampleError(f"messages[{i}]: {exc}") from None
+    except SampleError as exc:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+    return JSONResponse({"version": cfg.version, "sent": False, "results": results})
+
+
+def _candidate(runtime: Runtime, text: str) -> LoadedConfig:
     path = runtime.config_path or "routes.yaml"
-    return await asyncio.to_thread(load_config_text, text, file=path,
-                                   base_dir=os.path.dirname(os.path.abspath(path)), registry=runtime.registry)
+    return load_config_text(text, file=path, base_dir=os.path.dirname(os.path.abspath(path)),
+                            registry=runtime.registry)
 
 
 def _history_text(runtime: Runtime, version: str) -> str:
@@ -201,22 +269,14 @@ def _history_text(runtime: Runtime, version: str) -> str:
     return text
 
 
-async def _config_text(request: Request, current: str) -> str:
+def _candidate_text(raw: bytes, content_type: str, current: str, file: str) -> str:
     """The candidate routes.yaml of a request: YAML text, {"yaml": text}, or JSON top-level keys
-    to merge into the current file (round-trip: comments and layout stay)."""
-    raw = await read_body(request, MAX_CONFIG_BYTES)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise HTTPException(400, "the config must be UTF-8") from None
-    if "json" not in request.headers.get("content-type", ""):
+    to merge into the current file (round-trip: comments and layout stay). ConfigError for text
+    that is not UTF-8 (with its line)."""
+    text = decode(raw, file)
+    if "json" not in content_type:
         return text
-    try:
-        body = json.loads(text or "{}")
-    except ValueError:
-        raise HTTPException(400, "body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise HTTPException(422, "body must be a JSON object")
+    body = parse_json(raw)
     if isinstance(body.get("yaml"), str):
         return str(body["yaml"])
     unknown = set(body) - {"gateway", "connectors", "routes"}
@@ -232,11 +292,9 @@ def _yaml_or_value(raw: Any) -> Any:
     """A sample pasted as YAML/JSON text, or already structured."""
     if isinstance(raw, str):
         try:
-            return yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
+            return load_data(raw)
+        except ConfigError as exc:
             from gateway.dryrun import SampleError
 
             raise SampleError(f"the sample is not valid YAML/JSON: {exc}") from None
     return raw
-
-

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from gateway.config.models import FileModel
+from gateway.config.models import FileModel, RouteConfig
 from gateway.config.yamlsrc import ConfigError, Issue, Source, load_file, load_text
 from gateway.contract import Connector, ConnectorConfig
 from gateway.registry import Registry, UnknownKind
@@ -34,12 +34,24 @@ def validate_source(src: Source, registry: Registry, base_dir: str) -> LoadedCon
     issues: list[Issue] = []
     if not isinstance(src.data, dict):
         raise ConfigError([src.issue((), "the top level must be a mapping with 'connectors' and 'routes'")])
+    # Routes are validated one by one: pydantic holds the GIL for a whole call, so one call over
+    # 10,000 routes would stop the event loop for a quarter second even from a worker thread.
+    raw_routes = src.data.get("routes")
     try:
-        model = FileModel.model_validate(src.data)
+        model = FileModel.model_validate({**src.data, "routes": []} if isinstance(raw_routes, list) else src.data)
     except ValidationError as exc:
         issues.extend(pydantic_issues(src, exc))
         # Validate what we can of the rest so one run reports as much as possible.
         model = FileModel.model_construct(connectors=_connector_dicts(src.data), routes=[])
+    if isinstance(raw_routes, list):
+        routes = []
+        for i, raw in enumerate(raw_routes):
+            try:
+                routes.append(RouteConfig.model_validate(raw))
+            except ValidationError as exc:
+                issues.extend(pydantic_issues(src, exc, ("routes", i)))
+        if not issues:  # otherwise routes stay empty, as for any schema error: no cross-checks on half a model
+            model = model.model_copy(update={"routes": routes})
     connectors: dict[str, ConnectorConfig] = {}
     kinds: dict[str, type[Connector]] = {}
     for name, raw in model.connectors.items():

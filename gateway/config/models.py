@@ -134,6 +134,8 @@ class AdminSettings(Strict):
     listen: str = "127.0.0.1:8081"
     #: Bearer tokens for /api; /metrics, /healthz and /readyz stay open for probes and scrapers.
     tokens: list[AdminToken] = Field(default_factory=list)
+    #: Largest routes.yaml the config API takes (PUT /api/routes, validate, test): 413 past it.
+    max_config_bytes: ByteSize = Field(default=4 * 1024 * 1024, ge=64 * 1024)
     #: Signs session tokens (HMAC-SHA256), by reference; replicas behind one admin Service need the
     #: same key. Unset: each process signs with a random key of its own, so a session holds only on
     #: the replica that made it, until that replica restarts.

@@ -21,8 +21,9 @@ which applies one change at a time under a lock:
 
 The package: :mod:`~gateway.reload.plan` (what a change does to the connectors, pure),
 :mod:`~gateway.reload.reloader` (the apply), :mod:`~gateway.reload.mounts` (shared HTTP paths
-across a restart), :mod:`~gateway.reload.watch` (the file on disk) and
-:mod:`~gateway.reload.merge` (round-trip edits of routes.yaml).
+across a restart), :mod:`~gateway.reload.watch` (the file on disk),
+:mod:`~gateway.reload.merge` (round-trip edits of routes.yaml) and
+:mod:`~gateway.reload.worker` (the thread that parses and validates candidates, off the event loop).
 """
 
 from gateway.reload.merge import merge_document

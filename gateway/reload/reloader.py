@@ -3,12 +3,19 @@
 It opens what the new config adds, drains what it replaces or removes, swaps the routing state
 in one assignment, and records the outcome (:class:`Status`, the history, metrics and log
 events). Its errors: :class:`ReloadRefused` (the change cannot be applied now) and
-:class:`ReloadFailed` (applying it failed part-way).
+:class:`ReloadFailed` (applying it failed part-way); :class:`~gateway.reload.worker.WorkerBusy`
+when the admin API asks while the config worker, which parses and validates every candidate
+off the event loop, is full.
+
+Every edit it refuses (a stale base, changes on disk that are not live, an invalid config, a
+file it cannot write) is logged with who asked, what (the candidate's version) and why, as
+``config.refused`` or ``config.invalid``, as those it applies are logged as ``config.applied``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -24,6 +31,7 @@ from gateway.history import History, atomic_write
 from gateway.logs import event
 from gateway.reload.mounts import Mounts
 from gateway.reload.plan import Plan, inbound_names, plan_reload
+from gateway.reload.worker import ConfigWorker
 
 if TYPE_CHECKING:
     from gateway.runtime import ConnectorSlot, Runtime
@@ -70,6 +78,7 @@ class Reloader:
         self.rt = runtime
         self.log = logging.getLogger("gateway.reload")
         self.lock = asyncio.Lock()
+        self.worker = ConfigWorker()
         self.mounts = Mounts(runtime.http)
         state_dir = runtime.config.model.gateway.state_dir
         self.history = History(history_dir if history_dir is not None else os.path.join(state_dir, ".history"),
@@ -87,14 +96,15 @@ class Reloader:
         if latest is None or latest.version != cfg.version:
             await asyncio.to_thread(self.history.record, cfg.version, cfg.source.text, "startup")
 
-    async def from_file(self, by: str = "file") -> dict[str, Any]:
-        """Re-read the config file and apply it if it changed. Raises ConfigError when invalid."""
+    async def from_file(self, by: str = "file", *, wait: bool = True) -> dict[str, Any]:
+        """Re-read the config file and apply it if it changed. Raises ConfigError when invalid;
+        with ``wait=False`` (the admin API), WorkerBusy when the config worker is full."""
         path = self._path()
         async with self.lock:
             try:
-                new = await asyncio.to_thread(load_config, path, self.rt.registry)
+                new = await self.worker.run(functools.partial(load_config, path, self.rt.registry), wait=wait)
             except ConfigError as exc:
-                self._invalid(exc, by)
+                self.record_invalid(exc, by)
                 raise
             self.seen_on_disk = new.version
             return await self._apply(new, by)
@@ -113,22 +123,27 @@ class Reloader:
         path = self._path()
         async with self.lock:
             running = self.rt.config.version
+            candidate = version_of(text)
             if base != running:
-                raise ReloadRefused(f"this edit is based on version {base}, but version {running} is running now; "
-                                    "reload it and edit again", current=running)
+                raise self._refused(ReloadRefused(
+                    f"this edit is based on version {base}, but version {running} is running now; "
+                    "reload it and edit again", current=running), by, candidate, base)
             try:
                 on_disk = await asyncio.to_thread(_read, path)
             except OSError as exc:
-                raise ReloadRefused(f"cannot read {path}: {exc.strerror}", status=503) from None
+                raise self._refused(ReloadRefused(f"cannot read {path}: {exc.strerror}", status=503),
+                                    by, candidate, base) from None
             if version_of(on_disk) != running:
-                raise ReloadRefused(f"{os.path.basename(path)} on disk has changes that are not live "
-                                    f"(version {version_of(on_disk)}); apply or discard them first", current=running)
+                raise self._refused(ReloadRefused(
+                    f"{os.path.basename(path)} on disk has changes that are not live "
+                    f"(version {version_of(on_disk)}); apply or discard them first", current=running),
+                    by, candidate, base)
             try:
-                new = await asyncio.to_thread(load_config_text, text, file=path,
-                                              base_dir=os.path.dirname(os.path.abspath(path)),
-                                              registry=self.rt.registry)
+                new = await self.worker.run(functools.partial(
+                    load_config_text, text, file=path, base_dir=os.path.dirname(os.path.abspath(path)),
+                    registry=self.rt.registry))
             except ConfigError as exc:
-                self._invalid(exc, by)
+                self.record_invalid(exc, by, candidate)
                 raise
             if new.version == running:
                 return self._unchanged(new, by)
@@ -137,8 +152,9 @@ class Reloader:
             except OSError as exc:
                 self.status = Status("refused", new.version, by=by,
                                      errors=[{"message": f"cannot write: {exc.strerror}"}])
-                raise ReloadRefused(f"cannot write {path}: {exc.strerror or exc} (is it a read-only ConfigMap? "
-                                    "change it at its source)", status=409, current=running) from None
+                raise self._refused(ReloadRefused(
+                    f"cannot write {path}: {exc.strerror or exc} (is it a read-only ConfigMap? "
+                    "change it at its source)", status=409, current=running), by, candidate, base) from None
             self.seen_on_disk = new.version
             return await self._apply(new, by, note)
 
@@ -263,16 +279,31 @@ class Reloader:
         event(self.log, "config.unchanged", by=by, version=new.version)
         return {"outcome": "unchanged", "version": new.version, "by": by}
 
-    def _invalid(self, exc: ConfigError, by: str) -> None:
+    def record_invalid(self, exc: ConfigError, by: str, version: str = "") -> None:
+        """Count and log a config refused as invalid, with its issues (the running one stays)."""
         self.rt.metrics.reloads.labels("invalid").inc()
         self.status = Status("invalid", self.rt.config.version, by=by, errors=[i.as_dict() for i in exc.issues])
-        event(self.log, "config.invalid", logging.ERROR, by=by, running=self.rt.config.version,
-              errors=len(exc.issues), first=str(exc.issues[0]) if exc.issues else "")
+        event(self.log, "config.invalid", logging.ERROR, by=by, version=version, running=self.rt.config.version,
+              errors=len(exc.issues), first=str(exc.issues[0]) if exc.issues else "",
+              issues=[str(i) for i in exc.issues[:_LOGGED_ISSUES]])
+
+    def record_refused(self, reason: str, *, by: str, base: str, status: int, version: str = "") -> None:
+        """Log an edit refused before it was validated: who, what (candidate and base versions), why."""
+        event(self.log, "config.refused", logging.WARNING, by=by, version=version, base=base,
+              running=self.rt.config.version, status=status, reason=reason)
+
+    def _refused(self, exc: ReloadRefused, by: str, version: str, base: str) -> ReloadRefused:
+        self.record_refused(str(exc), by=by, base=base, status=exc.status, version=version)
+        return exc
 
     def _path(self) -> str:
         if not self.rt.config_path:
             raise ReloadRefused("this gateway was started without a config file", status=409)
         return self.rt.config_path
+
+
+#: Issues a ``config.invalid`` log line lists (the API and ``gateway validate`` give them all).
+_LOGGED_ISSUES = 20
 
 
 def _read(path: str) -> str:

@@ -1,9 +1,15 @@
-"""Watching the config file: reload when its contents change on disk, however they change."""
+"""Watching the config file: reload when its contents change on disk, however they change.
+
+The file is read and hashed in a thread and parsed and validated in the reloader's config
+worker, so however large or hostile the new contents, the event loop only waits. An invalid
+file is logged once (``config.invalid``, with its issues) and the running config stays.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -47,6 +53,16 @@ async def watch(reloader: Reloader, path: str, *, debounce_ms: int = 300, poll_s
                 await check_file(reloader, path)
 
 
+def _version_on_disk(path: str) -> str:
+    """The file's version; a file that is not UTF-8 gets one of its bytes, so it is acted on (and
+    reported invalid) once like any other change."""
+    try:
+        return version_of(_read(path))
+    except UnicodeDecodeError:
+        with open(path, "rb") as fh:
+            return "bytes-" + hashlib.sha256(fh.read()).hexdigest()[:12]
+
+
 def _concerns(path: str) -> Callable[[Any, str], bool]:
     """Which changes in the watched directories can be the config's: its own name, its symlink
     target's, and Kubernetes' ``..data`` / ``..<timestamp>`` entries. Anything else there (a spool
@@ -71,10 +87,9 @@ def _watched_directories(path: str) -> tuple[str, ...]:
 async def check_file(reloader: Reloader, path: str) -> dict[str, Any] | None:
     """Reload if the file's content differs from what was last acted on."""
     try:
-        text = await asyncio.to_thread(_read, path)
-    except (OSError, UnicodeDecodeError):
+        version = await asyncio.to_thread(_version_on_disk, path)
+    except OSError:
         return None  # mid-swap or removed: the next event or poll looks again
-    version = version_of(text)
     if version == reloader.seen_on_disk:
         return None
     reloader.seen_on_disk = version  # acted on once: a bad save is reported once, not every poll

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from itertools import islice
 from typing import Any
@@ -74,9 +73,6 @@ def is_template(text: str) -> bool:
     return "{{" in text or "{%" in text
 
 
-_compiled: weakref.WeakKeyDictionary[BoundedEnvironment, dict[str, Any]] = weakref.WeakKeyDictionary()
-
-
 class Template:
     """A compiled template; ``render(scope)`` raises :class:`TemplateError`.
 
@@ -89,7 +85,9 @@ class Template:
     def __init__(self, env: BoundedEnvironment, source: str, *, name: str | None = None):
         self.source = source
         self._limits = env.limits
-        cache = _compiled.setdefault(env, {})
+        # The cache lives on the environment: a compiled template refers to its environment, so a
+        # cache keyed by it elsewhere (even weakly) would keep every config's templates alive.
+        cache: dict[str, Any] = env.__dict__.setdefault("_gateway_compiled", {})
         key = f"file:{name}" if name is not None else source
         cached = cache.get(key)
         if cached is not None:

@@ -234,7 +234,7 @@ async def test_invalid_config_is_refused_with_lines_and_counted(gw: Any) -> None
     cfg = (await client.get("/api/config", headers=bearer(VIEWER))).json()
     assert cfg["last_reload"]["outcome"] == "invalid" and cfg["last_reload"]["by"] == "alice"
     r = await put_yaml(client, "routes: [unclosed\n", etag)
-    assert r.status_code == 422 and r.json()["errors"][0]["line"] == 2
+    assert r.status_code == 422 and r.json()["errors"][0]["line"] == 1  # the line of the unclosed '['
 
 
 async def test_json_put_merges_round_trip_keeping_comments(gw: Any) -> None:
@@ -264,7 +264,7 @@ async def test_validate_returns_errors_and_a_diff(gw: Any) -> None:
     assert "-    from: api\n+    from: apii\n" in body["diff"]
     r = await client.post("/api/routes/validate", json={"yaml": text}, headers=bearer(VIEWER))
     assert r.json()["valid"] is True and r.json()["diff"] == "" and r.json()["version"] == rt.config.version
-    big = "#" * (1024 * 1024 + 1)
+    big = "#" * (rt.config.model.gateway.admin.max_config_bytes + 1)
     r = await client.post("/api/routes/validate", content=big, headers={**bearer(VIEWER), "Content-Type": "text/plain"})
     assert r.status_code == 413
 

@@ -45,7 +45,7 @@ def test_env_interpolation_reads_the_environment() -> None:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("bad_yaml.yaml", ["3: : YAML syntax error: "]),
+        ("bad_yaml.yaml", ["2: : YAML syntax error: "]),
         ("bad_unknown_key.yaml", ["5: routes[0].to: required key is missing",
                                   "7: routes[0].too: unknown key 'too' (did you mean 'to'?)"]),
         ("bad_unknown_connector.yaml",
