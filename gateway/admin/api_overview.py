@@ -1,4 +1,10 @@
-"""The editor's dashboard: ``/api/overview`` (routes and connectors with health and counters) and ``/api/live``."""
+"""The editor's dashboard: ``/api/overview`` (routes and connectors with health and counters) and ``/api/live``.
+
+Counters are totals since the process started (the page derives rates from two polls). Each
+route has its decisions by outcome (``matched``, ``suppressed``, ``digested``, ``dropped``,
+``rejected``, ``dead_lettered``) and, per target connector, what was ``delivered`` and how many
+attempts ``failed``: the edges of the flow picture.
+"""
 
 from __future__ import annotations
 
@@ -42,6 +48,10 @@ def _samples(metric: Any) -> list[tuple[dict[str, str], float]]:
     return out
 
 
+def _edge(edges: dict[str, dict[str, dict[str, float]]], labels: dict[str, str]) -> dict[str, float]:
+    return edges[labels["route"]].setdefault(labels["connector"], {"delivered": 0.0, "failed": 0.0})
+
+
 def _overview(runtime: Runtime) -> dict[str, Any]:
     m = runtime.metrics
     routed: dict[str, dict[str, float]] = collections.defaultdict(dict)
@@ -49,12 +59,15 @@ def _overview(runtime: Runtime) -> dict[str, Any]:
         routed[labels["route"]][labels["outcome"]] = value
     delivered: dict[str, float] = collections.defaultdict(float)
     sent: dict[str, float] = collections.defaultdict(float)
+    edges: dict[str, dict[str, dict[str, float]]] = collections.defaultdict(dict)
     for labels, value in _samples(m.delivered):
         delivered[labels["route"]] += value
         sent[labels["connector"]] += value
+        _edge(edges, labels)["delivered"] += value
     failed: dict[str, float] = collections.defaultdict(float)
     for labels, value in _samples(m.failures):
         failed[labels["route"]] += value
+        _edge(edges, labels)["failed"] += value
     received = {labels["connector"]: value for labels, value in _samples(m.received)}
     routes = []
     for r in runtime.config.router.routes:
@@ -62,7 +75,8 @@ def _overview(runtime: Runtime) -> dict[str, Any]:
         routes.append({"name": r.name, "from": r.sources, "subjects": r.subjects, "mode": r.mode,
                        "targets": [t.connector for t in r.targets],
                        "matched": counts.get("matched", 0), "dead_lettered": counts.get("dead_lettered", 0),
-                       "delivered": delivered.get(r.name, 0), "failed": failed.get(r.name, 0)})
+                       "delivered": delivered.get(r.name, 0), "failed": failed.get(r.name, 0),
+                       "outcomes": counts, "targets_sent": edges.get(r.name, {})})
     connectors = {}
     for name, slot in runtime.slots.items():
         h = slot.health()

@@ -5,31 +5,24 @@ apply, see the live counter move, roll back. Screenshots go to test-output/edito
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.e2e.browser import until
 from tests.gwtest import free_port
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "test-output" / "editor"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-INSTALL = "apt-get install -y --no-install-recommends chromium chromium-driver; .venv/bin/pip install selenium"
 TOKEN = "e2e-editor-token-0123456789"
-FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-default-apps", "--window-size=1280,1000"]
 
 
 def config(tmp_path: Path, api: int, admin: int) -> str:
@@ -89,44 +82,6 @@ def gateway(tmp_path: Path) -> Iterator[tuple[str, int, Path]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    for binary in (CHROMIUM, CHROMEDRIVER):
-        if not os.path.exists(binary):
-            pytest.fail(f"{binary} is missing: {INSTALL}")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail(f"selenium is missing: {INSTALL}")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="chromium-")
-    for flag in [*FLAGS, f"--user-data-dir={profile}"]:
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(20)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-def until(what: str, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
-    end = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < end:
-        try:
-            last = fn()
-            if last:
-                return last
-        except Exception as exc:  # an element not there yet
-            last = exc
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def test_edit_validate_try_apply_watch_and_roll_back(gateway: tuple[str, int, Path], browser: Any) -> None:
