@@ -22,6 +22,11 @@ out, or while the spool has no room; :attr:`Delivery.pressure` feeds readiness.
 Idempotency: a message with ``attributes["idempotency_key"]`` (REST's ``Idempotency-Key``) that
 repeats a key its source used within ``idempotency_window`` gets the first answer again — same
 envelope id, same status — and is not delivered twice. Request/reply answers are not replayed.
+The record is part of the acceptance: a spooled message's is written with its jobs; before a
+direct send an "in progress" record with the envelope id is written durably, and finished with
+the answer afterwards. A retry that finds an in-progress record (the gateway crashed during the
+send, or the send ended in a retry answer) is sent again under the *same* envelope id, so the
+receiver can deduplicate it; this process's own attempts with one key never overlap.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.contract import Connector, Outcome, PermanentError, Reply, Status, TransientError
@@ -46,6 +51,9 @@ from gateway.routing.router import CompiledRoute, MessageScope, Planned
 from gateway.routing.templates import TemplateError
 
 __all__ = ["Delivery", "DeliveryMetrics", "DeliveryOptions", "RoutingState"]
+
+#: The status of an idempotency record whose direct send has started and not been answered.
+IN_PROGRESS = "in_progress"
 
 
 @dataclass
@@ -155,6 +163,12 @@ class Delivery:
                 return self._refuse(env, "spool_error", "cannot check the idempotency key now", error=str(exc))
             if record is None:
                 return await self._route(env, state, key)
+            if record.status == IN_PROGRESS:
+                # An attempt with this key was sent, or was being sent, when the gateway crashed or
+                # answered retry: whether it arrived is unknown, so send again as the same envelope.
+                event(self.log, "envelope.resent", envelope_id=record.envelope_id, connector=env.source,
+                      duplicate_id=env.id, note="an earlier attempt with this Idempotency-Key has no outcome")
+                return await self._route(replace(env, id=record.envelope_id), state, key)
             try:
                 status = Status(record.status)
             except ValueError:
@@ -247,6 +261,11 @@ class Delivery:
         if direct:
             if self._inflight_direct >= self.options.max_inflight:
                 return self._refuse(env, "inflight", "too many messages in flight", retry_after=1)
+            if key is not None and not wants_reply:
+                # Durably before the send: a retry after a crash mid-send then reuses this envelope id.
+                refused = await self._store(env, [], [], Remembered(env.source, key, env.id, IN_PROGRESS))
+                if refused is not None:
+                    return refused
             before = len(dead)
             outcome = await self._send_direct(env, direct, dead)
             if outcome.status is not Status.ACCEPTED:

@@ -28,6 +28,21 @@ older files are migrated on open, newer ones refused.
 
 After a failed write the spool reports itself unhealthy and probes the disk with a tiny write
 every ``probe_interval`` seconds, so readiness comes back on its own when space returns.
+
+A full disk is survived, not just refused:
+
+* The write-ahead log is bounded. SQLite checkpoints it only past 1,000 pages (4 MiB) and then
+  reuses the file at its largest size; on a small or nearly full disk it would grow into every
+  byte freed. So the log is truncated back (``wal_checkpoint(TRUNCATE)``) whenever it outgrows a
+  share of the free space, when the spool is idle, and by the health probe; and
+  ``journal_size_limit`` caps what an automatic checkpoint leaves behind.
+* A delivered job whose removal cannot be written is never sent again: the outcome is kept in
+  memory (the job stays leased) and the removal is retried until it lands. Only a crash before
+  then sends it again (a duplicate, as after any crash).
+* The free-space guard accounts for what it lets in: every accepted job is charged its expected
+  cost on disk (its log pages now and the removal later) against the last measured free space,
+  and the disk is measured again whenever that estimate nears ``min_free_bytes`` (not only once
+  a second), so a burst cannot spend the last megabyte between two measurements.
 """
 
 from __future__ import annotations
@@ -83,6 +98,16 @@ _PREFETCH = 64
 #: A worker that takes jobs from memory still looks at the file this often (seconds), for jobs
 #: other processes wrote (``gateway dead-letters replay``).
 _RECHECK = 1.0
+#: What one stored job is expected to cost on disk beyond its own bytes, counted twice (written,
+#: then removed): the log pages of its table row, index entry and sequence (4 KiB each).
+_PAGES_PER_JOB_WRITE = 4 * 4096
+#: The write-ahead log is truncated once it is larger than this share of the free space...
+_WAL_SHARE_OF_FREE = 8
+#: ... or than this, whichever is smaller; and after this long without a write.
+_WAL_MAX = 16 * 1024 * 1024
+_IDLE_CHECKPOINT = 2.0
+#: How often a delivered job's removal that could not be written is tried again (seconds).
+_RETRY_UNRECORDED = 0.5
 #: ``?`` is a JSON array of leased job ids the query must skip.
 _UNLEASED = "id NOT IN (SELECT value FROM json_each(?))"
 
@@ -115,10 +140,18 @@ class Spool(SpoolBackend):
         self._book: sqlite3.Connection | None = None
         #: The one thread that uses the connection: reads one by one, writes as group commits.
         self._thread: GroupThread[_Request, Any] = GroupThread(
-            "spool", self._serve, idle=lambda: None if self._healthy else self.probe_interval, on_idle=self._probe)
+            "spool", self._serve, idle=self._idle_after, on_idle=self._on_idle)
         self._stopping = False
         self._free_checked_at = 0.0
-        self._free_ok = True
+        #: Free bytes as last measured, less the expected cost of every job accepted since.
+        self._free_estimate = float("inf")
+        #: Expected cost of jobs accepted but not yet committed (not in a measurement yet).
+        self._unwritten_cost = 0
+        #: Whether the log may hold frames a checkpoint could truncate (spool thread only).
+        self._wal_dirty = False
+        #: Delivered jobs whose removal is not on disk yet, by id: never handed out again.
+        self._unrecorded: dict[int, Job] = {}
+        self._recording: asyncio.Task[None] | None = None
         self._healthy = True
         self._leased: dict[str, set[int]] = {}
         #: Per connector: jobs written and leased, waiting for the worker's next claim.
@@ -167,16 +200,28 @@ class Spool(SpoolBackend):
                     if db.in_transaction:
                         db.execute("ROLLBACK")
                     raise
+            db.execute(f"PRAGMA journal_size_limit={_WAL_MAX}")
             book = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             book.execute("PRAGMA synchronous=NORMAL")
             book.execute("PRAGMA busy_timeout=5000")
+            book.execute(f"PRAGMA journal_size_limit={_WAL_MAX}")
         except BaseException:
             db.close()
             raise
         self._db, self._book = db, book
 
     async def close(self) -> None:
-        """Finish every read and write already asked for, then close the file."""
+        """Finish every read and write already asked for (and try once more to record the
+        delivered jobs whose removal failed), then close the file."""
+        if self._recording is not None:
+            self._recording.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recording
+            self._recording = None
+        if self._unrecorded and not self._stopping:
+            with contextlib.suppress(SpoolError):
+                await self._write(_Delete(*self._unrecorded), fsync=False)
+                self._unrecorded.clear()
         self._stopping = True
         await self._thread.stop()
         for db in (self._db, self._book):
@@ -190,18 +235,28 @@ class Spool(SpoolBackend):
     def healthy(self) -> bool:
         return self._healthy
 
-    def check_space(self) -> None:
-        """Raise :class:`SpoolFull` when the disk is nearly full (checked at most once a second)."""
+    @property
+    def unrecorded(self) -> int:
+        """Delivered jobs whose removal is not written yet (kept in memory, retried)."""
+        return len(self._unrecorded)
+
+    def check_space(self, cost: int = 0) -> None:
+        """Raise :class:`SpoolFull` when ``cost`` more bytes would leave less than
+        ``min_free_bytes`` free. Measured at least once a second, and again whenever the
+        estimate (the last measurement less what was accepted since) nears the minimum."""
         now = time.monotonic()
-        if now - self._free_checked_at > 1.0:
+        if now - self._free_checked_at > 1.0 or self._free_estimate - cost < 2 * self.min_free_bytes:
             self._free_checked_at = now
             try:
                 free = shutil.disk_usage(os.path.dirname(os.path.abspath(self.path))).free
-                self._free_ok = free >= self.min_free_bytes
+                self._free_estimate = free - self._unwritten_cost
             except OSError:
-                self._free_ok = False
-        if not self._free_ok:
+                self._free_estimate = -1
+        if self._free_estimate - cost < self.min_free_bytes:
             raise SpoolFull(f"less than {self.min_free_bytes} bytes free for the spool")
+
+    def _free_share(self) -> float:
+        return self._free_estimate / _WAL_SHARE_OF_FREE
 
     # --- plumbing --------------------------------------------------------------------
 
@@ -252,7 +307,39 @@ class Spool(SpoolBackend):
             self._thread.answer_now({i: answers[i] for i in acked})
         if book:
             self._group(requests, book, answers, fsync=False)
+        if acked or book:
+            self._wal_dirty = True
+            self._bound_wal()
         return answers
+
+    def _bound_wal(self) -> None:
+        """Truncate the write-ahead log when it outgrows its share of the free space (SQLite's
+        own checkpoint waits for 4 MiB of log and then keeps the file at its largest)."""
+        try:
+            size = os.path.getsize(self.path + "-wal")
+        except OSError:
+            return
+        if size > min(_WAL_MAX, self._free_share()):
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Copy the log into the file and truncate it (a no-op for frames a reader still needs)."""
+        try:
+            busy = self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except (sqlite3.Error, SpoolError):
+            return
+        self._wal_dirty = bool(busy)
+
+    def _idle_after(self) -> float | None:
+        if not self._healthy:
+            return self.probe_interval
+        return _IDLE_CHECKPOINT if self._wal_dirty else None
+
+    def _on_idle(self) -> None:
+        if self._healthy:
+            self._checkpoint()
+        else:
+            self._probe()
 
     def _group(self, requests: list[_Request], which: list[int], answers: list[Any], *, fsync: bool) -> None:
         try:
@@ -274,8 +361,11 @@ class Spool(SpoolBackend):
         def op(db: sqlite3.Connection) -> None:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?)", (str(time.time()),))
 
+        # The log may have grown into the space that just came back: give it back first.
+        self._checkpoint()
         self._commit_batch([op], True)
         self._healthy = True
+        self._wal_dirty = True
 
     def _commit_batch(self, ops: Sequence[Callable[[sqlite3.Connection], Any]], fsync: bool = True) -> list[Any]:
         db = self._conn() if fsync else self._bookkeeping()
@@ -374,10 +464,14 @@ class Spool(SpoolBackend):
     ) -> None:
         """As :meth:`SpoolBackend.put`; the jobs also get their ids and times as stored, and may
         be handed to their worker in memory."""
-        self.check_space()
         now = time.time()
         rows = [_job_row(j, now) for j in jobs]
         dl_rows = [_dl_row(j, reason, error, now) for j, reason, error in dead]
+        cost = _cost(rows) + _cost(dl_rows) // 2
+        self.check_space(cost)
+        # Charged before the write: messages arriving meanwhile see the room as already spent.
+        self._free_estimate -= cost
+        self._unwritten_cost += cost
 
         def extras(db: sqlite3.Connection) -> None:
             if dl_rows:
@@ -388,7 +482,10 @@ class Spool(SpoolBackend):
                            (remember.source, remember.key, remember.envelope_id, remember.status,
                             remember.at or now))
 
-        ids: list[int] = await self._write(_Insert(rows, extras if dl_rows or remember else None))
+        try:
+            ids: list[int] = await self._write(_Insert(rows, extras if dl_rows or remember else None))
+        finally:
+            self._unwritten_cost -= cost
         for j, job_id, row in zip(jobs, ids, rows, strict=True):
             j.id, j.created_at, j.next_at = job_id, row[7], row[8]  # as stored
             self._hand_over(j, now)
@@ -446,19 +543,39 @@ class Spool(SpoolBackend):
         return await self._read(q)
 
     async def done(self, job: Job) -> None:
-        assert job.id is not None
-        await self._job_write(job, _Delete(job.id), gone=True)
+        await self.done_many([job])
 
     async def done_many(self, jobs: Sequence[Job]) -> None:
-        """Several delivered jobs removed with one write."""
+        """Several delivered jobs removed with one write. When that write fails the jobs are
+        still done: they stay leased (never sent again by this process) and their removal is
+        retried until it lands; the spool reports itself unhealthy meanwhile."""
+        stored = [j for j in jobs if j.id is not None]
         try:
-            await self._write(_Delete(*(j.id for j in jobs if j.id is not None)), fsync=False)
+            await self._write(_Delete(*(j.id for j in stored if j.id is not None)), fsync=False)
         except SpoolError:
-            for job in jobs:
-                self._unlease(job, failed=True)
-            raise
-        for job in jobs:
+            for job in stored:
+                assert job.id is not None
+                self._unrecorded[job.id] = job
+            if self._recording is None or self._recording.done():
+                self._recording = asyncio.get_running_loop().create_task(self._record_delivered(),
+                                                                         name="spool-record-delivered")
+            return
+        for job in stored:
             self._unlease(job, gone=True)
+
+    async def _record_delivered(self) -> None:
+        """Write the removals of delivered jobs that failed before, until none is left."""
+        while self._unrecorded and not self._stopping:
+            await asyncio.sleep(_RETRY_UNRECORDED)
+            jobs = list(self._unrecorded.values())
+            try:
+                await self._write(_Delete(*(j.id for j in jobs if j.id is not None)), fsync=False)
+            except SpoolError:
+                continue
+            for job in jobs:
+                assert job.id is not None
+                self._unrecorded.pop(job.id, None)
+                self._unlease(job, gone=True)
 
     async def reschedule(self, job: Job, next_at: float, error: str) -> None:
         await self._job_write(job, lambda db: db.execute(
@@ -556,6 +673,15 @@ class Spool(SpoolBackend):
         where, args = _dl_select(ids, flt)
         result: int = await self._write(lambda db: db.execute(f"DELETE FROM dead_letters {where}", args).rowcount)
         return result
+
+
+def _cost(rows: Sequence[tuple[Any, ...]]) -> int:
+    """Expected bytes on disk for storing ``rows`` and later removing them (see ``_PAGES_PER_JOB_WRITE``)."""
+    return sum(2 * (_PAGES_PER_JOB_WRITE + _size(r[3]) + _size(r[4])) for r in rows)
+
+
+def _size(value: Any) -> int:
+    return len(value) if isinstance(value, str | bytes) else 0
 
 
 def make_spool(settings: Any) -> SpoolBackend:
