@@ -3,8 +3,9 @@
 Features
   One connector per WSDL (``wsdl:`` a local file or a configured http(s) URL — never a URL from a
   message; imports only from the same directory / origin; zeep with ``strict``, ``forbid_dtd``,
-  no huge trees). document/literal operations (wrapped or bare, one part); rpc style is refused
-  at load with the operation named. JSON ⇄ XML is typed by the XSD in both directions (see
+  no huge trees). document/literal operations (wrapped or bare, one part); other operations are
+  unsupported, and a WSDL with none left is refused at load naming the feature, binding and
+  operation. JSON ⇄ XML is typed by the XSD in both directions (see
   :mod:`connectors.soap.model`): numbers stay numbers, repeated elements are always lists,
   ``xsi:nil`` is ``null``, decimals are exact.
 

@@ -86,10 +86,10 @@ class SoapCaller:
         except MappingError as exc:
             raise PermanentError(f"the input does not fit {op.name}: {exc}", code=422,
                                  detail={"errors": exc.as_list()}) from None
-        errors = self.contract.validate(elem)
+        errors = self.contract.validate_at(elem, op.input)
         if errors:
-            raise PermanentError(f"the input does not fit {op.name}: {errors[0]}", code=422,
-                                 detail={"errors": [{"path": "", "message": e} for e in errors]})
+            raise PermanentError(f"the input does not fit {op.name}: {errors[0]['path']}: {errors[0]['message']}",
+                                 code=422, detail={"errors": errors})
         return elem
 
     def request(self, op: Operation, payload: Any) -> tuple[bytes, dict[str, str]]:
@@ -149,7 +149,8 @@ class SoapCaller:
             _raise_for_http(label, status)
             raise PermanentError(f"{label}: the reply is not a SOAP envelope ({exc})", code=502) from None
         if soapenv.is_fault(parsed.version, parsed.payload):
-            raise self._fault(op, label, soapenv.read_fault(parsed.version, parsed.payload))
+            raise self._fault(op, label, soapenv.read_fault(parsed.version, parsed.payload),
+                              soapenv.carry_fault(parsed.version, parsed.payload))
         _raise_for_http(label, status)
         if op.output is None:
             return Reply(body=b"", content_type="application/json", status=202)
@@ -174,9 +175,13 @@ class SoapCaller:
                   elements=",".join(ignored[:10]))
         return Reply(body=model.dumps(value), content_type="application/json")
 
-    def _fault(self, op: Operation, label: str, info: soapenv.FaultInfo) -> PermanentError | TransientError:
+    def _fault(self, op: Operation, label: str, info: soapenv.FaultInfo,
+               carried: dict[str, str] | None) -> PermanentError | TransientError:
         detail: dict[str, Any] = {"faultcode": info.code, "faultstring": info.string,
                                   "detail": self.fault_detail(op, info.detail)}
+        if carried is not None:
+            # The fault as the service wrote it, so a SOAP caller of the gateway gets it unchanged.
+            detail[soapenv.CARRIED_FAULT] = carried
         if info.subcodes:
             detail["subcodes"] = info.subcodes
         message = f"SOAP fault from {label}: {info.code}: {info.string}"

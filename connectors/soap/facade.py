@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from decimal import Decimal
 from typing import Any
 
 from connectors.soap import model, safexml
@@ -161,7 +162,7 @@ class RestFacade:
             if failure.retry_after:
                 ids.append((b"retry-after", str(failure.retry_after).encode()))
             up = failure.upstream
-            fault = {k: up[k] for k in ("faultcode", "faultstring", "detail") if k in up} or None
+            fault = _json_numbers({k: up[k] for k in ("faultcode", "faultstring", "detail") if k in up}) or None
             await problem(send, failure.status, _TITLES.get(failure.status, "Error"), failure.message, headers=ids,
                           envelope_id=env.id, fault=fault, errors=up.get("errors"))
 
@@ -174,7 +175,7 @@ class RestFacade:
             elem = model.json_to_xml(value, op.input, RenderOptions(parse_any=safexml.parse_fragment))
         except MappingError as exc:
             return exc.as_list()
-        return [{"path": "", "message": e} for e in self.contract.validate(elem)]
+        return self.contract.validate_at(elem, op.input)
 
     # --- OpenAPI ----------------------------------------------------------------------
 
@@ -193,9 +194,15 @@ class RestFacade:
             if op.output is not None:
                 responses["200"] = {"description": f"The {op.output.local} element as JSON",
                                     "content": {"application/json": {"schema": schemas.for_complex_content(op.output)}}}
+            faulted = self._fault_problem(op, schemas)
             for code, text in _TITLES.items():
-                responses[str(code)] = {"description": text, "content": {
-                    "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+                typed = faulted is not None and code in (422, 502)
+                schema = faulted if typed else {"$ref": "#/components/schemas/Problem"}
+                responses[str(code)] = {"description": text,
+                                        "content": {"application/problem+json": {"schema": schema}}}
+                if typed:
+                    responses[str(code)]["description"] += (" (a SOAP fault of the service: "
+                                                            f"{', '.join(f.local for f in op.faults)})")
             paths[f"/{op.name}"] = {"post": {
                 "operationId": op.name,
                 "summary": f"{self.contract.service}.{op.name}",
@@ -219,6 +226,18 @@ class RestFacade:
             components["securitySchemes"] = {"auth": {"type": "http", "scheme": self.auth.type}}
             doc["security"] = [{"auth": []}]
         return doc
+
+    def _fault_problem(self, op: Operation, schemas: JsonSchemaBuilder) -> dict[str, Any] | None:
+        """The problem schema of ``op`` with its declared faults' detail elements typed (one key per
+        element, as the answer carries them); None when the WSDL declares no fault for it."""
+        if not op.faults:
+            return None
+        detail = {"type": "object", "nullable": True, "additionalProperties": False,
+                  "properties": {f.local: schemas.for_complex_content(f) for f in op.faults}}
+        fault = {"type": "object", "description": "the SOAP fault of the service", "properties": {
+            "faultcode": {"type": "string"}, "faultstring": {"type": "string"}, "detail": detail}}
+        return {"allOf": [{"$ref": "#/components/schemas/Problem"},
+                          {"type": "object", "properties": {"fault": fault}}]}
 
     async def _docs(self, send: Send, name: str) -> None:
         try:
@@ -247,6 +266,20 @@ class RestFacade:
             await respond(send, 200, data, _DOCS_FILES[name], headers)
         else:
             await problem(send, 404, "Not Found", f"no such file: {name}")
+
+
+def _json_numbers(value: Any) -> Any:
+    """Exact decimals of a typed fault detail as JSON numbers (problem+json is written by json)."""
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            return str(value)
+        exponent = value.as_tuple().exponent
+        return int(value) if isinstance(exponent, int) and exponent >= 0 else float(value)
+    if isinstance(value, dict):
+        return {k: _json_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_numbers(v) for v in value]
+    return value
 
 
 def _read(path: str) -> bytes:

@@ -6,7 +6,13 @@ only read its element and type tree). Both directions follow the same rules:
 * numbers stay numbers (``xs:int`` → int, ``xs:decimal`` → an exact decimal number, ``xs:double``
   → float; ``INF``/``-INF``/``NaN`` have no JSON number and stay strings), ``xs:boolean`` → bool;
 * an element that may repeat (``maxOccurs > 1``) is always a list, even with one item or none;
+  ``null`` for it means no items (``[null]`` is one nil item);
+* a choice that may repeat keeps the document's order: it is the key ``_choice`` (``_choice2``…
+  when a type has several), a list of one-key objects such as ``[{"note": "a"}, {"ref": 5}]``;
+  a choice that occurs once is its branches' keys, exactly one of them present;
 * ``xsi:nil="true"`` ⇄ ``null``; an absent optional element ⇄ an absent key;
+* numbers beyond 1e308 in magnitude are refused (``xs:double`` has no room for them and no peer
+  of ours takes longer decimals), base64 and hex binary must decode;
 * dates, times, durations, binary and every other simple type keep their XSD lexical form as a
   string (JSON has no better type); attributes are keys like child elements; simple content of
   an element with attributes is ``_value``; ``xs:any`` content is ``_any`` (a list of XML strings).
@@ -16,6 +22,8 @@ Everything here is pure: no IO, no zeep calls after the model is built.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
@@ -35,6 +43,9 @@ XSI = "http://www.w3.org/2001/XMLSchema-instance"
 XSI_NIL = f"{{{XSI}}}nil"
 VALUE_KEY = "_value"
 ANY_KEY = "_any"
+CHOICE_KEY = "_choice"
+#: Decimal exponents beyond this are refused: the lexical form of 1e999999999 is a gigabyte.
+MAX_EXPONENT = 308
 
 
 class MappingError(ValueError):
@@ -99,15 +110,35 @@ class Field:
 
 
 @dataclass(eq=False, repr=False)
+class Choice:
+    """A choice that may repeat: its elements in document order, each a one-key object."""
+
+    key: str
+    min_occurs: int
+    max_occurs: int | None
+    branches: list[Field]
+
+    @property
+    def repeated(self) -> bool:
+        return True
+
+
+@dataclass(eq=False, repr=False)
 class Complex:
     name: str | None  # QName text when the type is global
     fields: list[Field] = field(default_factory=list)
     attrs: list[Attr] = field(default_factory=list)
     text: Simple | None = None  # simple content
     wildcard: bool = False
+    choices: list[Choice] = field(default_factory=list)
+    #: Fields and repeated choices in schema order (the order elements are written in).
+    particles: list[Field | Choice] = field(default_factory=list)
+    #: Keys of the branches of each choice that occurs once, and whether one of them is required.
+    exclusive: list[tuple[list[str], bool]] = field(default_factory=list)
     by_tag: dict[str, Field] = field(default_factory=dict)
     by_local: dict[str, Field] = field(default_factory=dict)
     by_key: dict[str, Field] = field(default_factory=dict)
+    choice_of: dict[str, tuple[Choice, Field]] = field(default_factory=dict)
 
     def index(self) -> None:
         self.by_tag = {f.tag: f for f in self.fields}
@@ -115,12 +146,16 @@ class Complex:
         self.by_local = {}
         for f in self.fields:
             self.by_local.setdefault(f.local, f)
+        self.choice_of = {b.tag: (c, b) for c in self.choices for b in c.branches}
+
+    def choice_by_local(self, local: str) -> tuple[Choice, Field] | None:
+        return next(((c, b) for c in self.choices for b in c.branches if b.local == local), None)
 
     def __repr__(self) -> str:  # the tree may be recursive: never print it whole
         return f"Complex({self.name or 'anonymous'}: {', '.join(self.keys())})"
 
     def keys(self) -> list[str]:
-        out = [a.key for a in self.attrs] + [f.key for f in self.fields]
+        out = [a.key for a in self.attrs] + [p.key for p in self.particles]
         if self.text is not None:
             out.append(VALUE_KEY)
         if self.wildcard:
@@ -221,11 +256,24 @@ class ModelBuilder:
             out.wildcard = True
             return
         if isinstance(node, zelements.Element):
-            out.fields.append(self._field(node, str(node.attr_name or node.name), min_factor, max_factor))
+            f = self._field(node, str(node.attr_name or node.name), min_factor, max_factor)
+            out.fields.append(f)
+            out.particles.append(f)
             return
         child_min = min_factor * node_min
         child_max = None if max_factor is None or node_max is None else max_factor * node_max
         if isinstance(node, zelements.Choice):
+            elements = all(isinstance(c, zelements.Element) for c in node)
+            if elements and (child_max is None or child_max > 1):
+                key = CHOICE_KEY if not out.choices else f"{CHOICE_KEY}{len(out.choices) + 1}"
+                branches = [Field(key=str(c.attr_name or c.name), tag=etree.QName(c.qname).text, min_occurs=1,
+                                  max_occurs=1, nillable=bool(c.nillable), type=self._type(c.type)) for c in node]
+                choice = Choice(key, child_min, child_max, branches)
+                out.choices.append(choice)
+                out.particles.append(choice)
+                return
+            if elements:
+                out.exclusive.append(([str(c.attr_name or c.name) for c in node], child_min > 0))
             child_min = 0  # any one branch may be absent
         if isinstance(node, zelements.Group):
             self._particles(node.child, out, child_min, child_max)
@@ -247,6 +295,8 @@ def _lexical_to_json(text: str, t: Simple, path: str) -> Any:
         assert t.item is not None
         return [_lexical_to_json(part, t.item, f"{path}/{i}") for i, part in enumerate(text.split())]
     if t.kind == "string":
+        if t.xsd in ("base64Binary", "hexBinary"):
+            _check_binary(text, t, path)
         return text if t.xsd in ("string", "anyType", "anySimpleType") else text.strip()
     value = text.strip()
     if t.kind == "boolean":
@@ -264,8 +314,25 @@ def _lexical_to_json(text: str, t: Simple, path: str) -> Any:
         if value in _SPECIAL_DOUBLES:
             return value.lstrip("+")
         if _DBL.match(value):
-            return float(value)
+            number = float(value)
+            # XSD 1.1: a double literal beyond the range is rounded to ±INF, which JSON spells so.
+            return number if math.isfinite(number) else ("-INF" if number < 0 else "INF")
     raise MappingError([(path, f"not a valid {t.describe()}")])
+
+
+_HEX = re.compile(r"^(?:[0-9a-fA-F]{2})*$")
+
+
+def _check_binary(text: str, t: Simple, path: str) -> None:
+    """Linear in the text: base64 must decode (whitespace allowed), hex must be pairs of digits."""
+    if t.xsd == "hexBinary":
+        if not _HEX.match(text.strip()):
+            raise MappingError([(path, f"not valid hexadecimal for {t.describe()} (pairs of 0-9, a-f)")])
+        return
+    try:
+        base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise MappingError([(path, f"not valid base64 for {t.describe()}")]) from None
 
 
 def xml_to_json(elem: Any, f: Field, path: str = "", *, lenient: bool = False,
@@ -296,7 +363,7 @@ def _complex_to_json(elem: Any, t: Complex, path: str, lenient: bool, ignored: l
                 out[a.key] = _lexical_to_json(raw, a.type, f"{path}/{a.key}")
             except MappingError as exc:
                 errors.extend(exc.errors)
-    values: dict[str, Any] = {f.key: [] for f in t.fields if f.repeated}
+    values: dict[str, Any] = {p.key: [] for p in t.particles if p.repeated}
     for child in elem:
         tag = child.tag
         if not isinstance(tag, str):
@@ -304,6 +371,18 @@ def _complex_to_json(elem: Any, t: Complex, path: str, lenient: bool, ignored: l
         f = t.by_tag.get(tag)
         if f is None and lenient:
             f = t.by_local.get(tag.rpartition("}")[2])
+        branch = t.choice_of.get(tag) if f is None else None
+        if branch is None and f is None and lenient:
+            branch = t.choice_by_local(tag.rpartition("}")[2])
+        if branch is not None:
+            choice, b = branch
+            items = values[choice.key]
+            try:
+                items.append({b.key: xml_to_json(child, b, f"{path}/{choice.key}/{len(items)}/{b.key}",
+                                                 lenient=lenient, ignored=ignored)})
+            except MappingError as exc:
+                errors.extend(exc.errors)
+            continue
         if f is None:
             if t.wildcard:
                 out.setdefault(ANY_KEY, []).append(etree.tostring(child, encoding="unicode", with_tail=False))
@@ -325,9 +404,9 @@ def _complex_to_json(elem: Any, t: Complex, path: str, lenient: bool, ignored: l
                 values[f.key] = xml_to_json(child, f, f"{path}/{f.key}", lenient=lenient, ignored=ignored)
         except MappingError as exc:
             errors.extend(exc.errors)
-    for f in t.fields:  # schema order, whatever order the peer used
-        if f.key in values:
-            out[f.key] = values[f.key]
+    for p in t.particles:  # schema order, whatever order the peer used
+        if p.key in values:
+            out[p.key] = values[p.key]
     if ANY_KEY in out:
         out[ANY_KEY] = out.pop(ANY_KEY)
     if t.text is not None:
@@ -358,6 +437,10 @@ def _json_to_lexical(value: Any, t: Simple, path: str, from_text: bool) -> str:
         if isinstance(value, bool):
             return "true" if value else "false"
         raise MappingError([(path, f"expected true or false for {t.describe()}")])
+    if t.kind in ("integer", "decimal", "double") and isinstance(value, int | float | Decimal) \
+            and not isinstance(value, bool) and _out_of_range(value, t.kind):
+        raise MappingError([(path, f"{value} is out of range for {t.describe()} (at most 1e{MAX_EXPONENT} "
+                                   "in magnitude)")])
     if t.kind == "integer":
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)
@@ -376,8 +459,21 @@ def _json_to_lexical(value: Any, t: Simple, path: str, from_text: bool) -> str:
             raise MappingError([(path, f"expected a number for {t.describe()}")])
         return repr(float(value))
     if isinstance(value, str):
+        if t.xsd in ("base64Binary", "hexBinary"):
+            _check_binary(value, t, path)
         return value
     raise MappingError([(path, f"expected a string for {t.describe()}")])
+
+
+def _out_of_range(value: int | float | Decimal, kind: str) -> bool:
+    """Too large for any kind, or (for exact kinds) so small that its digits would run on and on."""
+    if isinstance(value, Decimal):
+        if not value.is_finite() or value == 0:
+            return False
+        return value.adjusted() > MAX_EXPONENT or (kind != "double" and value.adjusted() < -MAX_EXPONENT)
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    return value.bit_length() > 1024
 
 
 def _finite(value: float | Decimal) -> bool:
@@ -420,7 +516,12 @@ def _decode_text(value: Any, want: type[Any], path: str, opts: RenderOptions) ->
 
 def _render(parent: Any, f: Field, value: Any, path: str, opts: RenderOptions,
             errors: list[tuple[str, str]]) -> None:
-    if f.repeated and value is not None:
+    if f.repeated and value is None:
+        # No items: the list itself has no nil in XML ([null] is one nil item).
+        if f.min_occurs > 0:
+            errors.append((path, f"{f.key!r} needs at least {f.min_occurs} item(s)"))
+        return
+    if f.repeated:
         try:
             value = _decode_text(value, list, path, opts)
         except MappingError as exc:
@@ -468,6 +569,33 @@ def _render_one(parent: Any, f: Field, value: Any, path: str, opts: RenderOption
     render_complex(elem, t, value, path, opts, errors)
 
 
+def _render_choice(parent: Any, c: Choice, value: Any, path: str, opts: RenderOptions,
+                   errors: list[tuple[str, str]]) -> None:
+    if value is None:
+        value = []
+    try:
+        value = _decode_text(value, list, path, opts)
+    except MappingError as exc:
+        errors.extend(exc.errors)
+        return
+    names = ", ".join(b.key for b in c.branches)
+    if not isinstance(value, list):
+        errors.append((path, f"{c.key!r} is a list of one-key objects, each one of: {names}"))
+        return
+    if len(value) < c.min_occurs:
+        errors.append((path, f"{c.key!r} needs at least {c.min_occurs} item(s)"))
+    if c.max_occurs is not None and len(value) > c.max_occurs:
+        errors.append((path, f"{c.key!r} allows at most {c.max_occurs} item(s)"))
+    by_key = {b.key: b for b in c.branches}
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or len(item) != 1 or next(iter(item)) not in by_key:
+            errors.append((f"{path}/{i}", f"each item of {c.key!r} is an object with exactly one key, one of: "
+                                          f"{names}"))
+            continue
+        key, inner = next(iter(item.items()))
+        _render_one(parent, by_key[key], inner, f"{path}/{i}/{key}", opts, errors)
+
+
 def render_complex(elem: Any, t: Complex, value: dict[str, Any], path: str, opts: RenderOptions,
                    errors: list[tuple[str, str]]) -> None:
     known = set()
@@ -491,12 +619,20 @@ def render_complex(elem: Any, t: Complex, value: dict[str, Any], path: str, opts
                 errors.extend(exc.errors)
             except ValueError:
                 errors.append((f"{path}/{VALUE_KEY}", "the text holds characters XML cannot carry"))
-    for f in t.fields:
-        known.add(f.key)
-        if f.key in value:
-            _render(elem, f, value[f.key], f"{path}/{f.key}", opts, errors)
-        elif f.min_occurs > 0:
-            errors.append((f"{path}/{f.key}", f"required element {f.key!r} is missing"))
+    for p in t.particles:
+        known.add(p.key)
+        if isinstance(p, Choice):
+            _render_choice(elem, p, value.get(p.key), f"{path}/{p.key}", opts, errors)
+        elif p.key in value:
+            _render(elem, p, value[p.key], f"{path}/{p.key}", opts, errors)
+        elif p.min_occurs > 0:
+            errors.append((f"{path}/{p.key}", f"required element {p.key!r} is missing"))
+    for keys, required in t.exclusive:
+        present = [k for k in keys if k in value]
+        if len(present) > 1:
+            errors.append((f"{path}/{present[1]}", f"only one of {', '.join(keys)} may be given (a choice)"))
+        elif required and not present:
+            errors.append((f"{path}/{keys[0]}", f"one of {', '.join(keys)} is required (a choice)"))
     if t.wildcard:
         known.add(ANY_KEY)
         items = value.get(ANY_KEY) or []
@@ -616,7 +752,16 @@ def facets_from_schemas(schemas: list[Any]) -> dict[str, Facets]:
     return out
 
 
-_FORMATS = {"date": "date", "dateTime": "date-time", "time": "time", "duration": "duration", "anyURI": "uri"}
+_ZONE = r"(Z|[+-]\d{2}:\d{2})?"
+#: XSD lexical forms. JSON Schema's date-time, date and time formats are RFC 3339's, which demand
+#: a zone on date-time and time and forbid one on date; XSD makes it optional on all three, and
+#: the gateway passes values through as written, so the document describes them by pattern.
+_PATTERNS = {
+    "dateTime": rf"^-?\d{{4,}}-\d{{2}}-\d{{2}}T\d{{2}}:\d{{2}}:\d{{2}}(\.\d+)?{_ZONE}$",
+    "date": rf"^-?\d{{4,}}-\d{{2}}-\d{{2}}{_ZONE}$",
+    "time": rf"^\d{{2}}:\d{{2}}:\d{{2}}(\.\d+)?{_ZONE}$",
+    "duration": r"^-?P(?=\d|T\d)(\d+Y)?(\d+M)?(\d+D)?(T(?=\d)(\d+H)?(\d+M)?(\d+(\.\d+)?S)?)?$",
+}
 
 
 class JsonSchemaBuilder:
@@ -660,10 +805,13 @@ class JsonSchemaBuilder:
             props[a.key] = {**self.simple(a.type), "description": "XML attribute"}
             if a.required:
                 required.append(a.key)
-        for f in t.fields:
-            props[f.key] = self.field(f)
-            if f.min_occurs > 0:
-                required.append(f.key)
+        for p in t.particles:
+            if isinstance(p, Choice):
+                props[p.key] = self.choice(p)
+            else:
+                props[p.key] = self.field(p)
+            if p.min_occurs > 0:
+                required.append(p.key)
         if t.text is not None:
             props[VALUE_KEY] = {**self.simple(t.text), "description": "the element's text"}
         if t.wildcard:
@@ -672,6 +820,28 @@ class JsonSchemaBuilder:
         out: dict[str, Any] = {"type": "object", "properties": props, "additionalProperties": False}
         if required:
             out["required"] = required
+        groups = []
+        for keys, required_one in t.exclusive:
+            one_of: list[dict[str, Any]] = [{"required": [k]} for k in keys]
+            if not required_one:
+                one_of.append({"not": {"anyOf": [{"required": [k]} for k in keys]}})
+            groups.append({"oneOf": one_of})
+        if len(groups) == 1:
+            out.update(groups[0])
+        elif groups:
+            out["allOf"] = groups
+        return out
+
+    def choice(self, c: Choice) -> dict[str, Any]:
+        branches = [{"type": "object", "properties": {b.key: self.field(b)}, "required": [b.key],
+                     "additionalProperties": False} for b in c.branches]
+        out: dict[str, Any] = {"type": "array", "items": {"oneOf": branches},
+                               "description": "a repeated xs:choice in document order: one object per element, "
+                                              "keyed by its name"}
+        if c.min_occurs:
+            out["minItems"] = c.min_occurs
+        if c.max_occurs is not None:
+            out["maxItems"] = c.max_occurs
         return out
 
     def field(self, f: Field) -> dict[str, Any]:
@@ -707,8 +877,8 @@ class JsonSchemaBuilder:
             out = {"anyOf": [{"type": "number"}, {"enum": ["INF", "-INF", "NaN"]}]}
         else:
             out = {"type": "string"}
-            if t.xsd in _FORMATS:
-                out["format"] = _FORMATS[t.xsd]
+            if t.xsd in _PATTERNS:
+                out["pattern"] = _PATTERNS[t.xsd]
             elif t.xsd == "base64Binary":
                 out["format"] = "byte"
         fc = self.facets.get(t.name or "")
@@ -754,6 +924,56 @@ def _xsd_regex(p: str) -> str:
     return p.replace("\\i", "[A-Za-z_:]").replace("\\c", "[-.0-9A-Za-z_:]")
 
 
+def json_path(root: Any, f: Field, xpath: str) -> str:
+    """The JSON path (``/order/line/1/quantity``) of the node that ``xpath`` (libxml2's path of an
+    XSD error) names in ``root``, the element built for ``f``; ``/`` when it cannot be placed."""
+    # lxml validates the element as a document of its own: the path's first step is ``root``.
+    steps = xpath.split("/")[2:]
+    try:
+        found = root.xpath("/".join([".", *steps]), namespaces={k: v for k, v in root.nsmap.items() if k})
+    except etree.XPathError:
+        return "/"
+    node = found[0] if isinstance(found, list) and found and isinstance(found[0], etree._Element) else None
+    chain = []
+    while node is not None and node is not root:
+        chain.append(node)
+        node = node.getparent()
+    if node is None:
+        return "/"
+    parts: list[str] = []
+    t: Simple | Complex = f.type
+    for elem in reversed(chain):
+        if not isinstance(t, Complex):
+            break
+        parent = elem.getparent()
+        field_ = t.by_tag.get(elem.tag)
+        branch = t.choice_of.get(elem.tag)
+        if field_ is not None:
+            parts.append(field_.key)
+            if field_.repeated:
+                parts.append(str(_position(parent, elem, {elem.tag})))
+            t = field_.type
+        elif branch is not None:
+            choice, b = branch
+            parts += [choice.key, str(_position(parent, elem, {x.tag for x in choice.branches})), b.key]
+            t = b.type
+        else:
+            parts.append(etree.QName(elem).localname)
+            break
+    return "/" + "/".join(parts)
+
+
+def _position(parent: Any, elem: Any, tags: set[str]) -> int:
+    """How many of ``parent``'s children with one of ``tags`` come before ``elem``."""
+    n = 0
+    for sibling in parent:
+        if sibling is elem:
+            break
+        if sibling.tag in tags:
+            n += 1
+    return n
+
+
 def walk_fields(f: Field) -> Iterator[Field]:
     """``f`` and every field below it, each complex type visited once."""
     yield f
@@ -764,7 +984,7 @@ def walk_fields(f: Field) -> Iterator[Field]:
         if id(c) in seen:
             continue
         seen.add(id(c))
-        for child in c.fields:
+        for child in [*c.fields, *(b for choice in c.choices for b in choice.branches)]:
             yield child
             if isinstance(child.type, Complex):
                 stack.append(child.type)

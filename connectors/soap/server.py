@@ -266,6 +266,8 @@ class SoapService:
         failure = describe(outcome)
         event(self.log, "soap.failed", logging.INFO, envelope_id=env.id, operation=op.name,
               status=outcome.status.value, code=outcome.code, reason=outcome.reason)
+        if await self._pass_fault(send, version, outcome, failure.retry_after, ids):
+            return
         upstream = failure.upstream
         extra: dict[str, Any] = {"envelope_id": env.id, "retryable": "false" if failure.client else "true"}
         if upstream.get("faultcode"):
@@ -285,6 +287,28 @@ class SoapService:
         kind = CLIENT if failure.client else SERVER
         body = soapenv.to_bytes(soapenv.envelope(version, soapenv.fault(version, kind, failure.message, detail)))
         await respond(send, soapenv.fault_status(version, kind), body, soapenv.CONTENT_TYPE[version], headers)
+
+    async def _pass_fault(self, send: Send, version: str, outcome: Outcome, retry_after: int | None,
+                          ids: list[tuple[bytes, bytes]]) -> bool:
+        """A SOAP service's fault, answered as the service wrote it: faultcode/Code, faultstring/
+        Reason and the detail elements in their own namespaces (a client's generated fault class
+        matches on them). False when the failure carries no such fault."""
+        carried = (outcome.detail or {}).get(soapenv.CARRIED_FAULT)
+        if carried is None:
+            return False
+        try:
+            found = soapenv.carried_fault(carried, version, _parse_carried)
+        except (safexml.XmlRejected, soapenv.NotSoap, ValueError):
+            return False
+        if found is None:
+            return False
+        f, kind = found
+        headers = list(ids)
+        if retry_after and kind == SERVER:
+            headers.append((b"retry-after", str(retry_after).encode()))
+        body = soapenv.to_bytes(soapenv.envelope(version, f))
+        await respond(send, soapenv.fault_status(version, kind), body, soapenv.CONTENT_TYPE[version], headers)
+        return True
 
     def _reply_payload(self, op: Operation, reply: Reply) -> Any:
         assert op.output is not None
@@ -333,6 +357,11 @@ class SoapService:
         body = soapenv.to_bytes(soapenv.envelope(version, f))
         await respond(send, status or soapenv.fault_status(version, kind), body, soapenv.CONTENT_TYPE[version],
                       headers)
+
+
+def _parse_carried(text: str) -> Any:
+    return safexml.parse(text.encode("utf-8"), max_bytes=soapenv.MAX_CARRIED_FAULT * 4,
+                         max_depth=safexml.LIBXML_MAX_DEPTH)
 
 
 def etree_local(tag: str) -> str:

@@ -176,3 +176,37 @@ def read_fault(version: str, f: Any) -> FaultInfo:
         subcodes=subcodes,
         actor=f.findtext(f"{{{ns}}}Role"),
     )
+
+
+#: Key of :func:`carry_fault`'s record in a failure's detail.
+CARRIED_FAULT = "soap_fault"
+#: A fault larger than this is not carried whole (the caller gets the gateway's own fault).
+MAX_CARRIED_FAULT = 64 * 1024
+
+
+def carry_fault(version: str, f: Any) -> dict[str, str] | None:
+    """A service's Fault element as text, to be answered unchanged to a SOAP caller of the
+    gateway (:func:`carried_fault`); None when it is too large to carry."""
+    text = etree.tostring(f, encoding="unicode")
+    if len(text) > MAX_CARRIED_FAULT:
+        return None
+    return {"version": version, "xml": text}
+
+
+_OTHER_VERSION_CODE = {"Client": "Sender", "Server": "Receiver", "Sender": "Client", "Receiver": "Server",
+                       "VersionMismatch": "VersionMismatch", "MustUnderstand": "MustUnderstand"}
+
+
+def carried_fault(carried: Any, version: str, parse: Any) -> tuple[Any, str] | None:
+    """The carried Fault for a caller speaking ``version`` and its kind (CLIENT or SERVER): the same
+    element when the versions match; otherwise the code mapped (Client ⇄ Sender, Server ⇄
+    Receiver), the text and the detail's elements kept. ``parse`` is the hardened XML parser."""
+    if not isinstance(carried, dict) or carried.get("version") not in NS or not isinstance(carried.get("xml"), str):
+        return None
+    f = parse(carried["xml"])
+    info = read_fault(carried["version"], f)
+    kind = CLIENT if info.permanent else SERVER
+    if carried["version"] == version:
+        return f, kind
+    code = _OTHER_VERSION_CODE.get(info.code.split(".", 1)[0])
+    return fault(version, kind, info.string, info.detail, code=code), kind

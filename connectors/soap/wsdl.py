@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from urllib.parse import urljoin, urlsplit
 
 from lxml import etree
 
-from connectors.soap.model import Facets, Field, ModelBuilder, facets_from_schemas
+from connectors.soap.model import Facets, Field, ModelBuilder, facets_from_schemas, json_path
 from connectors.soap.safexml import XmlRejected, parse
 
 WSDL_NS = "http://schemas.xmlsoap.org/wsdl/"
@@ -168,6 +169,14 @@ class Contract:
                 return []
             return [_xsd_message(e) for e in self.validator.error_log][:20]
 
+    def validate_at(self, elem: Any, f: Field) -> list[dict[str, str]]:
+        """XSD errors of ``elem`` (built for ``f``), each with the JSON path of its field."""
+        with self._validating:
+            if self.validator(elem):
+                return []
+            entries = [(e.path, _xsd_message(e)) for e in self.validator.error_log][:20]
+        return [{"path": json_path(elem, f, path), "message": message} for path, message in entries]
+
     def documents(self, base_url: str, endpoint: str) -> list[bytes]:
         """The WSDL (index 0) and every document it imports, with references rewritten to
         ``base_url?xsd=N`` and every SOAP address to ``endpoint``."""
@@ -189,15 +198,13 @@ class Contract:
         return out
 
 
+#: A namespace in Clark notation: no quotes or spaces inside, unlike an enumeration's value set.
+_CLARK = re.compile(r"\{[^{}'\s,]*\}")
+
+
 def _xsd_message(err: Any) -> str:
     # libxml2 names elements in Clark notation; the local name is what a caller recognises.
-    msg = str(err.message)
-    while "{" in msg and "}" in msg:
-        start, end = msg.index("{"), msg.index("}")
-        if end < start:
-            break
-        msg = msg[:start] + msg[end + 1:]
-    return msg
+    return _CLARK.sub("", str(err.message))
 
 
 # --- loading ------------------------------------------------------------------------------
@@ -207,6 +214,7 @@ def load(location: str, *, service: str | None = None, port: str | None = None,
          fetch: Callable[[str], bytes] | None = None) -> Contract:
     """Load and check a WSDL (blocking: call it in a thread from async code)."""
     from zeep.exceptions import Error as ZeepError
+    from zeep.exceptions import ExternalReferenceForbidden
     from zeep.settings import Settings
     from zeep.transports import Transport
     from zeep.wsdl import Document
@@ -219,17 +227,24 @@ def load(location: str, *, service: str | None = None, port: str | None = None,
 
     settings = Settings(strict=True, forbid_dtd=True, forbid_entities=True, xml_huge_tree=False,
                         forbid_external=not is_url(store.root))
+    store.load(store.root)
+    bindings = _binding_styles(store)
+    _refuse_unusable(location, bindings)
     try:
-        store.load(store.root)
         transport: Any = _StoreTransport(cache=None)  # type: ignore[no-untyped-call]
         document = Document(store.root, transport, settings=settings)
     except WsdlError:
         raise
-    except (ZeepError, etree.LxmlError, ValueError, KeyError, AttributeError, TypeError) as exc:
+    except ExternalReferenceForbidden as exc:
+        raise WsdlError(f"{location} refers to {exc.url}, which is fetched from the network: the gateway loads "
+                        "WSDL parts only from the WSDL's own directory (save a copy beside it and point "
+                        "schemaLocation at the copy)") from None
+    except (ZeepError, etree.LxmlError, ValueError, LookupError, AttributeError, TypeError) as exc:
         raise WsdlError(f"cannot load WSDL {location}: {type(exc).__name__}: {exc}") from None
     services = document.services
     if not services:
-        raise WsdlError(f"{location} declares no service")
+        raise WsdlError(f"{location} declares no wsdl:service (only messages, port types or bindings): the "
+                        "gateway needs a service with a SOAP port")
     if service is None:
         svc = next(iter(services.values()))
     elif service in services:
@@ -242,10 +257,17 @@ def load(location: str, *, service: str | None = None, port: str | None = None,
         version = _binding_version(p.binding)
         if version is None:
             continue  # an HTTP binding or another transport: not ours
-        ops = {name: _operation(name, op, builder) for name, op in p.binding._operations.items()}
+        binding = etree.QName(p.binding.name).localname
+        ops = {name: _operation(name, op, builder, binding) for name, op in p.binding._operations.items()}
         ports.append(Port(p.name, version, (p.binding_options or {}).get("address"), ops))
     if not ports:
-        raise WsdlError(f"service {svc.name!r} in {location} has no SOAP 1.1 or 1.2 port")
+        others = ", ".join(f"{p.name} ({_binding_kind(p.binding)})" for p in svc.ports.values()) or "none"
+        raise WsdlError(f"service {svc.name!r} in {location} has no SOAP 1.1 or 1.2 port (HTTP GET/POST and "
+                        f"other bindings are not supported); its ports: {others}")
+    if not any(not op.unsupported for p in ports for op in p.operations.values()):
+        first = next((op for p in ports for op in p.operations.values()), None)
+        reason = first.unsupported if first is not None else f"service {svc.name!r} has no operations"
+        raise WsdlError(f"{location} has no operation the gateway supports: {reason}")
     if port is not None and port not in {p.name for p in ports}:
         raise WsdlError(f"service {svc.name!r} has no SOAP port {port!r}; ports: {[p.name for p in ports]}")
     if port is not None:
@@ -265,14 +287,16 @@ def _binding_version(binding: Any) -> str | None:
     return None
 
 
-def _operation(name: str, op: Any, builder: ModelBuilder) -> Operation:
+def _operation(name: str, op: Any, builder: ModelBuilder, binding: str) -> Operation:
     action = op.soapaction or ""
-    if op.style != "document":
-        return Operation(name, action, None, None, unsupported=f"{op.style}-style operations are not supported "
+    where = f"binding {binding} operation {name}"
+    if op.style != "document" or _encoded(op):
+        kind = f"{op.style}/{'encoded' if _encoded(op) else 'literal'}"
+        return Operation(name, action, None, None, unsupported=f"{kind} is not supported: {where} "
                                                               "(document/literal only)")
     try:
-        inp = _single_part(op.input)
-        out = _single_part(op.output) if op.output is not None else None
+        inp = _single_part(op.input, where)
+        out = _single_part(op.output, where) if op.output is not None else None
     except WsdlError as exc:
         return Operation(name, action, None, None, unsupported=str(exc))
     faults = []
@@ -283,14 +307,87 @@ def _operation(name: str, op: Any, builder: ModelBuilder) -> Operation:
     return Operation(name, action, builder.element(inp), builder.element(out) if out is not None else None, faults)
 
 
-def _single_part(message: Any) -> Any:
+def _single_part(message: Any, where: str) -> Any:
     parts = [p for p in message.abstract.parts.values()]
     body_parts = [p for p in parts if p.element is not None]
-    if len(body_parts) != 1 or len(parts) != 1:
-        raise WsdlError("only document/literal messages with exactly one element part are supported")
+    header = getattr(message, "header", None)
+    if header is not None and list(getattr(header.type, "elements", []) or []):
+        raise WsdlError(f"SOAP header parts (soap:header) are not supported: {where}")
+    if any(p.element is None for p in parts):
+        raise WsdlError(f"message parts with type= instead of element= are not supported: {where}")
+    if len(body_parts) != 1:
+        raise WsdlError(f"document/literal messages with {len(body_parts)} body parts are not supported "
+                        f"(exactly one): {where}")
     if getattr(message, "body", None) is None:
-        raise WsdlError("the message has no body element")
+        raise WsdlError(f"the message has no body element: {where}")
     return body_parts[0].element
+
+
+def _encoded(op: Any) -> bool:
+    return any(getattr(m, "body", None) is not None and getattr(m.body, "use", None) == "encoded"
+               for m in (op.input, op.output) if m is not None) or any(
+        (getattr(m, "_info", None) or {}).get("body", {}).get("use") == "encoded" for m in (op.input, op.output)
+        if m is not None)
+
+
+def _binding_kind(binding: Any) -> str:
+    name = type(binding).__name__
+    return {"HttpGetBinding": "HTTP GET", "HttpPostBinding": "HTTP POST"}.get(name, name)
+
+
+@dataclass(frozen=True)
+class _BoundOperation:
+    binding: str
+    operation: str
+    style: str  # document, rpc
+    use: str  # literal, encoded
+    soap: bool  # a SOAP 1.1/1.2 binding (not HTTP or another transport)
+
+
+def _binding_styles(store: DocumentStore) -> list[_BoundOperation]:
+    """Style and use of every operation of every binding, read from the WSDL documents before zeep
+    builds anything: zeep cannot load some rpc/encoded WSDLs at all, and the refusal must name
+    the binding and operation instead of zeep's error."""
+    out: list[_BoundOperation] = []
+    todo, seen = [store.root], set()
+    while todo:
+        loc = todo.pop()
+        if loc in seen:
+            continue
+        seen.add(loc)
+        root = store.parsed(loc)
+        if etree.QName(root).namespace != WSDL_NS:
+            continue
+        for imp in root.iterfind(f"{{{WSDL_NS}}}import"):
+            target = imp.get("location")
+            if target and (is_url(store.root) or not is_url(absolute(target, loc))):
+                todo.append(absolute(target, loc))
+        for binding in root.iterfind(f"{{{WSDL_NS}}}binding"):
+            soap_binding = next((b for ns in (SOAP11_BINDING, SOAP12_BINDING)
+                                 for b in binding.iterfind(f"{{{ns}}}binding")), None)
+            default_style = soap_binding.get("style", "document") if soap_binding is not None else ""
+            for op in binding.iterfind(f"{{{WSDL_NS}}}operation"):
+                style, use = default_style, "literal"
+                for ns in (SOAP11_BINDING, SOAP12_BINDING):
+                    soap_op = op.find(f"{{{ns}}}operation")
+                    if soap_op is not None and soap_op.get("style"):
+                        style = soap_op.get("style")
+                    if any(b.get("use") == "encoded" for b in op.iter(f"{{{ns}}}body", f"{{{ns}}}fault")):
+                        use = "encoded"
+                out.append(_BoundOperation(binding.get("name", ""), op.get("name", ""), style, use,
+                                           soap_binding is not None))
+    return out
+
+
+def _refuse_unusable(location: str, bindings: list[_BoundOperation]) -> None:
+    """A WSDL without one document/literal SOAP operation cannot be served or called: say why by
+    name (zeep fails on some rpc WSDLs with errors that name neither)."""
+    soap = [b for b in bindings if b.soap]
+    if soap and not any(b.style == "document" and b.use == "literal" for b in soap):
+        first = next((b for b in soap if b.use == "encoded"), soap[0])
+        more = f" (and {len(soap) - 1} more operations)" if len(soap) > 1 else ""
+        raise WsdlError(f"{location}: {first.style}/{first.use} is not supported: binding {first.binding} operation "
+                        f"{first.operation}{more}; the gateway speaks document/literal")
 
 
 def _schema_elements(store: DocumentStore) -> list[Any]:
@@ -303,6 +400,24 @@ def _schema_elements(store: DocumentStore) -> list[Any]:
         elif root.tag == f"{{{XS_NS}}}schema":
             out.append(root)
     return out
+
+
+def _visible(schema_text: bytes, namespaces: set[str]) -> bytes:
+    """The inline schema with an ``xs:import`` (no location) of every other inline schema's
+    namespace it does not import itself: the schemas of one ``wsdl:types`` see each other in
+    .NET, Java and zeep, and WSDLs rely on it; libxml2 alone would refuse the references."""
+    schema = etree.fromstring(schema_text)
+    own = schema.get("targetNamespace") or ""
+    imported = {imp.get("namespace") or "" for imp in schema.iterfind(f"{{{XS_NS}}}import")}
+    missing = sorted(namespaces - imported - {own})
+    if not missing:
+        return schema_text
+    position = sum(1 for c in schema if isinstance(c.tag, str) and etree.QName(c).localname == "annotation"
+                   and c.getprevious() is None)
+    for ns in missing:
+        imp = etree.Element(f"{{{XS_NS}}}import", namespace=ns)
+        schema.insert(position, imp)
+    return bytes(etree.tostring(schema))
 
 
 def _validator(store: DocumentStore) -> Any:
@@ -324,13 +439,17 @@ def _validator(store: DocumentStore) -> Any:
                         rewritten["store:" + loc] = standalone(store.parsed(loc), loc)
         return bytes(etree.tostring(copy_))
 
+    inline = [(loc, schema) for loc in list(store.docs) if etree.QName(store.parsed(loc)).namespace == WSDL_NS
+              for schema in store.parsed(loc).iterfind(f"{{{WSDL_NS}}}types/{{{XS_NS}}}schema")]
+    inline_namespaces = {schema.get("targetNamespace") or "" for _, schema in inline} - {""}
+    for i, (loc, schema) in enumerate(inline):
+        key = f"store:{loc}#types{i}"
+        rewritten[key] = _visible(standalone(schema, loc), inline_namespaces)
+        inline_keys.append((schema.get("targetNamespace") or "", key))
     for loc in list(store.docs):
         root = store.parsed(loc)
         if etree.QName(root).namespace == WSDL_NS:
-            for i, schema in enumerate(root.iterfind(f"{{{WSDL_NS}}}types/{{{XS_NS}}}schema")):
-                key = f"store:{loc}#types{i}"
-                rewritten[key] = standalone(schema, loc)
-                inline_keys.append((schema.get("targetNamespace") or "", key))
+            continue
         elif root.tag == f"{{{XS_NS}}}schema" and "store:" + loc not in rewritten:
             rewritten["store:" + loc] = standalone(root, loc)
             inline_keys.append((root.get("targetNamespace") or "", "store:" + loc))
@@ -344,9 +463,12 @@ def _validator(store: DocumentStore) -> Any:
 
     wrapper = etree.Element(f"{{{XS_NS}}}schema", nsmap={"xs": XS_NS})
     for ns, key in inline_keys:
-        imp = etree.SubElement(wrapper, f"{{{XS_NS}}}import", schemaLocation=key)
         if ns:
-            imp.set("namespace", ns)
+            etree.SubElement(wrapper, f"{{{XS_NS}}}import", schemaLocation=key, namespace=ns)
+        else:
+            # A schema without targetNamespace (what JAX-WS, Metro and CXF publish inline, holding
+            # only imports of the real schemas) cannot be imported by a schema without one: include it.
+            etree.SubElement(wrapper, f"{{{XS_NS}}}include", schemaLocation=key)
     parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
     parser.resolvers.add(_Resolver())
     try:
