@@ -428,6 +428,12 @@ class HttpHub:
                 event(self.log, "http.fd_limit_low", logging.WARNING, open_files=soft, needed=needed,
                       hint="raise the open-file limit (ulimit -n) or lower gateway.http max_connections")
 
+    def serving(self) -> bool:
+        """Whether every listen address that has mounts accepts connections: readiness waits for
+        it, or ``/readyz`` (on the admin address, started first) would answer before the data
+        plane's port is bound."""
+        return all(lst.server is not None and lst.server.started for lst in self._listeners.values() if lst.mounts)
+
     async def start(self) -> None:
         """Start a server for every listen address that has mounts and none yet."""
         self._reserve_descriptors()

@@ -152,6 +152,8 @@ class Runtime:
         spool_ok = self.spool.healthy and self.spool.has_space
         if not spool_ok:
             reasons.append("the spool is not writable or short of free space")
+        if not self.http.serving():
+            reasons.append("the HTTP listeners are not accepting connections yet")
         listeners = [n for n, s in self.slots.items() if s.listener]
         consumers = [n for n, s in self.slots.items() if s.inbound and not s.listener]
         inbound = {n: connectors[n]["state"] for n in (*listeners, *consumers)}
