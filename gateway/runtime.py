@@ -1,5 +1,11 @@
 """The running gateway: one asyncio loop, every connector a supervised task.
 
+:class:`Runtime` composes the parts (spool, delivery, storm control, HTTP hub, loop watchdog,
+the connectors' :class:`~gateway.supervisor.Supervisor`, the :class:`~gateway.reload.Reloader`)
+and orders their start and stop; :class:`RuntimeAdmin` is its
+:class:`~gateway.admin.port.AdminPort`, and :func:`serve` mounts the admin API on it before the
+start (see docs/architecture.md).
+
 Order matters. Start: spool → outbound side of every connector (``open``) → delivery workers →
 inbound listeners → HTTP listeners. Stop (SIGTERM/SIGINT): readiness false → inbound stops
 taking messages and drains → delivery drains in-flight sends within the deadline (spooled work
@@ -15,65 +21,32 @@ import contextlib
 import gc
 import logging
 import os
-import random
 import signal
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from gateway.admin import ConnectorStatus, mount_admin
 from gateway.config.loader import LoadedConfig, load_config
 from gateway.config.yamlsrc import ConfigError
-from gateway.contract import Connector, ConnectorContext, Health
+from gateway.contract import Connector, Outcome
 from gateway.delivery.engine import Delivery, DeliveryOptions, RoutingState
 from gateway.delivery.options import DeliveryMetrics
 from gateway.delivery.spool import make_spool
+from gateway.delivery.store import DeadLetter, DeadLetterFilter
+from gateway.envelope import Envelope
 from gateway.http import HttpHub
 from gateway.logs import event
 from gateway.metrics import DROP_REASONS, REFUSAL_REASONS, Metrics
 from gateway.registry import Registry
-from gateway.reload import Reloader, ReloadFailed, ReloadRefused, watch
+from gateway.reload import Reloader, ReloadFailed, ReloadRefused, inbound_names, watch
+from gateway.supervisor import ConnectorSlot, Supervisor
 from gateway.watchdog import LoopWatchdog
 
-#: Inbound kinds that serve a port of this pod: REST and SOAP on the shared HTTP listeners, SMTP on
-#: its own. Listening, they take work whatever any peer is doing, and a replica whose listener is
-#: not up would refuse the connections its Service sends it, so every one must be up for the pod
-#: to be ready. Every other inbound kind (MQTT, AMQP, IMAP, POP3 and XMPP consumers, file and
-#: maildir pollers) is a client of something outside the pod: it takes work only while connected,
-#: and a down broker is down for every replica alike. Those make the pod ready only when it has
-#: no listener, and then while at least one of them is up.
-LISTENER_KINDS = frozenset({"rest", "soap", "smtp"})
+if TYPE_CHECKING:
+    from gateway.routing.storm import StormControl
 
-
-@dataclass
-class ConnectorSlot:
-    name: str
-    connector: Connector
-    inbound: bool
-    state: str = "starting"  # starting | up | down | stopped
-    error: str = ""
-    task: asyncio.Task[None] | None = None
-    since: float = field(default_factory=time.time)
-
-    def health(self) -> Health:
-        if self.state != "up":
-            return Health(False, self.error or self.state)
-        try:
-            return self.connector.health()
-        except Exception as exc:
-            return Health(False, f"health check failed: {type(exc).__name__}")
-
-    def status(self) -> dict[str, Any]:
-        """What /readyz shows for this connector: ``state`` is ``up`` only while it is started
-        *and* its health check passes (``down`` when either fails), so ``up`` never contradicts it."""
-        h = self.health()
-        state = "up" if h.up else ("down" if self.state == "up" else self.state)
-        return {"state": state, "up": h.up, "detail": h.detail, "inbound": self.inbound,
-                "kind": type(self.connector).kind}
-
-    @property
-    def listener(self) -> bool:
-        """An inbound side that serves a port of this pod (see :data:`LISTENER_KINDS`)."""
-        return self.inbound and type(self.connector).kind in LISTENER_KINDS
+T = TypeVar("T")
 
 
 def _why_down(name: str, status: dict[str, Any]) -> str:
@@ -82,6 +55,10 @@ def _why_down(name: str, status: dict[str, Any]) -> str:
 
 
 class Runtime:
+    """One running gateway: the spool, delivery, storm control, the HTTP listeners, the loop
+    watchdog, the connectors' :class:`~gateway.supervisor.Supervisor` and the config's
+    :class:`~gateway.reload.Reloader`, started and stopped in the order above."""
+
     def __init__(self, config: LoadedConfig, *, registry: Registry | None = None, config_path: str | None = None,
                  log: logging.Logger | None = None):
         self.config = config
@@ -92,38 +69,29 @@ class Runtime:
         settings = config.model.gateway
         self.spool = make_spool(settings.spool)
         self.http = HttpHub(logging.getLogger("gateway.http"), settings.http)
-        self.slots: dict[str, ConnectorSlot] = {}
         self.delivery = Delivery(
             state=RoutingState(config.router, settings.unmatched, config.version),
             connector=self._connector_for_send, spool=self.spool, metrics=self.metrics,
             log=logging.getLogger("gateway.delivery"), options=DeliveryOptions.from_settings(settings.spool),
         )
+        self.supervisor = Supervisor(http=self.http, delivery=self.delivery, spool=self.spool,
+                                     accepting=self.accepting, log=self.log)
         self.started_at = time.time()
         self.stopping = False
         self._stop_event = asyncio.Event()
         self._gauge_task: asyncio.Task[None] | None = None
-        self.storm: Any = None
-        self._rng = random.Random()
+        self.storm: StormControl | None = None
         self.reloader = Reloader(self)
         self.watchdog = LoopWatchdog(self.metrics.loop_lag, logging.getLogger("gateway.loop"),
                                      warn_after=settings.loop_warn_after)
 
-    # --- helpers -------------------------------------------------------------------------
+    @property
+    def slots(self) -> dict[str, ConnectorSlot]:
+        """The connectors by name (the supervisor's)."""
+        return self.supervisor.slots
 
     def _connector_for_send(self, name: str) -> Connector | None:
-        slot = self.slots.get(name)
-        return slot.connector if slot is not None else None
-
-    def _inbound_names(self, config: LoadedConfig) -> set[str]:
-        return {s for r in config.router.routes for s in r.sources}
-
-    def _make(self, name: str, config: LoadedConfig) -> Connector:
-        cls = config.kinds[name]
-        state_dir = os.path.join(config.model.gateway.state_dir, name)
-        ctx = ConnectorContext(name=name, logger=logging.getLogger(f"gateway.connector.{name}"), http=self.http,
-                               state_dir=state_dir, accepting=self.accepting,
-                               dead_letter=self.delivery.dead_letter_inbound)
-        return cls(config.connectors[name], ctx)
+        return self.supervisor.connector(name)
 
     # --- readiness -----------------------------------------------------------------------
 
@@ -134,7 +102,8 @@ class Runtime:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Can this pod accept work now? Not stopping, the spool writable with room, every inbound
-        listener up, or (no listener) at least one inbound consumer connected (:data:`LISTENER_KINDS`).
+        listener up, or (no listener) at least one inbound consumer connected
+        (:data:`~gateway.supervisor.LISTENER_KINDS`).
 
         Outbound connectors do not count: a target that is down holds its messages in the spool,
         which is what the spool is for, and it is down for every replica alike; taking them all
@@ -143,7 +112,8 @@ class Runtime:
         Per-connector back pressure (``spool.backpressure``) refuses only messages for that
         connector, so it is shown but does not count either.
         """
-        connectors = {name: slot.status() for name, slot in self.slots.items()}
+        slots = self.supervisor.slots
+        connectors = {name: slot.status() for name, slot in slots.items()}
         for name, status in connectors.items():
             self.metrics.connector_up.labels(name).set(1 if status["up"] else 0)
         reasons: list[str] = []
@@ -154,8 +124,8 @@ class Runtime:
             reasons.append("the spool is not writable or short of free space")
         if not self.http.serving():
             reasons.append("the HTTP listeners are not accepting connections yet")
-        listeners = [n for n, s in self.slots.items() if s.listener]
-        consumers = [n for n, s in self.slots.items() if s.inbound and not s.listener]
+        listeners = [n for n, s in slots.items() if s.listener]
+        consumers = [n for n, s in slots.items() if s.inbound and not s.listener]
         inbound = {n: connectors[n]["state"] for n in (*listeners, *consumers)}
         if listeners:
             reasons += [_why_down(n, connectors[n]) for n in listeners if not connectors[n]["up"]]
@@ -170,8 +140,8 @@ class Runtime:
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        from gateway.admin import mount_admin
-
+        """Start everything; an HTTP app mounted on :attr:`http` before this (the admin API)
+        is served from the same listeners."""
         self.watchdog.start()
         await self.spool.open()
         from gateway.delivery.stormstore import SqliteStormStore
@@ -182,36 +152,21 @@ class Runtime:
         await self.storm.open()
         self.delivery.storm = self.storm
         self.storm.start()
-        self._apply_metrics(self.config)
-        for name in self.config.connectors:
-            self.slots[name] = ConnectorSlot(name, self._make(name, self.config),
-                                             inbound=name in self._inbound_names(self.config))
-        # Outbound first: every connector opens before any inbound listens.
-        await asyncio.gather(*(self._open(slot) for slot in self.slots.values()))
-        await self.delivery.start([n for n, s in self.slots.items() if type(s.connector).supports_outbound])
-        for slot in self.slots.values():
-            if slot.inbound and slot.task is None:
-                slot.task = asyncio.create_task(self._supervise(slot), name=f"connector-{slot.name}")
-        mount_admin(self)
-        # Give inbound connectors a moment to mount their HTTP apps before the listeners start.
-        await asyncio.sleep(0)
-        for _ in range(50):
-            if all(s.state != "starting" for s in self.slots.values() if s.inbound):
-                break
-            await asyncio.sleep(0.02)
+        self.apply_metrics(self.config)
+        await self.supervisor.start(self.config)
         await self.http.start()
         self._gauge_task = asyncio.create_task(self._gauges(), name="gauges")
         await self.reloader.started()
         event(self.log, "gateway.started", config=self.config.version, routes=len(self.config.router),
               connectors=",".join(self.slots))
 
-    def _apply_metrics(self, config: LoadedConfig) -> None:
+    def apply_metrics(self, config: LoadedConfig) -> None:
         """The config's gauges, and every counter series it makes knowable at 0 (a reload drops
         those of removed routes and connectors), so that alerts on ``increase()`` see the first event."""
         self.metrics.routes_loaded.set(len(config.router))
         self.metrics.config_info.clear()
         self.metrics.config_info.labels(config.version).set(1)
-        inbound = self._inbound_names(config)
+        inbound = inbound_names(config)
         targets = {r.name: {t.connector for t in r.targets} for r in config.router.routes}
         series = self.metrics.config_series(inbound=inbound, outbound=set(config.connectors) - inbound,
                                             targets=targets)
@@ -222,38 +177,11 @@ class Runtime:
         series[extra.dropped] = {(r, why) for r in targets for why in DROP_REASONS}
         self.metrics.start_at_zero(series)
 
-    async def _open(self, slot: ConnectorSlot) -> None:
-        try:
-            await slot.connector.open()
-            if not slot.inbound:
-                slot.state = "up"
-        except Exception as exc:
-            slot.state, slot.error = "down", f"open failed: {exc}"
-            event(self.log, "connector.down", logging.WARNING, connector=slot.name, error=str(exc))
-            if slot.task is None:
-                slot.task = asyncio.create_task(self._supervise(slot, opened=False), name=f"connector-{slot.name}")
-
-    async def _supervise(self, slot: ConnectorSlot, opened: bool = True) -> None:
-        """Open (if needed) and listen; on failure retry with backoff and jitter, forever."""
-        delay = 1.0
-        while not self.stopping:
-            try:
-                if not opened:
-                    await slot.connector.open()
-                    opened = True
-                if slot.inbound:
-                    await slot.connector.listen(self.delivery.deliver)
-                slot.state, slot.error = "up", ""
-                event(self.log, "connector.up", connector=slot.name)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                slot.state, slot.error = "down", str(exc)
-                event(self.log, "connector.down", logging.WARNING, connector=slot.name, error=str(exc),
-                      retry_in=round(delay, 1))
-                await asyncio.sleep(delay * (0.5 + self._rng.random() / 2))
-                delay = min(30.0, delay * 2)
+    def swap_config(self, new: LoadedConfig) -> None:
+        """Make ``new`` the running config and routing state in one step (no await): a message
+        already in the router finishes on the routes it started with."""
+        self.config = new
+        self.delivery.state = RoutingState(new.router, new.model.gateway.unmatched, new.version)
 
     async def _gauges(self) -> None:
         while True:
@@ -276,19 +204,12 @@ class Runtime:
         deadline = time.monotonic() + drain
         event(self.log, "gateway.stopping", drain=drain)
         self.metrics.ready.set(0)
-        for slot in self.slots.values():
-            if slot.task is not None and not slot.task.done():
-                slot.task.cancel()
-        inbound = [s for s in self.slots.values() if s.inbound]
-        await asyncio.gather(*(self._stop_listening(s, deadline) for s in inbound))
+        await self.supervisor.stop_listening(deadline)
         if self.storm is not None:
             await self.storm.stop()
         await self.delivery.drain(deadline)
         await self.http.stop()
-        for slot in self.slots.values():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(slot.connector.close(), timeout=5)
-            slot.state = "stopped"
+        await self.supervisor.close()
         if self._gauge_task:
             self._gauge_task.cancel()
         await self.spool.close()
@@ -296,13 +217,6 @@ class Runtime:
             await self.storm.store.close()
         await self.watchdog.stop()
         event(self.log, "gateway.stopped")
-
-    async def _stop_listening(self, slot: ConnectorSlot, deadline: float) -> None:
-        try:
-            await asyncio.wait_for(slot.connector.stop_listening(max(0.0, deadline - time.monotonic())),
-                                   timeout=max(0.1, deadline - time.monotonic() + 1))
-        except Exception as exc:
-            event(self.log, "connector.stop_failed", logging.WARNING, connector=slot.name, error=str(exc))
 
     # --- reload (see gateway.reload) -------------------------------------------------------
 
@@ -313,6 +227,95 @@ class Runtime:
     async def reload_from_file(self, by: str = "file") -> dict[str, Any]:
         """Re-read the config file; apply it if it changed. Raises ConfigError when invalid."""
         return await self.reloader.from_file(by)
+
+
+class RuntimeAdmin:
+    """The :class:`~gateway.admin.port.AdminPort` of a :class:`Runtime`: what the admin API reads
+    from and asks of it, by delegation to the runtime's parts."""
+
+    def __init__(self, runtime: Runtime):
+        self._rt = runtime
+
+    @property
+    def config(self) -> LoadedConfig:
+        return self._rt.config
+
+    @property
+    def config_path(self) -> str | None:
+        return self._rt.config_path
+
+    @property
+    def registry(self) -> Registry:
+        return self._rt.registry
+
+    @property
+    def started_at(self) -> float:
+        return self._rt.started_at
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._rt.metrics
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        return self._rt.readiness()
+
+    def connectors(self) -> dict[str, ConnectorStatus]:
+        out = {}
+        for name, slot in self._rt.supervisor.slots.items():
+            h = slot.health()
+            kind = type(slot.connector)
+            out[name] = ConnectorStatus(kind=kind.kind, up=h.up, detail=h.detail, state=slot.state,
+                                        inbound=slot.inbound, outbound=kind.supports_outbound)
+        return out
+
+    def circuit(self, connector: str) -> str:
+        return self._rt.delivery.circuit(connector)
+
+    def observe(self, fn: Callable[[Envelope, RoutingState, Outcome], None]) -> None:
+        self._rt.delivery.add_observer(fn)
+
+    def last_reload(self) -> dict[str, Any]:
+        return self._rt.reloader.status.as_dict()
+
+    def history(self) -> list[dict[str, Any]]:
+        return [e.as_dict() for e in self._rt.reloader.history.entries()]
+
+    def history_text(self, version: str) -> str | None:
+        return self._rt.reloader.history.text(version)
+
+    async def run_config_job(self, job: Callable[[], T]) -> T:
+        return await self._rt.reloader.worker.run(job)
+
+    async def reload_from_file(self, *, by: str) -> dict[str, Any]:
+        return await self._rt.reloader.from_file(by=by, wait=False)
+
+    async def save_and_apply(self, text: str, *, base: str, by: str, note: str = "") -> dict[str, Any]:
+        return await self._rt.reloader.save_and_apply(text, base=base, by=by, note=note)
+
+    async def restore_running(self, seen: str, running: LoadedConfig) -> str:
+        return await self._rt.reloader.restore_running(seen, running)
+
+    def record_refused(self, reason: str, *, by: str, base: str, status: int, version: str = "") -> None:
+        self._rt.reloader.record_refused(reason, by=by, base=base, status=status, version=version)
+
+    def record_invalid(self, exc: ConfigError, by: str, version: str = "") -> None:
+        self._rt.reloader.record_invalid(exc, by, version)
+
+    async def dead_letters(self, flt: DeadLetterFilter, limit: int) -> tuple[list[DeadLetter], int]:
+        spool = self._rt.spool
+        return await spool.dead_letters(flt, limit), await spool.count_dead_letters(flt)
+
+    async def dead_letter(self, dl_id: int) -> DeadLetter | None:
+        return await self._rt.spool.dead_letter_by_id(dl_id)
+
+    async def replay_dead_letters(self, ids: Sequence[int] | None, flt: DeadLetterFilter | None, *,
+                                  connector: str | None) -> int:
+        targets = await self._rt.spool.replay(ids, flt, connector=connector)
+        await self._rt.delivery.replayed(targets)
+        return len(targets)
+
+    async def purge_dead_letters(self, ids: Sequence[int] | None, flt: DeadLetterFilter | None) -> int:
+        return await self._rt.spool.purge(ids, flt)
 
 
 async def serve(config_path: str, registry: Registry | None = None) -> int:
@@ -333,6 +336,7 @@ async def serve(config_path: str, registry: Registry | None = None) -> int:
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
+        mount_admin(RuntimeAdmin(runtime), runtime.http)
         await runtime.start()
     except Exception as exc:
         event(runtime.log, "gateway.start_failed", logging.ERROR, error=str(exc))

@@ -10,9 +10,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from gateway.admin import mount_admin
 from gateway.config.loader import load_config
 from gateway.registry import Registry
-from gateway.runtime import Runtime
+from gateway.runtime import Runtime, RuntimeAdmin
 from tests.ports import free_port
 
 __all__ = ["free_port", "jsonl", "running_gateway", "wait_for", "write_config"]
@@ -52,12 +53,14 @@ async def running_gateway(
     tmp_path: Path, yaml_text: str, *, registry: Registry | None = None, wait_ready: bool = True,
     ready_timeout: float = 15.0,
 ) -> AsyncIterator[Runtime]:
-    """Start a Runtime on the config; yield it; stop it (draining) afterwards. ``wait_ready``
-    waits until it is ready *and* every connector is up: readiness leaves outbound ones out."""
+    """Start a Runtime with its admin API on the config; yield it; stop it (draining) afterwards.
+    ``wait_ready`` waits until it is ready *and* every connector is up: readiness leaves outbound
+    ones out."""
     path = write_config(tmp_path, yaml_text)
     registry = registry or Registry()
     config = load_config(str(path), registry)
     rt = Runtime(config, registry=registry, config_path=str(path))
+    mount_admin(RuntimeAdmin(rt), rt.http)
     await rt.start()
     try:
         if wait_ready:

@@ -19,7 +19,12 @@ carries ``If-Match: "<version>"``; an edit of a stale version answers ``409``),
 ``GET /api/overview`` (routes and connectors with health and counters) and ``GET /api/live``
 (the last messages per route).
 
-The package: :mod:`~gateway.admin.app` (the ASGI app, the probes and ``/metrics``),
+The admin API sees the running gateway only through :class:`~gateway.admin.port.AdminPort`
+(:mod:`~gateway.admin.port`): whoever starts the gateway implements it and calls
+:func:`mount_admin` before the HTTP listeners start.
+
+The package: :mod:`~gateway.admin.port` (what the API needs of the gateway),
+:mod:`~gateway.admin.app` (the ASGI app, the probes and ``/metrics``),
 :mod:`~gateway.admin.auth` (tokens, roles, sessions, the second factor),
 :mod:`~gateway.admin.api_config` (the config and history endpoints),
 :mod:`~gateway.admin.api_overview` with :mod:`~gateway.admin.live` (the overview and the live
@@ -41,12 +46,15 @@ from gateway.admin.auth import (
 )
 from gateway.admin.body import MAX_CONFIG_BYTES
 from gateway.admin.live import LiveLog
+from gateway.admin.port import AdminPort, ConnectorStatus
 
 __all__ = [
     "MAX_CONFIG_BYTES",
     "TOTP_DIGITS",
     "TOTP_STEP",
+    "AdminPort",
     "AuthState",
+    "ConnectorStatus",
     "FailureBudget",
     "LiveLog",
     "Principal",

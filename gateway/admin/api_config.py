@@ -1,6 +1,6 @@
 """The config API: read, validate, dry-run, save and apply routes.yaml, reload, history and rollback, schema.
 
-Every write goes through :meth:`~gateway.reload.Reloader.save_and_apply`: an edit carries
+Every write goes through :meth:`~gateway.admin.port.AdminPort.save_and_apply`: an edit carries
 ``If-Match: "<version>"`` and an edit of a stale version answers ``409``. An invalid config
 answers ``422`` with every problem and its line; the running routes stay. Both refusals are
 logged with who, what and why (``config.refused``, ``config.invalid``).
@@ -19,22 +19,20 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from gateway.admin.auth import Principal
 from gateway.admin.body import parse_json, read_body
+from gateway.admin.port import AdminPort
 from gateway.config.loader import LoadedConfig, load_config_text
 from gateway.config.yamlsrc import ConfigError, decode, load_data
 from gateway.history import unified_diff
 from gateway.logs import event
 from gateway.reload import ReloadFailed, ReloadRefused, merge_document, version_of
-from gateway.reload.worker import ConfigWorker, WorkerBusy
-
-if TYPE_CHECKING:
-    from gateway.runtime import Runtime
+from gateway.reload.worker import WorkerBusy
 
 _log = logging.getLogger("gateway.admin")
 
@@ -45,10 +43,8 @@ MAX_SAMPLES = 100
 MAX_TESTS = 1000
 
 
-def config_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> None:
+def config_api(app: FastAPI, runtime: AdminPort, auth: Any, editor: Any) -> None:
     """``/api/config``, ``/api/routes`` (and its validate, test), ``/api/reload``, ``/api/history``, ``/api/schema``."""
-    reloader = runtime.reloader
-    worker = reloader.worker
 
     async def config_body(request: Request) -> bytes:
         return await read_body(request, runtime.config.model.gateway.admin.max_config_bytes)
@@ -58,8 +54,8 @@ def config_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> None:
         cfg = runtime.config
         response.headers["ETag"] = f'"{cfg.version}"'
         return {"version": cfg.version, "path": runtime.config_path, "routes": len(cfg.router),
-                "connectors": sorted(cfg.connectors), "last_reload": reloader.status.as_dict(),
-                "history": [e.as_dict() for e in reloader.history.entries()]}
+                "connectors": sorted(cfg.connectors), "last_reload": runtime.last_reload(),
+                "history": runtime.history()}
 
     @app.get("/api/routes", response_model=None)
     async def routes(request: Request, _: Principal = Depends(auth)) -> Any:  # noqa: B008
@@ -67,7 +63,7 @@ def config_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> None:
         etag = {"ETag": f'"{cfg.version}"'}
         if "yaml" in request.headers.get("accept", "") or request.query_params.get("format") == "yaml":
             return PlainTextResponse(cfg.source.text, media_type="application/yaml", headers=etag)
-        body = await _work(worker, functools.partial(_routes_json, cfg))
+        body = await _work(runtime, functools.partial(_routes_json, cfg))
         return Response(body, media_type="application/json", headers=etag)
 
     @app.put("/api/routes")
@@ -77,12 +73,12 @@ def config_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> None:
         job = functools.partial(_candidate_text, raw, request.headers.get("content-type", ""),
                                 runtime.config.source.text, runtime.config_path or "routes.yaml")
         try:
-            text = await worker.run(job)
+            text = await runtime.run_config_job(job)
         except WorkerBusy as exc:
-            reloader.record_refused(str(exc), by=p.name, base=base, status=503)
+            runtime.record_refused(str(exc), by=p.name, base=base, status=503)
             raise _busy(exc) from None
         except ConfigError as exc:
-            reloader.record_invalid(exc, p.name)
+            runtime.record_invalid(exc, p.name)
             return _invalid(exc)
         return await _save(text, base, p, "")
 
@@ -90,17 +86,17 @@ def config_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> None:
     async def validate(request: Request, _: Principal = Depends(auth)) -> JSONResponse:  # noqa: B008
         raw = await config_body(request)
         job = functools.partial(_validate, runtime, runtime.config, raw, request.headers.get("content-type", ""))
-        return await _work(worker, job)
+        return await _work(runtime, job)
 
     @app.post("/api/routes/test")
     async def test_routes(request: Request, _: Principal = Depends(auth)) -> JSONResponse:  # noqa: B008
         raw = await config_body(request)
-        return await _work(worker, functools.partial(_test_routes, runtime, runtime.config, raw))
+        return await _work(runtime, functools.partial(_test_routes, runtime, runtime.config, raw))
 
     @app.post("/api/reload")
     async def reload_file(p: Principal = Depends(editor)) -> JSONResponse:  # noqa: B008
         try:
-            result = await reloader.from_file(by=p.name, wait=False)
+            result = await runtime.reload_from_file(by=p.name)
         except WorkerBusy as exc:
             raise _busy(exc) from None
         except ConfigError as exc:
@@ -113,7 +109,7 @@ def config_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> None:
 
     @app.get("/api/history")
     async def history(_: Principal = Depends(auth)) -> dict[str, Any]:  # noqa: B008
-        return {"running": runtime.config.version, "entries": [e.as_dict() for e in reloader.history.entries()]}
+        return {"running": runtime.config.version, "entries": runtime.history()}
 
     @app.get("/api/history/diff")
     async def history_diff(
@@ -122,7 +118,7 @@ def config_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> None:
     ) -> dict[str, Any]:
         to = to or runtime.config.version
         old, new = _history_text(runtime, from_), _history_text(runtime, to)
-        diff = await _work(worker, functools.partial(unified_diff, old, new, from_, to))
+        diff = await _work(runtime, functools.partial(unified_diff, old, new, from_, to))
         return {"from": from_, "to": to, "diff": diff}
 
     @app.get("/api/history/{version}", response_model=None)
@@ -152,9 +148,9 @@ def config_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> None:
 
     async def _save(text: str, base: str, p: Principal, note: str) -> JSONResponse:
         try:
-            result = await reloader.save_and_apply(text, base=base, by=p.name, note=note)
+            result = await runtime.save_and_apply(text, base=base, by=p.name, note=note)
         except WorkerBusy as exc:
-            reloader.record_refused(str(exc), by=p.name, base=base, status=503, version=version_of(text))
+            runtime.record_refused(str(exc), by=p.name, base=base, status=503, version=version_of(text))
             raise _busy(exc) from None
         except ConfigError as exc:
             return _invalid(exc)
@@ -175,10 +171,10 @@ def _busy(exc: WorkerBusy) -> HTTPException:
     return HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
 
 
-async def _work(worker: ConfigWorker, job: Callable[[], T]) -> T:
+async def _work(runtime: AdminPort, job: Callable[[], T]) -> T:
     """``job()`` in the config worker; 503 + Retry-After when its queue is full."""
     try:
-        return await worker.run(job)
+        return await runtime.run_config_job(job)
     except WorkerBusy as exc:
         raise _busy(exc) from None
 
@@ -207,7 +203,7 @@ def _routes_json(cfg: LoadedConfig) -> bytes:
     }, default=str).encode("utf-8")
 
 
-def _validate(runtime: Runtime, running: LoadedConfig, raw: bytes, content_type: str) -> JSONResponse:
+def _validate(runtime: AdminPort, running: LoadedConfig, raw: bytes, content_type: str) -> JSONResponse:
     out: dict[str, Any] = {"version": "", "running": running.version, "diff": ""}
     try:
         text = _candidate_text(raw, content_type, running.source.text, runtime.config_path or "routes.yaml")
@@ -220,7 +216,7 @@ def _validate(runtime: Runtime, running: LoadedConfig, raw: bytes, content_type:
                          "connectors": sorted(cfg.connectors)})
 
 
-def _test_routes(runtime: Runtime, running: LoadedConfig, raw: bytes) -> JSONResponse:
+def _test_routes(runtime: AdminPort, running: LoadedConfig, raw: bytes) -> JSONResponse:
     from gateway.dryrun import SampleError, dry_run, run_tests, sample_envelope
 
     body = parse_json(raw)
@@ -254,16 +250,16 @@ def _test_routes(runtime: Runtime, running: LoadedConfig, raw: bytes) -> JSONRes
     return JSONResponse({"version": cfg.version, "sent": False, "results": results})
 
 
-def _candidate(runtime: Runtime, text: str) -> LoadedConfig:
+def _candidate(runtime: AdminPort, text: str) -> LoadedConfig:
     path = runtime.config_path or "routes.yaml"
     return load_config_text(text, file=path, base_dir=os.path.dirname(os.path.abspath(path)),
                             registry=runtime.registry)
 
 
-def _history_text(runtime: Runtime, version: str) -> str:
+def _history_text(runtime: AdminPort, version: str) -> str:
     if version == runtime.config.version:
         return runtime.config.source.text
-    text = runtime.reloader.history.text(version)
+    text = runtime.history_text(version)
     if text is None:
         raise HTTPException(404, f"version {version!r} is not in the history")
     return text

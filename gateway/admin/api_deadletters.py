@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import logging
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 
 from gateway.admin.auth import Principal
 from gateway.admin.body import read_json
+from gateway.admin.port import AdminPort
 from gateway.logs import event
 
-if TYPE_CHECKING:
-    from gateway.runtime import Runtime
+#: The logger of the gateway's own events (who replayed or purged what).
+_log = logging.getLogger("gateway")
 
 
-def dead_letters_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> None:
+def dead_letters_api(app: FastAPI, runtime: AdminPort, auth: Any, editor: Any) -> None:
     """``GET /api/dead-letters``, ``GET /api/dead-letters/{id}``, ``POST .../replay`` and ``POST .../purge``."""
 
     @app.get("/api/dead-letters")
@@ -29,15 +31,14 @@ def dead_letters_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> 
 
         flt = DeadLetterFilter(route, connector, reason, envelope_id, since, until)
         try:
-            items = await runtime.spool.dead_letters(flt, limit)
-            total = await runtime.spool.count_dead_letters(flt)
+            items, total = await runtime.dead_letters(flt, limit)
         except SpoolError as exc:
             raise HTTPException(503, f"the spool cannot be read now: {exc}") from None
         return {"dead_letters": [dl.summary(d) for d in items], "total": total}
 
     @app.get("/api/dead-letters/{dl_id}")
     async def dead_letter(dl_id: int, _: Principal = Depends(auth)) -> dict[str, Any]:  # noqa: B008
-        item = await runtime.spool.dead_letter_by_id(dl_id)
+        item = await runtime.dead_letter(dl_id)
         if item is None:
             raise HTTPException(404, f"no dead letter {dl_id}")
         return item.as_dict()
@@ -56,16 +57,15 @@ def dead_letters_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> 
             raise HTTPException(422, str(exc)) from None
         to = body.get("connector")
         if to is not None:
-            slot = runtime.slots.get(to) if isinstance(to, str) else None
-            if slot is None or not type(slot.connector).supports_outbound:
+            target = runtime.connectors().get(to) if isinstance(to, str) else None
+            if target is None or not target.outbound:
                 raise HTTPException(422, f"connector {to!r} is not a configured outbound connector")
         try:
-            targets = await runtime.spool.replay(ids, flt, connector=to)
+            count = await runtime.replay_dead_letters(ids, flt, connector=to)
         except SpoolError as exc:
             raise HTTPException(503, f"the spool cannot take the replay now: {exc}") from None
-        await runtime.delivery.replayed(targets)
-        event(runtime.log, "dead_letters.replayed", by=p.name, count=len(targets), to=to or "")
-        return {"replayed": len(targets)}
+        event(_log, "dead_letters.replayed", by=p.name, count=count, to=to or "")
+        return {"replayed": count}
 
     @app.post("/api/dead-letters/purge")
     async def purge(request: Request, p: Principal = Depends(editor)) -> dict[str, Any]:  # noqa: B008
@@ -79,8 +79,8 @@ def dead_letters_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> 
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
         try:
-            n = await runtime.spool.purge(ids, flt)
+            n = await runtime.purge_dead_letters(ids, flt)
         except SpoolError as exc:
             raise HTTPException(503, f"the spool cannot purge now: {exc}") from None
-        event(runtime.log, "dead_letters.purged", by=p.name, count=n)
+        event(_log, "dead_letters.purged", by=p.name, count=n)
         return {"purged": n}

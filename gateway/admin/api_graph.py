@@ -28,22 +28,19 @@ import functools
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from gateway.admin.auth import Principal
 from gateway.admin.body import read_body
+from gateway.admin.port import AdminPort
 from gateway.config.loader import load_config_text
 from gateway.config.yamlsrc import ConfigError, Source, decode, load_text
-from gateway.history import atomic_write
 from gateway.logs import event
 from gateway.reload import ReloadFailed, ReloadRefused, version_of
 from gateway.reload.worker import WorkerBusy
-
-if TYPE_CHECKING:
-    from gateway.runtime import Runtime
 
 _log = logging.getLogger("gateway.admin")
 
@@ -52,19 +49,18 @@ T = TypeVar("T")
 _STORM = ("alarm", "dedupe", "throttle", "digest")
 
 
-def graph_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> None:
+def graph_api(app: FastAPI, runtime: AdminPort, auth: Any, editor: Any) -> None:
     """``GET|POST /api/graph`` and ``GET|PUT /api/config/file``."""
-    reloader = runtime.reloader
     cached: dict[str, dict[str, Any]] = {}
 
     async def work(job: Callable[[], T]) -> T:
         try:
-            return await reloader.worker.run(job)
+            return await runtime.run_config_job(job)
         except WorkerBusy as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
 
     def inbound() -> set[str]:
-        return {name for name, slot in runtime.slots.items() if slot.inbound}
+        return {name for name, c in runtime.connectors().items() if c.inbound}
 
     @app.get("/api/graph")
     async def running_graph(_: Principal = Depends(auth)) -> dict[str, Any]:  # noqa: B008
@@ -113,26 +109,17 @@ def graph_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> None:
             return JSONResponse({"detail": f"the text is invalid ({len(errors)} problem(s)); the file is unchanged",
                                  "errors": errors}, status_code=422)
         running = runtime.config
-        async with reloader.lock:
-            on_disk = await asyncio.to_thread(_read, path)
-            if version_of(on_disk) != seen:
-                raise HTTPException(409, f"{os.path.basename(path)} changed again (version {version_of(on_disk)} "
-                                         f"is on disk, not {seen}); look at it again")
-            if running is not runtime.config:
-                raise HTTPException(409, f"version {runtime.config.version} was applied meanwhile; look again")
-            try:
-                await asyncio.to_thread(atomic_write, path, running.source.text)
-            except OSError as exc:
-                raise HTTPException(409, f"cannot write {path}: {exc.strerror or exc} (is it a read-only "
-                                         "ConfigMap? change it at its source)") from None
-            reloader.seen_on_disk = running.version
-        event(_log, "config.file_replaced", logging.WARNING, by=p.name, replaced=version_of(on_disk),
+        try:
+            replaced = await runtime.restore_running(seen, running)
+        except ReloadRefused as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        event(_log, "config.file_replaced", logging.WARNING, by=p.name, replaced=replaced,
               version=version_of(text), running=running.version)
         if text == running.source.text:
             return JSONResponse({"outcome": "restored", "version": running.version})
         try:
-            result = await reloader.save_and_apply(text, base=running.version, by=p.name,
-                                                   note=f"replaces the hand edit {version_of(on_disk)}")
+            result = await runtime.save_and_apply(text, base=running.version, by=p.name,
+                                                  note=f"replaces the hand edit {replaced}")
         except WorkerBusy as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
         except ConfigError as exc:
@@ -145,7 +132,7 @@ def graph_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any) -> None:
         return JSONResponse(result, headers={"ETag": f'"{result["version"]}"'})
 
 
-def _path(runtime: Runtime) -> str:
+def _path(runtime: AdminPort) -> str:
     if not runtime.config_path:
         raise HTTPException(404, "this gateway was started without a config file")
     return runtime.config_path
@@ -164,7 +151,7 @@ def _invalid(exc: ConfigError) -> JSONResponse:
                          "errors": [i.as_dict() for i in exc.issues]}, status_code=422)
 
 
-def _problems(runtime: Runtime, text: str) -> list[dict[str, Any]]:
+def _problems(runtime: AdminPort, text: str) -> list[dict[str, Any]]:
     path = runtime.config_path or "routes.yaml"
     try:
         load_config_text(text, file=path, base_dir=os.path.dirname(os.path.abspath(path)), registry=runtime.registry)

@@ -9,18 +9,16 @@ attempts ``failed``: the edges of the flow picture.
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query
 
 from gateway.admin.auth import Principal
 from gateway.admin.live import LiveLog
-
-if TYPE_CHECKING:
-    from gateway.runtime import Runtime
+from gateway.admin.port import AdminPort
 
 
-def overview_api(app: FastAPI, runtime: Runtime, auth: Any, editor: Any, live: LiveLog) -> None:
+def overview_api(app: FastAPI, runtime: AdminPort, auth: Any, editor: Any, live: LiveLog) -> None:
     """``GET /api/overview``, ``GET /api/live`` and, for editors, a recorded message as a sample."""
 
     @app.get("/api/overview")
@@ -52,7 +50,7 @@ def _edge(edges: dict[str, dict[str, dict[str, float]]], labels: dict[str, str])
     return edges[labels["route"]].setdefault(labels["connector"], {"delivered": 0.0, "failed": 0.0})
 
 
-def _overview(runtime: Runtime) -> dict[str, Any]:
+def _overview(runtime: AdminPort) -> dict[str, Any]:
     m = runtime.metrics
     routed: dict[str, dict[str, float]] = collections.defaultdict(dict)
     for labels, value in _samples(m.routed):
@@ -78,11 +76,10 @@ def _overview(runtime: Runtime) -> dict[str, Any]:
                        "delivered": delivered.get(r.name, 0), "failed": failed.get(r.name, 0),
                        "outcomes": counts, "targets_sent": edges.get(r.name, {})})
     connectors = {}
-    for name, slot in runtime.slots.items():
-        h = slot.health()
-        connectors[name] = {"type": type(slot.connector).kind, "up": h.up, "detail": h.detail, "state": slot.state,
-                            "inbound": slot.inbound, "received": received.get(name, 0), "sent": sent.get(name, 0)}
+    for name, c in runtime.connectors().items():
+        connectors[name] = {"type": c.kind, "up": c.up, "detail": c.detail, "state": c.state,
+                            "inbound": c.inbound, "received": received.get(name, 0), "sent": sent.get(name, 0)}
     unmatched = routed.get("", {}).get("unmatched", 0)
     return {"version": runtime.config.version, "routes": routes, "connectors": connectors, "unmatched": unmatched,
-            "last_reload": runtime.reloader.status.as_dict()}
+            "last_reload": runtime.last_reload()}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -15,17 +15,16 @@ from gateway.admin.api_graph import graph_api
 from gateway.admin.api_overview import overview_api
 from gateway.admin.auth import AuthState, Principal, login_api, make_auth, make_editor
 from gateway.admin.live import LiveLog
+from gateway.admin.port import AdminPort
 from gateway.admin.ui import editor_ui
+from gateway.contract import HttpMount
 from gateway.logs import event
 from gateway.metrics import CONTENT_TYPE
-
-if TYPE_CHECKING:
-    from gateway.runtime import Runtime
 
 _log = logging.getLogger("gateway.admin")
 
 
-def build_admin(runtime: Runtime, live: LiveLog | None = None) -> FastAPI:
+def build_admin(runtime: AdminPort, live: LiveLog | None = None) -> FastAPI:
     app = FastAPI(title="gateway admin", version="1", docs_url="/api/docs", openapi_url="/api/openapi.json",
                   redoc_url=None)
     auth_state = AuthState()
@@ -42,7 +41,7 @@ def build_admin(runtime: Runtime, live: LiveLog | None = None) -> FastAPI:
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz(request: Request) -> JSONResponse:
-        """Can this pod accept work now (see :meth:`Runtime.readiness`)? ``?verbose`` adds every
+        """Can this pod accept work now (see :meth:`AdminPort.readiness`)? ``?verbose`` adds every
         connector, outbound ones included, which never make the pod unready."""
         ready, detail = runtime.readiness()
         if "verbose" not in request.query_params:
@@ -62,10 +61,9 @@ def build_admin(runtime: Runtime, live: LiveLog | None = None) -> FastAPI:
     @app.get("/api/connectors")
     async def connectors(_: Principal = Depends(auth)) -> dict[str, Any]:  # noqa: B008
         out = {}
-        for name, slot in runtime.slots.items():
-            h = slot.health()
-            out[name] = {"type": type(slot.connector).kind, "up": h.up, "detail": h.detail, "state": slot.state,
-                         "inbound": slot.inbound, "circuit": runtime.delivery.circuit(name)}
+        for name, c in runtime.connectors().items():
+            out[name] = {"type": c.kind, "up": c.up, "detail": c.detail, "state": c.state,
+                         "inbound": c.inbound, "circuit": runtime.circuit(name)}
         return {"connectors": out}
 
     dead_letters_api(app, runtime, auth, editor)
@@ -74,7 +72,8 @@ def build_admin(runtime: Runtime, live: LiveLog | None = None) -> FastAPI:
     return app
 
 
-def mount_admin(runtime: Runtime) -> None:
+def mount_admin(runtime: AdminPort, http: HttpMount) -> None:
+    """Serve the admin app on ``gateway.admin.listen`` through ``http`` (before the listeners start)."""
     live = LiveLog()
-    runtime.delivery.add_observer(live.observe)
-    runtime.http.mount(runtime.config.model.gateway.admin.listen, "/", build_admin(runtime, live), owner="admin")
+    runtime.observe(live.observe)
+    http.mount(runtime.config.model.gateway.admin.listen, "/", build_admin(runtime, live), owner="admin")

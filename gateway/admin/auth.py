@@ -58,7 +58,7 @@ from gateway.config.models import AdminSettings, AdminToken, current_secret
 from gateway.logs import event
 
 if TYPE_CHECKING:
-    from gateway.runtime import Runtime
+    from gateway.admin.port import AdminPort
 
 _log = logging.getLogger("gateway.admin")
 
@@ -341,7 +341,7 @@ def _refuse_if_throttled(auth_state: AuthState, client: str) -> None:
                             headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
 
-def make_auth(runtime: Runtime, state: AuthState | None = None) -> Any:
+def make_auth(runtime: AdminPort, state: AuthState | None = None) -> Any:
     auth_state = state or AuthState()
 
     # async: runs on the loop, so the state above is never touched from two threads at once
@@ -383,7 +383,7 @@ def make_editor(auth: Any) -> Any:
     return editor
 
 
-def login_api(app: FastAPI, runtime: Runtime, auth: Any, auth_state: AuthState) -> None:
+def login_api(app: FastAPI, runtime: AdminPort, auth: Any, auth_state: AuthState) -> None:
     """``POST /api/login``, ``POST /api/logout`` and ``GET /api/whoami``."""
 
     @app.post("/api/login")

@@ -37,7 +37,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.contract import Connector, Outcome, PermanentError, Reply, Status, TransientError
 from gateway.deadlines import Deadlines
@@ -49,6 +49,9 @@ from gateway.logs import event
 from gateway.metrics import Metrics
 from gateway.routing.router import CompiledRoute, MessageScope, Planned
 from gateway.routing.templates import TemplateError
+
+if TYPE_CHECKING:
+    from gateway.routing.storm import StormControl
 
 __all__ = ["Delivery", "DeliveryMetrics", "DeliveryOptions", "RoutingState"]
 
@@ -97,8 +100,8 @@ class Delivery:
         self._claims: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._closing = False
         self._forgot_at = 0.0
-        #: Alert-storm control (gateway.routing.storm.StormControl), set by the runtime.
-        self.storm: Any = None
+        #: Alert-storm control, set by the runtime.
+        self.storm: StormControl | None = None
         self._observers: list[Callable[[Envelope, RoutingState, Outcome], None]] = []
 
     def add_observer(self, fn: Callable[[Envelope, RoutingState, Outcome], None]) -> None:
@@ -232,10 +235,12 @@ class Delivery:
                     undo()
                 return Outcome.rejected(env.id, d.error, code=422)
         outcome = await self._deliver_plans(env, key, direct, spooled, dead, wants_reply)
-        if outcome.acknowledge and folds:
+        storm = self.storm  # folds are only collected while it is set
+        if outcome.acknowledge and folds and storm is not None:
             try:
                 for route, fold_key in folds:
-                    await self.storm.fold(route.storm, fold_key, env)
+                    if route.storm is not None:
+                        await storm.fold(route.storm, fold_key, env)
                     self.metrics.routed.labels(route.name, "digested").inc()
             except Exception as exc:  # the digest store failed: the sender must retry
                 outcome = self._refuse(env, "storm_state", "cannot store the message now", error=str(exc))

@@ -20,22 +20,21 @@ which applies one change at a time under a lock:
    ``/api/config``, in ``gateway_config_info`` and in the history.
 
 The package: :mod:`~gateway.reload.plan` (what a change does to the connectors, pure),
-:mod:`~gateway.reload.reloader` (the apply), :mod:`~gateway.reload.mounts` (shared HTTP paths
-across a restart), :mod:`~gateway.reload.watch` (the file on disk),
+:mod:`~gateway.reload.reloader` (one change at a time: validate, plan, have the
+:class:`~gateway.supervisor.Supervisor` apply it, record), :mod:`~gateway.reload.watch` (the file on disk),
 :mod:`~gateway.reload.merge` (round-trip edits of routes.yaml) and
 :mod:`~gateway.reload.worker` (the thread that parses and validates candidates, off the event loop).
 """
 
 from gateway.reload.merge import merge_document
-from gateway.reload.mounts import Mounts
 from gateway.reload.plan import Plan, inbound_names, plan_reload
-from gateway.reload.reloader import Reloader, ReloadFailed, ReloadRefused, Status, version_of
+from gateway.reload.reloader import Reloader, ReloadFailed, ReloadHost, ReloadRefused, Status, version_of
 from gateway.reload.watch import check_file, watch
 
 __all__ = [
-    "Mounts",
     "Plan",
     "ReloadFailed",
+    "ReloadHost",
     "ReloadRefused",
     "Reloader",
     "Status",

@@ -1,11 +1,12 @@
 """The reloader: applies a validated config to the running gateway, one change at a time.
 
-It opens what the new config adds, drains what it replaces or removes, swaps the routing state
-in one assignment, and records the outcome (:class:`Status`, the history, metrics and log
-events). Its errors: :class:`ReloadRefused` (the change cannot be applied now) and
-:class:`ReloadFailed` (applying it failed part-way); :class:`~gateway.reload.worker.WorkerBusy`
-when the admin API asks while the config worker, which parses and validates every candidate
-off the event loop, is full.
+It plans each change (:mod:`~gateway.reload.plan`), has the gateway's
+:class:`~gateway.supervisor.Supervisor` open what the new config adds, drain what it replaces or
+removes and swap the routing state in one assignment, and records the outcome (:class:`Status`,
+the history, metrics and log events). Its errors: :class:`ReloadRefused` (the change cannot be
+applied now) and :class:`ReloadFailed` (applying it failed part-way);
+:class:`~gateway.reload.worker.WorkerBusy` when the admin API asks while the config worker, which
+parses and validates every candidate off the event loop, is full.
 
 Every edit it refuses (a stale base, changes on disk that are not live, an invalid config, a
 file it cannot write) is logged with who asked, what (the candidate's version) and why, as
@@ -21,20 +22,19 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.config.loader import LoadedConfig, load_config, load_config_text
 from gateway.config.yamlsrc import ConfigError
-from gateway.contract import Connector
-from gateway.delivery.engine import RoutingState
 from gateway.history import History, atomic_write
 from gateway.logs import event
-from gateway.reload.mounts import Mounts
-from gateway.reload.plan import Plan, inbound_names, plan_reload
+from gateway.metrics import Metrics
+from gateway.registry import Registry
+from gateway.reload.plan import plan_reload
 from gateway.reload.worker import ConfigWorker
 
 if TYPE_CHECKING:
-    from gateway.runtime import ConnectorSlot, Runtime
+    from gateway.supervisor import Supervisor
 
 
 def version_of(text: str) -> str:
@@ -71,28 +71,52 @@ class Status:
                 "errors": self.errors, "result": self.result}
 
 
-class Reloader:
-    """Applies config changes to a running :class:`~gateway.runtime.Runtime`, one at a time."""
+class ReloadHost(Protocol):
+    """What the reloader needs of the running gateway (:class:`~gateway.runtime.Runtime` is one)."""
 
-    def __init__(self, runtime: Runtime, *, history_dir: str | None = None):
-        self.rt = runtime
+    @property
+    def config(self) -> LoadedConfig: ...
+    @property
+    def config_path(self) -> str | None: ...
+    @property
+    def registry(self) -> Registry: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def supervisor(self) -> Supervisor: ...
+
+    def swap_config(self, new: LoadedConfig) -> None:
+        """Make ``new`` the running config and routing state, in one step with no await."""
+
+    def apply_metrics(self, config: LoadedConfig) -> None:
+        """Set the gauges and the zero series of ``config``."""
+
+
+class Reloader:
+    """Applies config changes to a running gateway, one at a time.
+
+    It computes the :class:`~gateway.reload.plan.Plan` of each change and asks the host's
+    :class:`~gateway.supervisor.Supervisor` to apply it.
+    """
+
+    def __init__(self, host: ReloadHost, *, history_dir: str | None = None):
+        self.host = host
         self.log = logging.getLogger("gateway.reload")
         self.lock = asyncio.Lock()
         self.worker = ConfigWorker()
-        self.mounts = Mounts(runtime.http)
-        state_dir = runtime.config.model.gateway.state_dir
+        state_dir = host.config.model.gateway.state_dir
         self.history = History(history_dir if history_dir is not None else os.path.join(state_dir, ".history"),
                                log=self.log)
-        self.status = Status(version=runtime.config.version)
+        self.status = Status(version=host.config.version)
         #: Content hash of the last file contents a watcher acted on (so one bad save logs once).
-        self.seen_on_disk = runtime.config.version
+        self.seen_on_disk = host.config.version
 
     # --- entry points ------------------------------------------------------------------------
 
     async def started(self) -> None:
         """Record the startup version in the history (unless it is already the newest)."""
         latest = self.history.latest()
-        cfg = self.rt.config
+        cfg = self.host.config
         if latest is None or latest.version != cfg.version:
             await asyncio.to_thread(self.history.record, cfg.version, cfg.source.text, "startup")
 
@@ -102,7 +126,7 @@ class Reloader:
         path = self._path()
         async with self.lock:
             try:
-                new = await self.worker.run(functools.partial(load_config, path, self.rt.registry), wait=wait)
+                new = await self.worker.run(functools.partial(load_config, path, self.host.registry), wait=wait)
             except ConfigError as exc:
                 self.record_invalid(exc, by)
                 raise
@@ -122,7 +146,7 @@ class Reloader:
         """
         path = self._path()
         async with self.lock:
-            running = self.rt.config.version
+            running = self.host.config.version
             candidate = version_of(text)
             if base != running:
                 raise self._refused(ReloadRefused(
@@ -141,7 +165,7 @@ class Reloader:
             try:
                 new = await self.worker.run(functools.partial(
                     load_config_text, text, file=path, base_dir=os.path.dirname(os.path.abspath(path)),
-                    registry=self.rt.registry))
+                    registry=self.host.registry))
             except ConfigError as exc:
                 self.record_invalid(exc, by, candidate)
                 raise
@@ -158,25 +182,50 @@ class Reloader:
             self.seen_on_disk = new.version
             return await self._apply(new, by, note)
 
+    async def restore_running(self, seen: str, running: LoadedConfig) -> str:
+        """Write the running config's text over the file on disk (a hand edit that is not live),
+        provided the file still holds version ``seen`` and ``running`` is still the running
+        config; returns the replaced version. :class:`ReloadRefused` (409; 503 when the file
+        cannot be read) otherwise."""
+        path = self._path()
+        async with self.lock:
+            try:
+                on_disk = await asyncio.to_thread(_read_lenient, path)
+            except OSError as exc:
+                raise ReloadRefused(f"cannot read {path}: {exc.strerror}", status=503) from None
+            if version_of(on_disk) != seen:
+                raise ReloadRefused(f"{os.path.basename(path)} changed again (version {version_of(on_disk)} "
+                                    f"is on disk, not {seen}); look at it again")
+            if running is not self.host.config:
+                raise ReloadRefused(f"version {self.host.config.version} was applied meanwhile; look again")
+            try:
+                await asyncio.to_thread(atomic_write, path, running.source.text)
+            except OSError as exc:
+                raise ReloadRefused(f"cannot write {path}: {exc.strerror or exc} (is it a read-only "
+                                    "ConfigMap? change it at its source)") from None
+            self.seen_on_disk = running.version
+        return version_of(on_disk)
+
     # --- the apply -----------------------------------------------------------------------------
 
     async def _apply(self, new: LoadedConfig, by: str, note: str = "") -> dict[str, Any]:
-        rt = self.rt
-        old = rt.config
+        host = self.host
+        old = host.config
         if new.version == old.version:
             return self._unchanged(new, by)
         plan = plan_reload(old, new)
         deadline = time.monotonic() + new.model.gateway.drain
         started = time.monotonic()
         try:
-            new_slots = await self._apply_connectors(old, new, plan, deadline)
+            new_slots = await host.supervisor.apply(plan, new, deadline=deadline,
+                                                    swap=lambda: host.swap_config(new))
         except Exception as exc:
-            rt.metrics.reloads.labels("failed").inc()
+            host.metrics.reloads.labels("failed").inc()
             self.status = Status("failed", new.version, by=by, errors=[{"message": f"{type(exc).__name__}: {exc}"}])
             event(self.log, "config.failed", logging.ERROR, by=by, version=new.version, error=str(exc))
             raise ReloadFailed(str(exc)) from exc
-        rt._apply_metrics(new)
-        rt.metrics.reloads.labels("applied").inc()
+        host.apply_metrics(new)
+        host.metrics.reloads.labels("applied").inc()
         await asyncio.to_thread(self.history.record, new.version, new.source.text, by, note)
         result: dict[str, Any] = {
             "outcome": "applied", "version": new.version, "previous": old.version, "by": by,
@@ -195,83 +244,6 @@ class Reloader:
                   settings=",".join(plan.restart_required))
         return result
 
-    async def _apply_connectors(self, old: LoadedConfig, new: LoadedConfig, plan: Plan,
-                                deadline: float) -> dict[str, ConnectorSlot]:
-        from gateway.runtime import ConnectorSlot
-
-        rt = self.rt
-        new_in = inbound_names(new)
-        # 1. Added connectors open first: the new routes may name them from the first message on.
-        added = {n: ConnectorSlot(n, self._make(n, new), inbound=n in new_in) for n in sorted(plan.added)}
-        await asyncio.gather(*(rt._open(s) for s in added.values()))
-        # 2. What is replaced or removed stops taking messages and drains its in-flight ones.
-        retiring = [rt.slots[n] for n in sorted(plan.restart | plan.removed) if n in rt.slots]
-        for slot in retiring:
-            slot.connector.ctx.http = self.mounts.retiring()
-            if slot.task is not None and not slot.task.done():
-                slot.task.cancel()
-        quiet = [rt.slots[n] for n in sorted(plan.stop_listening)]
-        await asyncio.gather(*(rt._stop_listening(s, deadline) for s in [*retiring, *quiet] if s.inbound))
-        for slot in quiet:
-            slot.inbound = False
-        # 3. The swap: one assignment, no await in between. In-flight messages keep their snapshot.
-        rt.config = new
-        rt.delivery.state = RoutingState(new.router, new.model.gateway.unmatched, new.version)
-        rt.slots.update(added)
-        # 4. Drain the sends of what is replaced or removed, close it, open the replacement.
-        await asyncio.gather(*(self._retire(s, removed=s.name in plan.removed, deadline=deadline)
-                               for s in retiring))
-        replaced = {n: ConnectorSlot(n, self._make(n, new), inbound=n in new_in) for n in sorted(plan.restart)}
-        await asyncio.gather(*(rt._open(s) for s in replaced.values()))
-        for name in plan.removed:
-            rt.slots.pop(name, None)
-        rt.slots.update(replaced)
-        fresh = {**added, **replaced}
-        # 5. Listen: replacements, additions, and unchanged connectors that became a route's source.
-        for name in sorted(set(fresh) | plan.start_listening):
-            slot = rt.slots[name]
-            if name in plan.start_listening:
-                slot.inbound = True
-            if slot.inbound and slot.state != "down" and (slot.task is None or slot.task.done()):
-                slot.task = asyncio.create_task(rt._supervise(slot), name=f"connector-{name}")
-        await rt.delivery.start([n for n, s in fresh.items() if type(s.connector).supports_outbound])
-        await rt.http.start()
-        listening = [rt.slots[n] for n in sorted(set(fresh) | plan.start_listening) if rt.slots[n].inbound]
-        end = time.monotonic() + 5.0
-        while any(s.state == "starting" for s in listening) and time.monotonic() < end:
-            await asyncio.sleep(0.02)
-        self.mounts.clear_placeholders()
-        return {n: rt.slots[n] for n in sorted(set(fresh) | plan.start_listening)}
-
-    def _make(self, name: str, config: LoadedConfig) -> Connector:
-        conn = self.rt._make(name, config)
-        conn.ctx.http = self.mounts.for_connector()
-        return conn
-
-    async def _retire(self, slot: ConnectorSlot, *, removed: bool, deadline: float) -> None:
-        """Let the sends in flight on the connector finish (and, if it is removed, its spooled
-        jobs), then close it. Sends that still reach it after that fail as transient and are
-        retried on the replacement."""
-        rt = self.rt
-        name = slot.name
-        if type(slot.connector).supports_outbound:
-            spooled, direct = _inflight(rt, name)
-            direct_until = min(deadline, time.monotonic() + 1.0)
-            while time.monotonic() < deadline:
-                now_spooled, now_direct = _inflight(rt, name)
-                busy = bool(spooled & now_spooled) or (now_direct > 0 and direct > 0
-                                                       and time.monotonic() < direct_until)
-                if removed and not busy:
-                    busy = (await rt.spool.depth()).get(name, (0, 0.0))[0] > 0
-                if not busy:
-                    break
-                await asyncio.sleep(0.02)
-        try:
-            await asyncio.wait_for(slot.connector.close(), timeout=max(1.0, deadline - time.monotonic()))
-        except Exception as exc:
-            event(self.log, "connector.close_failed", logging.WARNING, connector=name, error=str(exc))
-        slot.state = "stopped"
-
     # --- bookkeeping ---------------------------------------------------------------------------
 
     def _unchanged(self, new: LoadedConfig, by: str) -> dict[str, Any]:
@@ -281,25 +253,25 @@ class Reloader:
 
     def record_invalid(self, exc: ConfigError, by: str, version: str = "") -> None:
         """Count and log a config refused as invalid, with its issues (the running one stays)."""
-        self.rt.metrics.reloads.labels("invalid").inc()
-        self.status = Status("invalid", self.rt.config.version, by=by, errors=[i.as_dict() for i in exc.issues])
-        event(self.log, "config.invalid", logging.ERROR, by=by, version=version, running=self.rt.config.version,
+        self.host.metrics.reloads.labels("invalid").inc()
+        self.status = Status("invalid", self.host.config.version, by=by, errors=[i.as_dict() for i in exc.issues])
+        event(self.log, "config.invalid", logging.ERROR, by=by, version=version, running=self.host.config.version,
               errors=len(exc.issues), first=str(exc.issues[0]) if exc.issues else "",
               issues=[str(i) for i in exc.issues[:_LOGGED_ISSUES]])
 
     def record_refused(self, reason: str, *, by: str, base: str, status: int, version: str = "") -> None:
         """Log an edit refused before it was validated: who, what (candidate and base versions), why."""
         event(self.log, "config.refused", logging.WARNING, by=by, version=version, base=base,
-              running=self.rt.config.version, status=status, reason=reason)
+              running=self.host.config.version, status=status, reason=reason)
 
     def _refused(self, exc: ReloadRefused, by: str, version: str, base: str) -> ReloadRefused:
         self.record_refused(str(exc), by=by, base=base, status=exc.status, version=version)
         return exc
 
     def _path(self) -> str:
-        if not self.rt.config_path:
+        if not self.host.config_path:
             raise ReloadRefused("this gateway was started without a config file", status=409)
-        return self.rt.config_path
+        return self.host.config_path
 
 
 #: Issues a ``config.invalid`` log line lists (the API and ``gateway validate`` give them all).
@@ -311,15 +283,7 @@ def _read(path: str) -> str:
         return fh.read()
 
 
-def _inflight(rt: Runtime, connector: str) -> tuple[set[int], int]:
-    """(ids of spooled jobs being sent on ``connector``, direct sends that may be on it).
-
-    ``Delivery`` tracks spooled sends per connector but direct ones only in total, so every
-    direct send counts when some direct route targets the connector.
-    """
-    spooled, direct = rt.delivery.sending(connector)
-    if not any(r.mode == "direct" and any(t.connector == connector for t in r.targets)
-               for r in rt.config.router.routes):
-        direct = 0
-    return spooled, direct
-
+def _read_lenient(path: str) -> str:
+    """The file's text, undecodable bytes replaced (a hand edit may hold any bytes)."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return fh.read()

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -25,6 +25,10 @@ from gateway.registry import did_you_mean
 from gateway.routing.expr import ExpressionError, Fn, compile_expression
 from gateway.routing.templates import Template, TemplateError, is_template, make_environment
 from gateway.routing.trie import SubjectTrie, validate_pattern
+
+if TYPE_CHECKING:
+    # storm.py names its compiled controls privately; compile_storm is what makes them.
+    from gateway.routing.storm import _Compiled as CompiledStorm
 
 _FORBIDDEN_IN_HEADERS = ("\r", "\n", "\0")
 
@@ -129,7 +133,7 @@ class CompiledRoute:
     dead_letter: bool
     wants_reply: bool
     config: RouteConfig
-    storm: Any = None  # gateway.routing.storm compiled controls, or None
+    storm: CompiledStorm | None = None
 
     @cached_property
     def policy_json(self) -> str:

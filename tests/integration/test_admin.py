@@ -404,3 +404,26 @@ routes:
             text = rt.config.source.text
             r = await client.put("/api/routes", content=text + "\n", headers={"If-Match": rt.config.version})
             assert r.status_code == 409 and "without a config file" in r.json()["detail"]
+
+
+async def test_a_hand_edit_on_disk_is_replaced_through_the_api(gw: Any) -> None:
+    rt, client, _ = gw
+    path = Path(rt.config_path)
+    running = rt.config.source.text
+    path.write_text(running.replace("all events", "edited by hand"))
+    r = await client.get("/api/config/file", headers=bearer(VIEWER))
+    on_disk = r.json()["version"]
+    assert r.status_code == 200 and r.json()["differs"] and r.json()["valid"]
+    headers = {**bearer(EDITOR), "Content-Type": "application/yaml"}
+    r = await client.put("/api/config/file", content=running, headers={**headers, "If-Match": '"stale"'})
+    assert r.status_code == 409 and "changed again" in r.json()["detail"]
+    r = await client.put("/api/config/file", content=running, headers={**headers, "If-Match": f'"{on_disk}"'})
+    assert r.status_code == 200 and r.json() == {"outcome": "restored", "version": rt.config.version}
+    assert path.read_text() == running
+    # replaced by an edit of its own: validated, saved and applied like any other
+    path.write_text(running.replace("all events", "edited by hand again"))
+    on_disk = (await client.get("/api/config/file", headers=bearer(VIEWER))).json()["version"]
+    edited = running.replace("all events", "edited in the editor")
+    r = await client.put("/api/config/file", content=edited, headers={**headers, "If-Match": f'"{on_disk}"'})
+    assert r.status_code == 200 and r.json()["outcome"] == "applied", r.text
+    assert path.read_text() == edited and rt.config.source.text == edited
