@@ -13,19 +13,20 @@ import os
 from collections.abc import Sequence
 from typing import Literal
 
-from gateway.config.models import ByteSize
-from gateway.contract import (
+from gateway.sdk import (
+    ByteSize,
+    Closed,
     Connector,
     ConnectorConfig,
     ConnectorContext,
+    Envelope,
+    GroupThread,
     Health,
     Reply,
     Target,
     TargetOptions,
     TransientError,
 )
-from gateway.envelope import Envelope
-from gateway.groupthread import Closed, GroupThread
 
 
 class FileConfig(ConnectorConfig):

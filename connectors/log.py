@@ -10,9 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-from gateway.contract import Connector, ConnectorConfig, Reply, Target, TargetOptions
-from gateway.envelope import Envelope
-from gateway.logs import event
+from gateway.sdk import Connector, ConnectorConfig, Envelope, Reply, Target, TargetOptions, event
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 

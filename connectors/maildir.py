@@ -30,6 +30,7 @@ from typing import Literal
 from pydantic import ValidationError, field_validator
 
 from connectors.mail_common import (
+    PARSERS,
     HeaderInjection,
     MailError,
     MailOptions,
@@ -38,17 +39,17 @@ from connectors.mail_common import (
     validated_options,
 )
 from connectors.mailauth import OutboundSealing, SealOptions, SealSettings
-from gateway.contract import (
+from gateway.sdk import (
     Connector,
     ConnectorConfig,
     ConnectorContext,
+    Envelope,
     Health,
     PermanentError,
     Reply,
     Target,
     TransientError,
 )
-from gateway.envelope import Envelope
 
 _FOLDER = re.compile(r"^[A-Za-z0-9_-]{1,64}(?:\.[A-Za-z0-9_-]{1,64}){0,7}$")
 
@@ -78,6 +79,7 @@ class MaildirTarget(MailOptions):
 
 class MaildirConnector(Connector):
     kind = "maildir"
+    parsers = PARSERS
     Config = MaildirConfig
     Options = MaildirTarget
     supports_outbound = True

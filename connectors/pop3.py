@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import poplib
-import random
 import ssl
 from typing import Any, Literal
 
@@ -49,11 +48,23 @@ from pydantic import Field, field_validator
 from connectors.imap.mapping import authenticate, mail_envelope_off_loop
 from connectors.imap.session import tls_reason
 from connectors.imap.state import CheckpointStore, StateError
+from connectors.mail_common import PARSERS
 from connectors.mail_common.mailbox import RetryLater, auth_verifier
 from connectors.mailauth import AuthCheckSettings, Verifier
-from gateway.config.models import ByteSize, Duration, Secret, current_secret
-from gateway.contract import Connector, ConnectorConfig, ConnectorContext, Deliver, Health, Status
-from gateway.logs import event
+from gateway.sdk import (
+    Backoff,
+    ByteSize,
+    Connector,
+    ConnectorConfig,
+    ConnectorContext,
+    Deliver,
+    Duration,
+    Health,
+    Secret,
+    Status,
+    current_secret,
+    event,
+)
 
 __all__ = ["Pop3Config", "Pop3Connector"]
 
@@ -209,6 +220,7 @@ def _text(exc: BaseException) -> str:
 
 class Pop3Connector(Connector):
     kind = "pop3"
+    parsers = PARSERS
     Config = Pop3Config
     supports_inbound = True
     subject_syntax = "glob"
@@ -224,7 +236,6 @@ class Pop3Connector(Connector):
         self._task: asyncio.Task[None] | None = None
         self._drop: _Maildrop | None = None
         self._error = "not polled yet"
-        self._rng = random.Random()
         self._verifier: Verifier | None = None
 
     async def listen(self, deliver: Deliver) -> None:
@@ -259,13 +270,13 @@ class Pop3Connector(Connector):
         return Health(not self._error, self._error)
 
     async def _run(self) -> None:
-        delay = 1.0
+        backoff = Backoff(1.0, 60.0)
         while self._listening:
             wait = self.cfg.poll_interval
             try:
                 more = await self._session()
                 self._error = ""
-                delay = 1.0
+                backoff.reset()
                 if more:
                     wait = 0.0
             except asyncio.CancelledError:
@@ -275,18 +286,18 @@ class Pop3Connector(Connector):
                 wait = retry.after
             except LoginFailed as exc:
                 self._fail(str(exc), logging.ERROR, "pop3.login_failed")
-                wait, delay = delay, min(60.0, delay * 2)
+                wait = backoff.next()
             except (OSError, poplib.error_proto, StateError) as exc:
                 self._fail(f"{type(exc).__name__}: {_text(exc)}", logging.WARNING, "pop3.session_failed")
-                wait, delay = delay, min(60.0, delay * 2)
+                wait = backoff.next()
             except Exception as exc:
                 self.log.exception("pop3.bug", extra={"fields": {"connector": self.name}})
                 self._fail(f"internal error: {type(exc).__name__}", logging.ERROR, "pop3.session_failed")
-                wait, delay = delay, min(60.0, delay * 2)
+                wait = backoff.next()
             if not self._listening:
                 break
             try:
-                await asyncio.wait_for(self._stop.wait(), timeout=wait * (0.75 + self._rng.random() / 4))
+                await asyncio.wait_for(self._stop.wait(), timeout=wait)
             except TimeoutError:
                 pass
 

@@ -23,7 +23,6 @@ Outbound
 
 from __future__ import annotations
 
-import asyncio
 import fnmatch
 import hmac
 import json
@@ -36,26 +35,37 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 import aiohttp
 from pydantic import Field, field_validator
 
-from gateway.config.models import ByteSize, Duration, Secret, Strict, current_secret
-from gateway.contract import (
+from gateway.sdk import (
+    ByteSize,
     Connector,
     ConnectorConfig,
     ConnectorContext,
+    Deadlines,
     Deliver,
+    Duration,
+    Envelope,
     Health,
+    InFlight,
     Outcome,
     PermanentError,
+    Receive,
     Reply,
+    Scope,
+    Secret,
+    Send,
     Status,
+    Strict,
     SubstitutionCheck,
     Target,
     TargetOptions,
     TransientError,
+    basic_authorization,
+    current_secret,
+    event,
+    from_cloudevent,
+    media_type,
+    send_problem,
 )
-from gateway.deadlines import Deadlines
-from gateway.envelope import Envelope, from_cloudevent, media_type
-from gateway.http import Receive, Scope, Send, basic_authorization, send_problem
-from gateway.logs import event
 
 _HTTP_METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE"}
 _DROP_HEADERS = {"authorization", "cookie", "x-api-key", "proxy-authorization"}
@@ -158,7 +168,7 @@ class RestConnector(Connector):
         self._deliver: Deliver | None = None
         self._session: aiohttp.ClientSession | None = None
         self._accepting = False
-        self._inflight = 0
+        self._inflight = InFlight()
         self._deadlines = Deadlines()
         self._endpoints = [(re.compile(_glob_to_regex(e.path)), set(e.methods), e.content_types)
                            for e in config.endpoints]
@@ -195,10 +205,7 @@ class RestConnector(Connector):
 
     async def stop_listening(self, drain: float) -> None:
         self._accepting = False
-        loop = asyncio.get_running_loop()
-        end = loop.time() + drain
-        while self._inflight and loop.time() < end:
-            await asyncio.sleep(0.02)
+        await self._inflight.drained(drain)
 
     async def close(self) -> None:
         if self.cfg.listen is not None:
@@ -270,11 +277,8 @@ class RestConnector(Connector):
         except ValueError as exc:
             await self._refuse(send, scope, 400, "Bad Request", str(exc)[:300])
             return
-        self._inflight += 1
-        try:
+        with self._inflight:
             outcome = await self._deliver(env)
-        finally:
-            self._inflight -= 1
         await self._answer(send, env, outcome)
 
     async def _refuse(self, send: Send, scope: Scope, status: int, title: str, detail: str,

@@ -278,6 +278,10 @@ class Connector:
     #: Subject matching style for routes reading from this kind: "topic" (MQTT + and #),
     #: "dotted" (AMQP * and #) or "glob" (paths, mail addresses).
     subject_syntax: ClassVar[str] = "glob"
+    #: Parsers this kind supplies for the ``data`` view of its media types (``message/rfc822`` →
+    #: headers, text, attachments): the registry installs them when it loads the kind. Each must
+    #: raise nothing but :class:`~gateway.envelope.ParseError` for bad input.
+    parsers: ClassVar[Mapping[str, Callable[[bytes], Any]]] = {}
 
     def __init__(self, config: ConnectorConfig, ctx: ConnectorContext) -> None:
         self.config = config

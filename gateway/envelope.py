@@ -292,9 +292,10 @@ _PARSERS: dict[str, Callable[[bytes], Any]] = {}
 
 
 def register_parser(media: str, parse: Callable[[bytes], Any]) -> None:
-    """Let a connector family supply the ``data`` view of a media type (``message/rfc822`` →
-    headers, text, HTML, attachments). ``parse`` must not raise anything but :class:`ParseError`
-    for bad input; it is called at most once per envelope."""
+    """Supply the ``data`` view of a media type (``message/rfc822`` → headers, text, HTML,
+    attachments). Called by the registry for each parser of a kind it loads
+    (``Connector.parsers``), never at import. ``parse`` must not raise anything but
+    :class:`ParseError` for bad input; it is called at most once per envelope."""
     _PARSERS[media.lower()] = parse
 
 

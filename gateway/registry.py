@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from importlib.metadata import entry_points
 
 from gateway.contract import Connector
+from gateway.envelope import register_parser
 
 GROUP = "gateway.connectors"
 
@@ -29,6 +30,8 @@ class Registry:
     def __init__(self, extra: Mapping[str, type[Connector]] | None = None, *, use_entry_points: bool = True):
         self._loaded: dict[str, type[Connector]] = dict(extra or {})
         self._eps = {ep.name: ep for ep in entry_points(group=GROUP)} if use_entry_points else {}
+        for cls in self._loaded.values():
+            _install_parsers(cls)
 
     def kinds(self) -> list[str]:
         return sorted(set(self._loaded) | set(self._eps))
@@ -50,5 +53,12 @@ class Registry:
             raise UnknownKind(f"connector type {kind!r}: entry point {ep.value!r} is broken ({exc})") from exc
         if not (isinstance(cls, type) and issubclass(cls, Connector)):
             raise UnknownKind(f"entry point {ep.value!r} for {kind!r} is not a Connector class")
+        _install_parsers(cls)
         self._loaded[kind] = cls
         return cls
+
+
+def _install_parsers(cls: type[Connector]) -> None:
+    """The kind's envelope parsers (:attr:`Connector.parsers`) serve every envelope from now on."""
+    for media, parse in cls.parsers.items():
+        register_parser(media, parse)

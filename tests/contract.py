@@ -71,6 +71,13 @@ class ConnectorContract:
 
 
 class OutboundContract(ConnectorContract):
+    #: The body sent; a kind whose peer takes other shapes (a SOAP operation's fields) sets its own.
+    sample: bytes = b'{"contract": "delivered", "n": 1}'
+
+    def arrived(self, sample: bytes, received: list[bytes]) -> bool:
+        """True when ``sample`` is among what the peer received (in the peer's own form)."""
+        return any(sample in got for got in received)
+
     def options(self) -> dict[str, Any]:
         """Target options that deliver to the working peer."""
         return {}
@@ -97,15 +104,14 @@ class OutboundContract(ConnectorContract):
         c = make_connector(self.kind, self.config(tmp_path), tmp_path)
         await c.open()
         try:
-            body = b'{"contract": "delivered", "n": 1}'
-            env = Envelope(source="test", protocol="test", subject="contract/1", body=body,
+            env = Envelope(source="test", protocol="test", subject="contract/1", body=self.sample,
                            content_type="application/json")
             await c.send(env, self.target())
             for _ in range(100):
-                if any(body in got for got in await self.received(tmp_path)):
+                if self.arrived(self.sample, await self.received(tmp_path)):
                     break
                 await asyncio.sleep(0.05)
-            assert any(body in got for got in await self.received(tmp_path))
+            assert self.arrived(self.sample, await self.received(tmp_path))
         finally:
             await c.close()
 
@@ -116,7 +122,7 @@ class OutboundContract(ConnectorContract):
                 await asyncio.wait_for(c.open(), timeout=10)
             except TransientError:
                 return  # refusing to open is the same signal: retry later
-            env = Envelope(source="test", protocol="test", subject="contract/2", body=b"{}",
+            env = Envelope(source="test", protocol="test", subject="contract/2", body=self.sample,
                            content_type="application/json")
             with pytest.raises(TransientError):
                 await asyncio.wait_for(c.send(env, self.target()), timeout=20)
@@ -126,15 +132,28 @@ class OutboundContract(ConnectorContract):
 
 class InboundContract(ConnectorContract):
     """Subclasses implement :meth:`inject`: send one message to the connector over its protocol
-    and return what the sender saw (``"ack"``, ``"temporary"`` or ``"permanent"``)."""
+    and return what the sender saw (``"ack"``, ``"temporary"`` or ``"permanent"``).
+
+    Where the protocol gives the sender no direct answer (a queue, a maildrop), :meth:`inject`
+    reads it from what the peer does next (the message gone, offered again, dead-lettered);
+    :attr:`delivered` holds the envelopes the connector handed over so far."""
+
+    delivered: list[Envelope]
+    #: The body injected; a kind whose protocol carries other shapes sets its own.
+    sample: bytes = b'{"contract": true}'
 
     async def inject(self, connector: Connector, hub: HttpHub, tmp_path: Path, body: bytes) -> str:
         raise NotImplementedError
+
+    def body_of(self, env: Envelope) -> bytes:
+        """The injected body as the envelope carries it (mail kinds: the text of the message)."""
+        return env.body
 
     async def _run(self, tmp_path: Path, status: Status) -> tuple[str, list[Envelope]]:
         hub = HttpHub(logging.getLogger("test.http"))
         c = make_connector(self.kind, self.config(tmp_path), tmp_path, hub)
         seen: list[Envelope] = []
+        self.delivered = seen
 
         async def deliver(env: Envelope) -> Outcome:
             seen.append(env)
@@ -145,7 +164,7 @@ class InboundContract(ConnectorContract):
         await c.listen(deliver)
         await hub.start()
         try:
-            answer = await self.inject(c, hub, tmp_path, b'{"contract": true}')
+            answer = await self.inject(c, hub, tmp_path, self.sample)
         finally:
             await c.stop_listening(1.0)
             await hub.stop()
@@ -156,7 +175,7 @@ class InboundContract(ConnectorContract):
         answer, seen = await self._run(tmp_path, Status.ACCEPTED)
         assert answer == "ack"
         assert seen and seen[0].source == "under-test" and seen[0].protocol == self.kind
-        assert seen[0].body == b'{"contract": true}'
+        assert self.body_of(seen[0]) == self.sample
 
     async def test_retry_is_a_temporary_failure(self, tmp_path: Path) -> None:
         answer, seen = await self._run(tmp_path, Status.RETRY)

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from typing import Any
 
 import aio_pika
@@ -55,9 +54,7 @@ from connectors.amqp.inbound import AmqpInbound
 from connectors.amqp.mapping import AmqpConfig, AmqpTarget
 from connectors.amqp.outbound import AmqpOutbound
 from connectors.broker_common.connection import tls_context
-from gateway.config.models import current_secret
-from gateway.contract import Deliver, Health, PermanentError, TransientError
-from gateway.logs import event
+from gateway.sdk import Deliver, Health, PermanentError, TransientError, current_secret, event
 
 __all__ = ["AmqpConfig", "AmqpConnector", "AmqpTarget"]
 
@@ -96,9 +93,7 @@ class AmqpConnector(AmqpInbound, AmqpOutbound):
         if raw is not None and tag is not None and not raw.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(raw.basic_cancel(tag), timeout=max(0.1, min(drain, 5)))
-        deadline = time.monotonic() + drain
-        while self._inflight_in and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await self._inflight_in.drained(drain)
         await self._flush_acks()
 
     async def close(self) -> None:

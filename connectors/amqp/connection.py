@@ -16,7 +16,7 @@ from aio_pika.abc import AbstractConnection
 
 from connectors.amqp.mapping import AmqpConfig
 from connectors.broker_common.connection import BrokerConnector, describe
-from gateway.contract import ConnectorConfig, ConnectorContext
+from gateway.sdk import ConnectorConfig, ConnectorContext
 
 
 class AmqpConnection(BrokerConnector):

@@ -26,8 +26,7 @@ from aiormq.abc import DeliveredMessage
 from connectors.amqp.connection import AmqpConnection
 from connectors.amqp.mapping import Delivery, to_envelope
 from connectors.broker_common.connection import describe
-from gateway.contract import ConnectorConfig, ConnectorContext, Deliver, Status
-from gateway.logs import event
+from gateway.sdk import ConnectorConfig, ConnectorContext, Deliver, InFlight, Status, event
 
 _ATTEMPTS_REMEMBERED = 10_000
 
@@ -53,7 +52,7 @@ class AmqpInbound(AmqpConnection):
         self._ack_lock = asyncio.Lock()
         self._consume_lock = asyncio.Lock()
         self._flush_scheduled = False
-        self._inflight_in = 0
+        self._inflight_in = InFlight()
         self._attempts: OrderedDict[str, int] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -102,14 +101,12 @@ class AmqpInbound(AmqpConnection):
             return
         entry = _InFlight(tag, generation)
         self._unsettled[tag] = entry
-        self._inflight_in += 1
-        try:
-            await self._handle(message, entry)
-        except Exception:
-            self.log.exception("amqp.handle_failed", extra={"fields": {"connector": self.name}})
-            await self._settle(entry, nack=True)
-        finally:
-            self._inflight_in -= 1
+        with self._inflight_in:
+            try:
+                await self._handle(message, entry)
+            except Exception:
+                self.log.exception("amqp.handle_failed", extra={"fields": {"connector": self.name}})
+                await self._settle(entry, nack=True)
 
     async def _handle(self, message: DeliveredMessage, entry: _InFlight) -> None:
         delivery = _delivery(message)

@@ -13,9 +13,18 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 
 from connectors.broker_common.config import BrokerConfig, BrokerTls
-from gateway.config.models import ByteSize, Duration, Strict
-from gateway.contract import PermanentError, SubstitutionCheck, TargetOptions, TemplateText
-from gateway.envelope import Envelope, from_cloudevent, media_type
+from gateway.sdk import (
+    ByteSize,
+    Duration,
+    Envelope,
+    PermanentError,
+    Strict,
+    SubstitutionCheck,
+    TargetOptions,
+    TemplateText,
+    from_cloudevent,
+    media_type,
+)
 
 _EXCHANGE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{0,127}$")
 _CE_PREFIXES = ("cloudEvents:", "cloudEvents_")

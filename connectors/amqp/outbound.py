@@ -25,10 +25,17 @@ from pamqp.commands import Basic
 from connectors.amqp.connection import AmqpConnection
 from connectors.amqp.mapping import AmqpTarget, Publish, to_publish
 from connectors.broker_common.connection import describe
-from gateway.contract import ConnectorConfig, ConnectorContext, PermanentError, Reply, Target, TransientError
-from gateway.deadlines import Deadlines
-from gateway.envelope import Envelope
-from gateway.logs import event
+from gateway.sdk import (
+    ConnectorConfig,
+    ConnectorContext,
+    Deadlines,
+    Envelope,
+    PermanentError,
+    Reply,
+    Target,
+    TransientError,
+    event,
+)
 
 _EXCHANGE_CHECK_TTL = 30.0
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.config.models import Duration, Secret, Strict
-from gateway.contract import ConnectorConfig
+from gateway.sdk import ConnectorConfig, Duration, Secret, Strict
 
 
 class BrokerTls(Strict):

@@ -13,8 +13,7 @@ import ssl
 from typing import Any
 
 from connectors.broker_common.config import BrokerConfig, BrokerTls
-from gateway.contract import Connector, ConnectorConfig, ConnectorContext, TransientError
-from gateway.logs import event
+from gateway.sdk import Backoff, Connector, ConnectorConfig, ConnectorContext, TransientError, event
 
 
 class BrokerConnector(Connector):
@@ -67,20 +66,20 @@ class BrokerConnector(Connector):
 
     async def _run(self) -> None:
         """Connect, wait for the connection to end, back off with jitter, again — until closed."""
-        delay = self.cfg.reconnect_min
+        backoff = Backoff(self.cfg.reconnect_min, self.cfg.reconnect_max, rng=self._rng)
         while not self._closing:
             was_up = False  # not ``_connected``: the library's callback has cleared that by now
             try:
                 await self._connect_once()
                 was_up = True
-                delay = self.cfg.reconnect_min
+                backoff.reset()
                 await self._lost.wait()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self._error = f"connect failed: {describe(exc)}"
                 event(self.log, f"{self.kind}.connect_failed", logging.WARNING, connector=self.name,
-                      broker=self._where(), error=self._error, retry_in=round(delay, 2))
+                      broker=self._where(), error=self._error, retry_in=round(backoff.bound, 2))
             self._connected = False
             self._up.clear()
             await self._close_connection()
@@ -89,8 +88,7 @@ class BrokerConnector(Connector):
                       broker=self._where(), error=self._error)
             if self._closing:
                 break
-            await asyncio.sleep(delay * (0.5 + self._rng.random() / 2))
-            delay = min(self.cfg.reconnect_max, delay * 2)
+            await asyncio.sleep(backoff.next())
 
     async def _connect_once(self) -> None:
         """Connect; return once the connection is up (``_lost`` cleared), raise if it cannot be."""

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from typing import Any
 
 import aioimaplib
@@ -68,25 +67,27 @@ from connectors.imap.config import ImapConfig, ImapTarget, check_folder
 from connectors.imap.mapping import authenticate, mail_envelope_off_loop
 from connectors.imap.session import ImapRefused, LoginFailed, Session, SessionLost, open_session
 from connectors.imap.state import CheckpointStore, FolderCheckpoint, StateError
-from connectors.mail_common import HeaderInjection, MailError, build_mail, validated_options
+from connectors.mail_common import PARSERS, HeaderInjection, MailError, build_mail, validated_options
 from connectors.mail_common.mailbox import RetryLater, auth_verifier
 from connectors.mailauth import OutboundSealing, Verifier
-from gateway.config.models import current_secret
-from gateway.contract import (
+from gateway.sdk import (
+    Backoff,
     Connector,
     ConnectorConfig,
     ConnectorContext,
     Deliver,
+    Envelope,
     Health,
+    InFlight,
     PermanentError,
     Reply,
     Status,
     Target,
     TransientError,
+    cancel_and_wait,
+    current_secret,
+    event,
 )
-from gateway.envelope import Envelope
-from gateway.logs import event
-from gateway.tasks import cancel_and_wait
 
 __all__ = ["ImapConfig", "ImapConnector", "ImapTarget"]
 
@@ -97,6 +98,7 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 
 class ImapConnector(Connector):
     kind = "imap"
+    parsers = PARSERS
     Config = ImapConfig
     Options = ImapTarget
     supports_inbound = True
@@ -108,7 +110,6 @@ class ImapConnector(Connector):
         assert isinstance(config, ImapConfig)
         self.cfg = config
         self.store = CheckpointStore(ctx.state_dir)
-        self._rng = random.Random()
         # inbound
         self._deliver: Deliver | None = None
         self._listening = False
@@ -116,7 +117,7 @@ class ImapConnector(Connector):
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._sessions: dict[str, Session] = {}
         self._folder_error: dict[str, str] = {}
-        self._busy = 0
+        self._busy = InFlight()
         self._verifier: Verifier | None = None
         # outbound
         self._out: Session | None = None
@@ -149,10 +150,7 @@ class ImapConnector(Connector):
         A message whose outcome did not arrive stays untouched on the server."""
         self._listening = False
         self._stop.set()
-        loop = asyncio.get_running_loop()
-        end = loop.time() + drain
-        while self._busy and loop.time() < end:
-            await asyncio.sleep(0.02)
+        await self._busy.drained(drain)
         # Bounded: a watcher stuck in the IMAP library must not hold the gateway's shutdown; its
         # session is closed below anyway.
         stuck = await cancel_and_wait(self._watchers.values(), _STOP_WAIT)
@@ -196,14 +194,14 @@ class ImapConnector(Connector):
 
     async def _watch(self, folder: str) -> None:
         """Keep one session on ``folder``: reconnect with backoff and jitter until stopped."""
-        delay = 1.0
+        backoff = Backoff(1.0, 60.0)
         while self._listening:
             session: Session | None = None
             try:
                 session = await self._login()
                 self._sessions[folder] = session
                 await self._follow(session, folder)
-                delay = 1.0
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except LoginFailed as exc:
@@ -220,10 +218,9 @@ class ImapConnector(Connector):
             if not self._listening:
                 break
             try:
-                await asyncio.wait_for(self._stop.wait(), timeout=delay * (0.5 + self._rng.random() / 2))
+                await asyncio.wait_for(self._stop.wait(), timeout=backoff.next())
             except TimeoutError:
                 pass
-            delay = min(60.0, delay * 2)
 
     def _down(self, folder: str, error: str, level: int, name: str) -> None:
         self._folder_error[folder] = error
@@ -258,13 +255,10 @@ class ImapConnector(Connector):
                 for uid in uids[:self.cfg.batch]:
                     if not self._listening:
                         return
-                    self._busy += 1  # stop_listening waits (up to its drain) for these two steps
-                    try:
+                    with self._busy:  # stop_listening waits (up to its drain) for these two steps
                         await self._take(session, folder, uidvalidity, uid)
                         cp = FolderCheckpoint(uidvalidity, uid)
                         await self.store.set_folder(folder, cp)
-                    finally:
-                        self._busy -= 1
             except RetryLater as retry:
                 await self._until_stopped(asyncio.sleep(retry.after))
                 continue

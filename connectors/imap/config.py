@@ -10,8 +10,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from connectors.mail_common import MailOptions
 from connectors.mailauth import AuthCheckSettings, SealOptions, SealSettings
-from gateway.config.models import ByteSize, Duration, Secret, Strict
-from gateway.contract import ConnectorConfig, SubstitutionCheck
+from gateway.sdk import ByteSize, ConnectorConfig, Duration, Secret, Strict, SubstitutionCheck
 
 #: A flag APPEND may set: a system flag (``\\Seen``) or a keyword (``$label1``).
 FLAG = re.compile(r"^\\?[A-Za-z$][A-Za-z0-9$_.-]{0,63}$")

@@ -12,7 +12,7 @@ from typing import Any
 from connectors.mail_common import MESSAGE_RFC822, addresses, envelope_headers, parse_message
 from connectors.mailauth import Verifier, add_authentication_results
 from connectors.mailauth.mime import field_name, field_value, split_head
-from gateway.envelope import PARSE_INLINE_BYTES, Envelope
+from gateway.sdk import PARSE_INLINE_BYTES, Envelope
 
 
 async def authenticate(verifier: Verifier | None, raw: bytes, *, connector: str) -> tuple[bytes, dict[str, Any] | None]:

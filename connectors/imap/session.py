@@ -19,7 +19,7 @@ from typing import Any
 import aioimaplib
 
 from connectors.imap.config import ImapConfig
-from gateway.tasks import within
+from gateway.sdk import within
 
 #: Response codes after which the same command may succeed later (RFC 5530).
 TRANSIENT_CODES = ("UNAVAILABLE", "SERVERBUG", "INUSE", "LIMIT", "OVERQUOTA", "EXPUNGEISSUED")

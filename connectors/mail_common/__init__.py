@@ -21,6 +21,10 @@ Taking mail from a mailbox (``imap``, ``pop3``): :mod:`connectors.mail_common.ma
 that the gateway wants a message offered again later (imported from there: it needs mailauth).
 """
 
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
 from connectors.mail_common.build import (
     Attachment,
     BuiltMail,
@@ -48,7 +52,6 @@ from connectors.mail_common.parse import (
     envelope_headers,
     parse_message,
 )
-from gateway.envelope import register_parser
 
 __all__ = [
     "ENVELOPE_HEADERS",
@@ -58,6 +61,7 @@ __all__ = [
     "MAX_PARTS",
     "MAX_TEXT_CHARS",
     "MESSAGE_RFC822",
+    "PARSERS",
     "Attachment",
     "BuiltMail",
     "HeaderInjection",
@@ -76,6 +80,6 @@ __all__ = [
     "wants_forward",
 ]
 
-# Envelopes of mail (content type message/rfc822) get their parsed view as ``data``: routes
-# and templates read data.subject, data.text, data.attachments…
-register_parser("message/rfc822", parse_message)
+#: The mail kinds' :attr:`~gateway.sdk.Connector.parsers`: envelopes of mail (``message/rfc822``)
+#: get their parsed view as ``data``, so routes and templates read data.subject, data.text…
+PARSERS: Mapping[str, Callable[[bytes], Any]] = MappingProxyType({MESSAGE_RFC822: parse_message})

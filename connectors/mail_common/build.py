@@ -16,9 +16,17 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from connectors.mail_common.parse import MESSAGE_RFC822
-from gateway.config.models import Strict
-from gateway.contract import ONE_LINE, SubstitutionCheck, Target, TargetOptions, TemplateText, one_line
-from gateway.envelope import Envelope, media_type
+from gateway.sdk import (
+    ONE_LINE,
+    Envelope,
+    Strict,
+    SubstitutionCheck,
+    Target,
+    TargetOptions,
+    TemplateText,
+    media_type,
+    one_line,
+)
 
 
 class HeaderInjection(ValueError):

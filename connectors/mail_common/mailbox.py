@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from connectors.mailauth import AuthCheck, Verifier
-from gateway.contract import Outcome
+from gateway.sdk import Outcome
 
 
 def auth_verifier(check: AuthCheck | None, log: logging.Logger) -> Verifier | None:

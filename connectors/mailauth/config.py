@@ -15,7 +15,8 @@ from typing import Any, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from gateway.config.models import Duration, Secret, Strict
+from connectors.mailauth.keys import load_private_key, load_signing_key
+from gateway.sdk import Duration, Secret, Strict
 
 #: Headers signed when ``dkim.headers`` is not given (those present are signed; ``from`` is
 #: signed once more than it occurs, so a second From cannot be added without breaking it).
@@ -133,8 +134,6 @@ class DkimSigning(Strict):
     @field_validator("key")
     @classmethod
     def _key(cls, v: Any) -> Any:
-        from connectors.mailauth.dkimsign import load_signing_key
-
         load_signing_key(v.get_secret_value())  # raises ValueError naming the problem, not the key
         return v
 
@@ -181,8 +180,6 @@ class SmimeSettings(Strict):
         if self.encrypt and self.recipients is None:
             raise ValueError("smime.encrypt needs 'recipients' (a PEM file or directory of certificates)")
         if self.key is not None:
-            from connectors.mailauth.smime import load_private_key
-
             password = self.key_password.get_secret_value() if self.key_password is not None else None
             load_private_key(self.key.get_secret_value(), password)
         return self

@@ -7,49 +7,16 @@ after signing without breaking the signature (RFC 6376 8.15).
 from __future__ import annotations
 
 import base64
-import binascii
 from collections import Counter
 
 import dkim  # type: ignore[import-untyped]
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from connectors.mailauth.config import DkimSigning
+from connectors.mailauth.keys import load_signing_key
 from connectors.mailauth.mime import field_name, split_head
-from gateway.contract import PermanentError
-
-MIN_RSA_BITS = 1024
-
-
-def load_signing_key(text: str) -> tuple[str, bytes]:
-    """(algorithm, the key as dkimpy wants it). Raises ValueError without quoting the key."""
-    data = text.strip().encode("ascii", "replace")
-    if b"-----BEGIN" in data:
-        try:
-            key = serialization.load_pem_private_key(data, password=None)
-        except TypeError:
-            raise ValueError("dkim.key is encrypted; give the key without a passphrase (it is a secret)") from None
-        except (ValueError, UnsupportedAlgorithm):
-            raise ValueError("dkim.key is not a readable PEM private key") from None
-        if isinstance(key, rsa.RSAPrivateKey):
-            if key.key_size < MIN_RSA_BITS:
-                raise ValueError(f"dkim.key: RSA keys need at least {MIN_RSA_BITS} bits (RFC 8301); use 2048")
-            pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                    serialization.NoEncryption())
-            return "rsa-sha256", pem
-        if isinstance(key, ed25519.Ed25519PrivateKey):
-            seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                     serialization.NoEncryption())
-            return "ed25519-sha256", base64.b64encode(seed)
-        raise ValueError("dkim.key must be an RSA or Ed25519 private key")
-    try:
-        seed = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        seed = b""
-    if len(seed) != 32:
-        raise ValueError("dkim.key is neither a PEM private key nor a base64 Ed25519 seed (32 bytes)")
-    return "ed25519-sha256", base64.b64encode(seed)
+from gateway.sdk import PermanentError
 
 
 def public_record(text: str) -> str:

@@ -27,8 +27,7 @@ from typing import Any
 from connectors.mailauth.config import SealOptions
 from connectors.mailauth.mime import message_7bit
 from connectors.mailauth.seal import Copy, Sealer, Sealing
-from gateway.contract import TransientError
-from gateway.logs import event
+from gateway.sdk import TransientError, event
 
 
 class OutboundSealing:

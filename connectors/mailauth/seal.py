@@ -35,8 +35,7 @@ from connectors.mailauth.dkimsign import DkimSigner
 from connectors.mailauth.mime import assemble, entity_7bit, message_7bit, split_entity, to_crlf
 from connectors.mailauth.pgp import PgpError, PgpSealer
 from connectors.mailauth.smime import SmimeSealer
-from gateway.contract import PermanentError, TransientError
-from gateway.logs import event
+from gateway.sdk import PermanentError, TransientError, event
 
 #: Longest a message may take to seal (a hung gpg must not hold a delivery worker forever).
 SEAL_TIMEOUT = 60.0

@@ -12,17 +12,15 @@ import os
 from collections.abc import Sequence
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from connectors.mailauth.config import SmimeSettings
+from connectors.mailauth.keys import SigningKey, load_private_key
 from connectors.mailauth.mime import base64_lines, multipart
-
-SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 _SIGNATURE_HEAD = (b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
                    b"Content-Transfer-Encoding: base64\r\n"
@@ -31,21 +29,6 @@ _ENVELOPED_HEAD = (b'Content-Type: application/pkcs7-mime; smime-type=enveloped-
                    b"Content-Transfer-Encoding: base64\r\n"
                    b'Content-Disposition: attachment; filename="smime.p7m"\r\n\r\n')
 _SIGNED_TYPE = 'multipart/signed; protocol="application/pkcs7-signature"; micalg="sha-256"'
-
-
-def load_private_key(text: str, password: str | None) -> SigningKey:
-    """Our signing key (RSA or EC, PEM). Raises ValueError without quoting the key."""
-    try:
-        key = serialization.load_pem_private_key(text.strip().encode("ascii", "replace"),
-                                                 password=password.encode() if password else None)
-    except TypeError:
-        raise ValueError("smime.key is encrypted: set smime.key_password (or the key is not encrypted "
-                         "and key_password must go)") from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise ValueError("smime.key is not a readable PEM private key (or key_password is wrong)") from None
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        raise ValueError("smime.key must be an RSA or EC private key")
-    return key
 
 
 def load_certificates(path: str) -> list[x509.Certificate]:

@@ -38,7 +38,7 @@ from connectors.mailauth import dmarc
 from connectors.mailauth.config import AuthCheck
 from connectors.mailauth.dns import DnsTemporaryError, Resolver, spf_resolver
 from connectors.mailauth.mime import field_name, field_value, split_head
-from gateway.logs import event
+from gateway.sdk import event
 
 #: RFC 7208 4.6.4: an SPF evaluation may take this long in all (each query: ``timeout``).
 SPF_BUDGET = 20.0

@@ -52,7 +52,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -67,8 +66,7 @@ from connectors.mqtt.connection import _ConnectFailed
 from connectors.mqtt.inbound import MqttInbound
 from connectors.mqtt.mapping import MqttConfig, MqttTarget
 from connectors.mqtt.outbound import MqttOutbound
-from gateway.contract import Deliver, Health, PermanentError
-from gateway.logs import event
+from gateway.sdk import Deliver, Health, PermanentError, event
 
 __all__ = ["MqttConfig", "MqttConnector", "MqttTarget"]
 
@@ -115,9 +113,7 @@ class MqttConnector(MqttInbound, MqttOutbound):
         redelivered by the broker after the next connect.
         """
         self._listening = False
-        deadline = time.monotonic() + drain
-        while self._inflight_in and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await self._inflight_in.drained(drain)
         self._flush_acks()
         if self._client is not None and self._fd is not None:
             # let the last acknowledgements reach the socket

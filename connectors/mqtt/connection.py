@@ -22,9 +22,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from connectors.broker_common.connection import BrokerConnector
 from connectors.mqtt.client import GatewayClient
 from connectors.mqtt.mapping import MqttConfig
-from gateway.config.models import current_secret
-from gateway.contract import ConnectorConfig, ConnectorContext, TransientError
-from gateway.tasks import retrieve
+from gateway.sdk import ConnectorConfig, ConnectorContext, TransientError, current_secret, retrieve
 
 
 class _ConnectFailed(Exception):

@@ -27,9 +27,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from connectors.mqtt.client import Received
 from connectors.mqtt.connection import MqttConnection
 from connectors.mqtt.mapping import Incoming, to_envelope
-from gateway.contract import ConnectorConfig, ConnectorContext, Deliver, Outcome, Status
-from gateway.envelope import Envelope
-from gateway.logs import event
+from gateway.sdk import Backoff, ConnectorConfig, ConnectorContext, Deliver, Envelope, InFlight, Outcome, Status, event
 
 _REFUSE_GENERIC = 0x83  # implementation specific error: valid, but the receiver will not take it
 _REFUSE_QUOTA = 0x97
@@ -58,12 +56,12 @@ class MqttInbound(MqttConnection):
         self._sub_error = ""
         #: After a refused SUBSCRIBE: the wait before asking again (backoff from reconnect_min to
         #: reconnect_max), so an access rule fixed on the broker takes effect without a restart.
-        self._resub_delay = 0.0
+        self._resubscribes = Backoff(self.cfg.reconnect_min, self.cfg.reconnect_max, rng=self._rng)
         self._deliver: Deliver | None = None
         self._listening = False
         self._ackq: deque[_Pending] = deque()
         self._early: list[tuple[int, Received]] = []
-        self._inflight_in = 0
+        self._inflight_in = InFlight()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def _subscribe(self) -> None:
@@ -105,7 +103,7 @@ class MqttInbound(MqttConnection):
         if refused:
             self._sub_error = ("the broker refused the subscription to " + ", ".join(refused)
                                + ": no message on it would reach the gateway")
-            delay = self._resub_delay = min(self.cfg.reconnect_max, max(self.cfg.reconnect_min, self._resub_delay * 2))
+            delay = self._resubscribes.next()
             event(self.log, "mqtt.subscribe_refused", logging.ERROR, connector=self.name, error=self._sub_error,
                   retry_in=round(delay, 2))
             asyncio.get_running_loop().call_later(delay, self._subscribe_again, self._generation)
@@ -118,7 +116,7 @@ class MqttInbound(MqttConnection):
                   filters=", ".join(downgraded))
         if not self._sub_pending and not self._sub_error:
             self._sub_confirmed = True
-            self._resub_delay = 0.0
+            self._resubscribes.reset()
             event(self.log, "mqtt.subscribed", connector=self.name, filters=", ".join(f for f, _ in subs))
 
     def _on_received(self, msg: Received) -> None:
@@ -133,8 +131,8 @@ class MqttInbound(MqttConnection):
         pending = _Pending(self._generation, msg.mid, msg.qos)
         if msg.qos > 0:
             self._ackq.append(pending)
-        self._inflight_in += 1
-        if self._inflight_in >= self.cfg.max_inflight:
+        self._inflight_in.add()
+        if self._inflight_in.count >= self.cfg.max_inflight:
             self._pause_reading()
         task = asyncio.get_running_loop().create_task(self._handle(msg, pending))
         self._tasks.add(task)
@@ -166,8 +164,8 @@ class MqttInbound(MqttConnection):
             self.log.exception("mqtt.handle_failed", extra={"fields": {"connector": self.name}})
             pending.outcome = Outcome.retry(pending.envelope_id, f"internal error ({type(exc).__name__})")
         finally:
-            self._inflight_in -= 1
-            if self._reading_paused and self._inflight_in < self.cfg.max_inflight:
+            self._inflight_in.done()
+            if self._reading_paused and self._inflight_in.count < self.cfg.max_inflight:
                 self._resume_reading()
             if msg.qos > 0:
                 self._flush_acks()
@@ -204,12 +202,10 @@ class MqttInbound(MqttConnection):
         the connector stops meanwhile, we give up: the broker redelivers it after the reconnect.
         """
         outcome = await deliver(env)
-        delay = 0.25
+        backoff = Backoff(0.25, 30.0, rng=self._rng)
         while (outcome.status is Status.RETRY and self._listening and not self._closing
                and pending.generation == self._generation):
-            wait = min(30.0, max(delay, outcome.retry_after or 0.0))
-            await asyncio.sleep(wait * (0.5 + self._rng.random() / 2))
-            delay = min(30.0, delay * 2)
+            await asyncio.sleep(backoff.next(at_least=outcome.retry_after or 0.0))
             if not self._listening or pending.generation != self._generation:
                 break
             outcome = await deliver(env)

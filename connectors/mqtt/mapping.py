@@ -16,9 +16,18 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from connectors.broker_common.config import BrokerConfig, BrokerTls
-from gateway.config.models import ByteSize, Duration, Strict
-from gateway.contract import PermanentError, SubstitutionCheck, TargetOptions, TemplateText
-from gateway.envelope import Envelope, from_cloudevent, media_type
+from gateway.sdk import (
+    ByteSize,
+    Duration,
+    Envelope,
+    PermanentError,
+    Strict,
+    SubstitutionCheck,
+    TargetOptions,
+    TemplateText,
+    from_cloudevent,
+    media_type,
+)
 
 #: CloudEvents context attributes carried as MQTT 5 user properties (binary mode).
 CE_CONTEXT = ("specversion", "id", "source", "type", "subject", "time", "dataschema")

@@ -21,8 +21,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from connectors.mqtt.connection import MqttConnection
 from connectors.mqtt.mapping import MqttTarget, Outgoing, to_publish
-from gateway.contract import ConnectorConfig, ConnectorContext, PermanentError, Reply, Target, TransientError
-from gateway.envelope import Envelope
+from gateway.sdk import ConnectorConfig, ConnectorContext, Envelope, PermanentError, Reply, Target, TransientError
 
 _PERMANENT_REASONS = {0x87, 0x90, 0x99}  # not authorized, topic name invalid, payload format invalid
 #: How often overdue publishes are looked for (seconds): a send waits at most this much longer

@@ -51,29 +51,30 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from connectors.mail_common import HeaderInjection, MailError, build_mail, parse_addresses, validated_options
+from connectors.mail_common import PARSERS, HeaderInjection, MailError, build_mail, parse_addresses, validated_options
 from connectors.mailauth import OutboundSealing
 from connectors.smtp.config import SmtpConfig, SmtpTarget
 from connectors.smtp.listener import Listener
 from connectors.smtp.relay import Relay
-from gateway.contract import (
+from gateway.sdk import (
     Connector,
     ConnectorConfig,
     ConnectorContext,
     Deliver,
+    Envelope,
     Health,
     PermanentError,
     Reply,
     Target,
     TransientError,
 )
-from gateway.envelope import Envelope
 
 __all__ = ["SmtpConfig", "SmtpConnector", "SmtpTarget"]
 
 
 class SmtpConnector(Connector):
     kind = "smtp"
+    parsers = PARSERS
     Config = SmtpConfig
     Options = SmtpTarget
     supports_inbound = True

@@ -14,8 +14,7 @@ from connectors.mail_common import MailOptions, parse_addresses
 from connectors.mail_common.build import TEMPLATED_ADDRESS
 from connectors.mailauth import AuthCheckSettings, SealOptions, SealSettings
 from connectors.smtp.users import Users
-from gateway.config.models import ByteSize, Duration, Secret, Strict
-from gateway.contract import ConnectorConfig, SubstitutionCheck
+from gateway.sdk import ByteSize, ConnectorConfig, Duration, Secret, Strict, SubstitutionCheck
 
 DEFAULT_PORT = 2525
 _LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?$")

@@ -23,10 +23,7 @@ from connectors.mailauth import Verifier, add_authentication_results, smtp_reply
 from connectors.smtp.config import SmtpConfig
 from connectors.smtp.session import R_BUSY, R_INTERNAL, GatewaySMTP, Hooks
 from connectors.smtp.users import Users
-from gateway.contract import Deliver, Outcome, Status
-from gateway.deadlines import Deadlines
-from gateway.envelope import Envelope
-from gateway.logs import event
+from gateway.sdk import Deadlines, Deliver, Envelope, Outcome, Status, event
 
 #: Bodies larger than this are parsed on a worker thread, not on the event loop.
 PARSE_INLINE_LIMIT = 256 * 1024

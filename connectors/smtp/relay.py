@@ -29,9 +29,7 @@ from urllib.parse import urlsplit
 import aiosmtplib
 
 from connectors.smtp.config import SmtpConfig
-from gateway.config.models import current_secret
-from gateway.contract import GatewayError, PermanentError, TransientError
-from gateway.logs import event
+from gateway.sdk import GatewayError, PermanentError, TransientError, current_secret, event
 
 
 def translate(exc: BaseException) -> GatewayError:

@@ -36,7 +36,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from connectors.smtp.data import R_BARE_NEWLINE, DataReader, read_data
-from gateway.logs import event
+from gateway.sdk import event
 
 if TYPE_CHECKING:
     from connectors.smtp.listener import Listener

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.contract import Outcome, Status
+from gateway.sdk import Outcome, Status
 
 _REJECTED = {
     400: "the request was refused", 401: "the backend refused the gateway's credentials",

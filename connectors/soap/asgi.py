@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from connectors.soap.config import InboundAuth, Listener
-from gateway.http import Receive, Scope, Send
+from gateway.sdk import Receive, Scope, Send
 
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 #: Request headers that never become envelope headers.

@@ -37,9 +37,7 @@ from connectors.soap import model, safexml, soapenv
 from connectors.soap.config import SoapConfig
 from connectors.soap.model import Field, MappingError, RenderOptions
 from connectors.soap.wsdl import Contract, Operation, Port, WsdlError, is_url
-from gateway.contract import PermanentError, Reply, TransientError
-from gateway.http import basic_authorization
-from gateway.logs import event
+from gateway.sdk import PermanentError, Reply, TransientError, basic_authorization, event
 
 #: Replies are parsed as hardened as requests, with room for deep legacy documents.
 _REPLY_MAX_DEPTH = safexml.LIBXML_MAX_DEPTH

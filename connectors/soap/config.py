@@ -7,8 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from gateway.config.models import ByteSize, Duration, Secret, Strict
-from gateway.contract import ConnectorConfig, TargetOptions
+from gateway.sdk import ByteSize, ConnectorConfig, Duration, Secret, Strict, TargetOptions
 
 
 class Credential(Strict):

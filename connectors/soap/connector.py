@@ -13,18 +13,19 @@ from connectors.soap.facade import RestFacade
 from connectors.soap.model import MappingError
 from connectors.soap.server import SoapService
 from connectors.soap.wsdl import Contract, load
-from gateway.contract import (
+from gateway.sdk import (
     Connector,
     ConnectorConfig,
     ConnectorContext,
     Deliver,
+    Envelope,
     Health,
     PermanentError,
     Reply,
     Target,
+    event,
+    is_json_type,
 )
-from gateway.envelope import Envelope, is_json_type
-from gateway.logs import event
 
 _WSDL_FETCH_LIMIT = 5 * 1024 * 1024
 
@@ -122,13 +123,13 @@ class SoapConnector(Connector):
                   hint="set auth: {type: basic, users: [...]} or {type: bearer, tokens: [...]}")
 
     async def stop_listening(self, drain: float) -> None:
-        faces: list[Any] = [f for f in (self.service, self.facade) if f is not None]
+        faces: list[SoapService | RestFacade] = [f for f in (self.service, self.facade) if f is not None]
         for face in faces:
             face.accepting = False
         loop = asyncio.get_running_loop()
         end = loop.time() + drain
-        while any(f.inflight for f in faces) and loop.time() < end:
-            await asyncio.sleep(0.02)
+        for face in faces:
+            await face.inflight.drained(end - loop.time())
 
     async def close(self) -> None:
         if self.cfg.serve is not None:

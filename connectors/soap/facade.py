@@ -32,10 +32,18 @@ from connectors.soap.asgi import (
 from connectors.soap.config import Listener
 from connectors.soap.model import JsonSchemaBuilder, MappingError, RenderOptions
 from connectors.soap.wsdl import Contract, Operation, Port
-from gateway.contract import Deliver, Status
-from gateway.envelope import Envelope, is_json_type, json_depth_exceeds
-from gateway.http import Receive, Scope, Send
-from gateway.logs import event
+from gateway.sdk import (
+    Deliver,
+    Envelope,
+    InFlight,
+    Receive,
+    Scope,
+    Send,
+    Status,
+    event,
+    is_json_type,
+    json_depth_exceeds,
+)
 
 _DOCS_FILES = {"swagger-ui.css": "text/css", "swagger-ui-bundle.js": "application/javascript",
                "favicon-32x32.png": "image/png"}
@@ -53,7 +61,7 @@ class RestFacade:
         self.auth = Authenticator(listener.auth)
         self.deliver: Deliver | None = None
         self.accepting = False
-        self.inflight = 0
+        self.inflight = InFlight()
         self._static: dict[str, bytes] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -143,11 +151,8 @@ class RestFacade:
                        content_type="application/json", headers=forwarded_headers(headers),
                        attributes={"interface": "rest_facade", "operation": op.name, "http_method": "POST",
                                    "service": self.contract.service, "peer": _peer(scope)})
-        self.inflight += 1
-        try:
+        with self.inflight:
             outcome = await self.deliver(env)
-        finally:
-            self.inflight -= 1
         ids = [(b"x-envelope-id", env.id.encode())]
         if outcome.status is Status.ACCEPTED and outcome.reply is not None:
             r = outcome.reply

@@ -36,10 +36,21 @@ from connectors.soap.config import Listener
 from connectors.soap.model import MappingError, RenderOptions
 from connectors.soap.soapenv import CLIENT, SERVER
 from connectors.soap.wsdl import Contract, Operation
-from gateway.contract import Deliver, Outcome, Reply, Status
-from gateway.envelope import Envelope, is_json_type, is_xml_type, media_type
-from gateway.http import Receive, Scope, Send
-from gateway.logs import event
+from gateway.sdk import (
+    Deliver,
+    Envelope,
+    InFlight,
+    Outcome,
+    Receive,
+    Reply,
+    Scope,
+    Send,
+    Status,
+    event,
+    is_json_type,
+    is_xml_type,
+    media_type,
+)
 
 
 class Refusal(Exception):
@@ -84,7 +95,7 @@ class SoapService:
         self.auth = Authenticator(listener.auth)
         self.deliver: Deliver | None = None
         self.accepting = False
-        self.inflight = 0
+        self.inflight = InFlight()
         self._documents: OrderedDict[str, list[bytes]] = OrderedDict()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -219,11 +230,8 @@ class SoapService:
             attributes={"soap_version": version, "soap_action": _soap_action(headers, version) or op.action,
                         "operation": op.name, "service": self.contract.service, "port": call.port,
                         "http_method": "POST", "peer": _peer(scope)})
-        self.inflight += 1
-        try:
+        with self.inflight:
             outcome = await self.deliver(env)
-        finally:
-            self.inflight -= 1
         await self._answer(send, env, op, version, outcome)
 
     def _operation(self, candidates: list[Operation], headers: dict[str, str], version: str) -> Operation:

@@ -65,9 +65,7 @@ from connectors.xmpp.inbound import XmppInbound
 from connectors.xmpp.mapping import XmppConfig, XmppTarget
 from connectors.xmpp.outbound import XmppOutbound
 from connectors.xmpp.stream import AckWindow, HardenedClient
-from gateway.contract import Deliver, Health, TransientError
-from gateway.logs import event
-from gateway.tasks import cancel_and_wait, within
+from gateway.sdk import Deliver, Health, TransientError, cancel_and_wait, event, within
 
 #: How long closing waits for the connector's tasks to end after cancelling them.
 _STOP_WAIT = 5.0
@@ -126,10 +124,7 @@ class XmppConnector(XmppInbound, XmppOutbound):
         client = self._client
         if client is not None and self._online.is_set():
             client.send_presence(ptype="unavailable")
-        loop = asyncio.get_running_loop()
-        end = loop.time() + drain
-        while self._inflight and loop.time() < end:
-            await asyncio.sleep(0.02)
+        await self._inflight.drained(drain)
         self._send_ack()
 
     async def close(self) -> None:
@@ -213,7 +208,7 @@ class XmppConnector(XmppInbound, XmppOutbound):
             return
         client.end_session_on_disconnect = True  # no resumption: a new connection is a new session
         self._error = ""
-        self._delay = 1.0
+        self._reconnects.reset()
         event(self.log, "xmpp.connected", connector=self.name, jid=str(client.boundjid),
               stream_management=bool(client.plugin["xep_0198"].enabled_out))
         if self._listening:
@@ -236,6 +231,4 @@ class XmppConnector(XmppInbound, XmppOutbound):
             event(self.log, "xmpp.disconnected", logging.WARNING, connector=self.name, reason=str(reason or ""))
         if self._closing or self._client is None:
             return
-        delay = self._delay * (0.5 + self._rng.random() / 2)
-        self._delay = min(30.0, self._delay * 2)
-        self._spawn(self._reconnect(delay), f"xmpp-{self.name}-reconnect")
+        self._spawn(self._reconnect(self._reconnects.next()), f"xmpp-{self.name}-reconnect")

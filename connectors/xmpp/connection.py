@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from typing import Any
 
 from slixmpp import JID
@@ -21,8 +20,7 @@ from slixmpp.exceptions import IqError, IqTimeout
 
 from connectors.xmpp.mapping import XmppConfig
 from connectors.xmpp.stream import HardenedClient
-from gateway.contract import Connector, ConnectorConfig, ConnectorContext
-from gateway.logs import event
+from gateway.sdk import Backoff, Connector, ConnectorConfig, ConnectorContext, event
 
 _KEEPALIVE = 60.0
 _KEEPALIVE_TIMEOUT = 20.0
@@ -45,8 +43,7 @@ class XmppConnection(Connector):
         self._failed = asyncio.Event()
         self._error = "not connected yet"
         self._closing = False
-        self._delay = 1.0
-        self._rng = random.Random()
+        self._reconnects = Backoff(1.0, 30.0)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._keeper: asyncio.Task[None] | None = None
         self._joined: set[str] = set()

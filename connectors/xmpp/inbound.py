@@ -18,9 +18,7 @@ from slixmpp.stanza import Iq, Message, Presence
 from connectors.xmpp.connection import XmppConnection
 from connectors.xmpp.mapping import Incoming, incoming, to_envelope
 from connectors.xmpp.stream import AckWindow
-from gateway.contract import ConnectorConfig, ConnectorContext, Deliver, Outcome, Status
-from gateway.envelope import Envelope
-from gateway.logs import event
+from gateway.sdk import ConnectorConfig, ConnectorContext, Deliver, Envelope, InFlight, Outcome, Status, event
 
 
 class XmppInbound(XmppConnection):
@@ -33,7 +31,7 @@ class XmppInbound(XmppConnection):
         self._acks = AckWindow()
         self._acked = -1
         self._parked: list[tuple[Incoming, int | None, AckWindow]] = []
-        self._inflight = 0
+        self._inflight = InFlight()
         self._paused = False
 
     async def _go_available(self) -> None:
@@ -76,8 +74,8 @@ class XmppInbound(XmppConnection):
         return stanza
 
     def _take(self, inc: Incoming, seq: int | None, window: AckWindow, deliver: Deliver) -> None:
-        self._inflight += 1
-        if self._inflight >= self.cfg.max_inflight:
+        self._inflight.add()
+        if self._inflight.count >= self.cfg.max_inflight:
             self._pause(True)
         self._spawn(self._handle(inc, seq, window, deliver), f"xmpp-{self.name}-message")
 
@@ -108,8 +106,8 @@ class XmppInbound(XmppConnection):
                   error=f"{type(exc).__name__}: {exc}")
             self._answer(inc, env, Outcome.retry(env.id, "internal error"))
         finally:
-            self._inflight -= 1
-            if self._inflight < self.cfg.max_inflight:
+            self._inflight.done()
+            if self._inflight.count < self.cfg.max_inflight:
                 self._pause(False)
             if seq is not None:
                 window.settle(seq)

@@ -14,9 +14,16 @@ from slixmpp.plugins.xep_0203.stanza import Delay
 from slixmpp.stanza import Message
 from slixmpp.xmlstream import register_stanza_plugin
 
-from gateway.config.models import ByteSize, Duration, Secret
-from gateway.contract import ConnectorConfig, SubstitutionCheck, TargetOptions, TemplateText
-from gateway.envelope import Envelope
+from gateway.sdk import (
+    ByteSize,
+    ConnectorConfig,
+    Duration,
+    Envelope,
+    Secret,
+    SubstitutionCheck,
+    TargetOptions,
+    TemplateText,
+)
 
 # What the client's xep_0184/xep_0203 plugins register; done here too so the mapping works alone.
 register_stanza_plugin(Message, Request)

@@ -20,9 +20,16 @@ from slixmpp.stanza import Message
 
 from connectors.xmpp.connection import XmppConnection
 from connectors.xmpp.mapping import XmppTarget, outgoing_text, parse_jid
-from gateway.contract import ConnectorConfig, ConnectorContext, PermanentError, Reply, Target, TransientError
-from gateway.envelope import Envelope
-from gateway.logs import event
+from gateway.sdk import (
+    ConnectorConfig,
+    ConnectorContext,
+    Envelope,
+    PermanentError,
+    Reply,
+    Target,
+    TransientError,
+    event,
+)
 
 
 class XmppOutbound(XmppConnection):

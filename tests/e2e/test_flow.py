@@ -10,7 +10,8 @@ real `gateway run` process and a real HTTP peer:
 - nothing of the app shows before login (a token with a second factor is used);
 - an invalid hand edit of routes.yaml on disk is shown with its lines and replaced from the page.
 
-Screenshots of the picture go to docs/images/ (the README shows them), the rest to test-output/flow/.
+Screenshots go to test-output/flow/; with GATEWAY_DOCS_SCREENSHOTS=1 those of the picture also
+replace the ones in docs/images/ that the docs show (a test run never changes the repository).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from tests.gwtest import free_port
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
-IMAGES = ROOT / "docs" / "images"
+IMAGES = ROOT / "docs" / "images" if os.environ.get("GATEWAY_DOCS_SCREENSHOTS") == "1" else None
 SHOTS = ROOT / "test-output" / "flow"
 TOKEN = "e2e-flow-editor-token-0123456789"
 OTHER = "e2e-flow-second-editor-0123456789"
@@ -215,7 +216,7 @@ class Page:
         return str(self.css("#status").text)
 
     def shot(self, name: str, sel: str | None = None, docs: bool = False) -> None:
-        folder = IMAGES if docs else SHOTS
+        folder = IMAGES if docs and IMAGES is not None else SHOTS
         folder.mkdir(parents=True, exist_ok=True)
         if sel:
             self.css(sel).screenshot(str(folder / f"{name}.png"))

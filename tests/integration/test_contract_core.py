@@ -1,7 +1,10 @@
-"""The shared connector contract, run for the core's own connectors against real peers."""
+"""The shared connector contract, run for the core's own connectors against real peers: the file
+system (file), an HTTP server and client (rest) and Python's logging (log)."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +13,9 @@ import pytest
 from aiohttp import web
 
 from gateway.contract import Connector
+from gateway.envelope import Envelope
 from gateway.http import HttpHub
-from tests.contract import InboundContract, OutboundContract
+from tests.contract import InboundContract, OutboundContract, make_connector
 from tests.gwtest import free_port, jsonl
 
 pytestmark = pytest.mark.integration
@@ -89,3 +93,44 @@ class TestRestInboundContract(InboundContract):
         if 400 <= r.status_code < 500:
             return "permanent"
         return f"unexpected {r.status_code}"
+
+
+class TestLogContract(OutboundContract):
+    """The peer is Python's logging: ``received`` is what a handler on the connector's logger saw."""
+
+    kind = "log"
+    records: list[logging.LogRecord]
+
+    @pytest.fixture(autouse=True)
+    def handler(self) -> Iterator[None]:
+        self.records = []
+        handler = logging.Handler(logging.DEBUG)
+        handler.emit = self.records.append  # type: ignore[method-assign]
+        logger = logging.getLogger("test.under-test")
+        logger.addHandler(handler)
+        level, logger.level = logger.level, logging.DEBUG
+        yield
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+    def config(self, tmp_path: Path) -> dict[str, Any]:
+        return {"body": True, "level": "info"}
+
+    def down_config(self, tmp_path: Path) -> dict[str, Any]:
+        return self.config(tmp_path)
+
+    async def received(self, tmp_path: Path) -> list[bytes]:
+        return [str(r.fields["body"]).encode() for r in self.records  # type: ignore[attr-defined]
+                if r.getMessage() == "message.logged"]
+
+    async def test_a_peer_that_is_down_is_a_transient_error(self, tmp_path: Path) -> None:
+        """Logging has no peer to lose: a send always succeeds, and says so in one event."""
+        c = make_connector(self.kind, self.down_config(tmp_path), tmp_path)
+        await c.open()
+        try:
+            env = Envelope(source="test", protocol="test", subject="contract/2", body=b"{}",
+                           content_type="application/json")
+            assert await c.send(env, self.target()) is None
+            assert await self.received(tmp_path) == [b"{}"]
+        finally:
+            await c.close()

@@ -1,5 +1,5 @@
-"""The routes.yaml examples in the README's mail authenticity section validate against the real connectors (smtp, imap,
-file…), and their errors name the field."""
+"""The routes.yaml examples in the docs' mail authenticity section (docs/security.md) validate against
+the real connectors (smtp, imap, file…), and their errors name the field."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from gateway.config.loader import LoadedConfig, load_config_text
 from gateway.config.yamlsrc import ConfigError
 from tests.mailauth_support import pem, rsa_key
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "security.md"
 
 
 def section() -> str:
-    text = README.read_text()
-    start = text.index("### Mail authenticity and encryption")
-    return text[start:text.index("\n### ", start + 10)]
+    text = PAGE.read_text()
+    start = text.index("## Mail authenticity and encryption")
+    return text[start:text.index("\n## ", start + 10)]
 
 
 def examples() -> list[str]:

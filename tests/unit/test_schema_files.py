@@ -32,11 +32,11 @@ def _configs() -> list[tuple[str, Any]]:
         routes = ((yaml.safe_load(path.read_text()) or {}).get("config") or {}).get("routes")
         if isinstance(routes, str):
             found.append((f"{path.relative_to(ROOT)}: config.routes", yaml.safe_load(routes)))
-    readme = (ROOT / "README.md").read_text()
-    for i, block in enumerate(re.findall(r"```ya?ml\n(.*?)```", readme, re.S)):
-        data = yaml.safe_load(block)
-        if isinstance(data, dict) and "connectors" in data:
-            found.append((f"README.md yaml block {i}", data))
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for i, block in enumerate(re.findall(r"```ya?ml\n(.*?)```", doc.read_text(), re.S)):
+            data = yaml.safe_load(block)
+            if isinstance(data, dict) and "connectors" in data:
+                found.append((f"{doc.relative_to(ROOT)} yaml block {i}", data))
     return found
 
 
@@ -54,7 +54,7 @@ def test_the_repository_has_the_configs_this_test_reads() -> None:
     names = [name for name, _ in CONFIGS]
     assert "routes.yaml" in names and "deploy/compose/gateway/routes.yaml" in names
     assert "helm/gateway/values.yaml: config.routes" in names
-    assert sum(name.startswith("README.md") for name in names) >= 5
+    assert sum(name.startswith(("README.md", "docs/")) for name in names) >= 5
 
 
 @pytest.mark.parametrize(("name", "data"), CONFIGS, ids=[name for name, _ in CONFIGS])
