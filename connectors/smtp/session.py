@@ -64,6 +64,9 @@ MAX_LOGGED_REFUSALS = 10
 #: aiosmtpd answers buffered commands without waiting on the socket: after this many replies a
 #: session lets the event loop serve others.
 REPLIES_PER_TURN = 32
+#: After a 421, how long the session goes on reading (and dropping) what the client still sends
+#: before it closes, so the client reads the 421 instead of a connection reset.
+CLOSE_DRAIN = 2.0
 
 # aiosmtpd answers without enhanced status codes (RFC 3463) in places we cannot hook.
 _REWRITE = {
@@ -155,6 +158,7 @@ class GatewaySMTP(SMTP):
         self._registered = False
         #: Past max_sessions_per_client: answered 421 at connection, never a session.
         self._turned_away = False
+        self._closing_at: float | None = None
         self._errors = 0
         self._replies = 0
         self._logged_refusals = 0
@@ -233,6 +237,8 @@ class GatewaySMTP(SMTP):
     # --- replies -------------------------------------------------------------------------
 
     async def push(self, status: Any) -> None:
+        if self._closing_at is not None:
+            return  # the 421 was the last word; what the client still sends is read and dropped
         if isinstance(status, str):
             status = _REWRITE.get(status, status)
             if status[:1] in ("4", "5"):
@@ -332,8 +338,17 @@ class GatewaySMTP(SMTP):
                 self.goodbye()
 
     def _close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        """End the session after a 421. Closing a socket with the client's input still unread
+        makes the kernel answer with a reset, and a client that sent a burst (60,000 empty lines)
+        then loses the 421 in its receive buffer: so stop writing (half-close where the transport
+        can), go on reading and discarding for a moment, then close."""
+        transport = self.transport
+        if transport is None or self._closing_at is not None:
+            return
+        self._closing_at = self.loop.time()
+        if isinstance(transport, asyncio.WriteTransport) and transport.can_write_eof():
+            transport.write_eof()
+        self.loop.call_later(CLOSE_DRAIN, transport.close)
 
     async def _read_data(self) -> tuple[bytes, str | None]:
         """Read DATA up to the one true terminator. Returns (message, problem reply or None)."""

@@ -30,9 +30,10 @@ pytestmark = pytest.mark.integration
 RUNNER = '''
 import asyncio, signal, sys
 from gateway import logs
+from gateway.admin import mount_admin
 from gateway.config.loader import load_config
 from gateway.delivery.rabbit import RabbitSpool
-from gateway.runtime import Runtime
+from gateway.runtime import Runtime, RuntimeAdmin
 
 
 async def main(config_path: str, url: str, prefix: str, local: str) -> None:
@@ -41,6 +42,7 @@ async def main(config_path: str, url: str, prefix: str, local: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, runtime.request_stop)
+    mount_admin(RuntimeAdmin(runtime), runtime.http)  # as gateway.runtime.serve does
     await runtime.start()
     await runtime.wait()
     await runtime.stop()
