@@ -46,6 +46,7 @@ from gateway.config.models import AlarmSpec, DedupeSpec, DigestSpec, ThrottleSpe
 from gateway.envelope import Envelope, new_id
 from gateway.routing.expr import Fn, compile_expression
 from gateway.routing.templates import Template, make_environment
+from gateway.tasks import InFlight
 
 #: ``max_listed`` of a throttle's digest (``then: digest`` without a ``digest:``), and the default.
 DEFAULT_MAX_LISTED: int = DigestSpec.model_fields["max_listed"].default
@@ -101,6 +102,10 @@ def compile_storm(route: str, dedupe: DedupeSpec | None, throttle: ThrottleSpec 
 # --- what the store keeps -------------------------------------------------------------------
 
 
+#: How long sending a finished window waits for the folds still being written into it.
+FOLD_COMMIT_WAIT = 5.0
+
+
 @dataclass
 class DigestWindow:
     """One digest window's summary. The events themselves stay in the store."""
@@ -118,6 +123,9 @@ class DigestWindow:
     next_seq: int = 0
     first: float = 0.0
     last: float = 0.0
+    #: Folds whose write has not committed yet: the window is read only once they have, or an
+    #: acknowledged message would be left out of its digest and then forgotten with it.
+    folding: InFlight = field(default_factory=InFlight, compare=False, repr=False)
 
 
 @dataclass
@@ -268,7 +276,8 @@ class StormControl:
             seq, w.next_seq = w.next_seq, w.next_seq + 1
             w.listed += 1
         try:
-            await self.store.add_to_digest(w, env, seq, now)
+            with w.folding:
+                await self.store.add_to_digest(w, env, seq, now)
         except BaseException:
             # Not stored, so not in the digest: the sender is refused and retries.
             w.count -= 1
@@ -301,6 +310,8 @@ class StormControl:
                 self.due.append(w)
         sent = 0
         for w in list(self.due):
+            if not await w.folding.drained(FOLD_COMMIT_WAIT):
+                return sent  # a write that has not committed yet: read the window on the next tick
             env = await self.store.read_digest(w.id, self.digest_envelope)
             if env is not None and not await self.emit(w.route, env):
                 return sent  # tried again on the next tick, oldest first

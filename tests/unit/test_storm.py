@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -294,3 +295,48 @@ def test_max_listed_is_bounded() -> None:
     with pytest.raises(ConfigError) as info:
         route("    digest: {max_listed: 1000000}")
     assert "max_listed" in str(info.value) and "10000" in str(info.value)
+
+
+async def test_a_window_that_ends_while_an_event_is_being_written_keeps_that_event(tmp_path: Path) -> None:
+    """The window's end comes while a fold's group commit is still pending: the digest waits for
+    the commit, so the acknowledged event is in it (it was read without it, then forgotten)."""
+
+    class SlowStore(SqliteStormStore):
+        gate = asyncio.Event()
+
+        async def add_to_digest(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if args[2] is not None and args[2] == 2:  # the third listed event: hold its commit
+                await self.gate.wait()
+            return await super().add_to_digest(*args, **kwargs)
+
+    store = SlowStore(str(tmp_path / "s.db"))
+    emitted: list[Envelope] = []
+
+    async def emit(route_name: str, env: Envelope) -> bool:
+        emitted.append(env)
+        return True
+
+    clock = Clock()
+    ctl = StormControl(store, emit, clock=clock)
+    await ctl.open()
+    try:
+        c = route("    digest: {key: '{{ data.sensor }}', window: 1m}")
+        envs = [alert("a", n=i) for i in range(3)]
+        keys = [ctl.admit(c, e, dict(MessageScope(e))).key for e in envs]
+        await ctl.fold(c, keys[0], envs[0])
+        await ctl.fold(c, keys[1], envs[1])
+        pending = asyncio.ensure_future(ctl.fold(c, keys[2], envs[2]))  # acknowledged once it returns
+        await asyncio.sleep(0.05)
+        clock.now += 61
+        flushing = asyncio.ensure_future(ctl.flush_due())
+        await asyncio.sleep(0.05)
+        SlowStore.gate.set()
+        await pending
+        await flushing
+        await ctl.flush_due()
+        [digest] = emitted
+        assert digest.data["digest"]["count"] == 3
+        assert [e["data"]["n"] for e in digest.data["digest"]["events"]] == [0, 1, 2]
+    finally:
+        await ctl.stop()
+        await store.close()
