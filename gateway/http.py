@@ -21,6 +21,9 @@ a connector, the spool or a sink:
   ``max_connections_per_client`` instead: a new connection past either closes the oldest such
   connection (of that address, for the second), or is itself closed when every one is busy.
 
+An address with ``tls`` in ``gateway.http`` serves HTTPS; its certificate is read again when its
+files change (:class:`~gateway.tls.RenewingTls`), so a renewed one is served without a restart.
+
 A refused request is answered with problem+json and ``Connection: close``; its remaining input is
 read and discarded for a moment (so the client sees the answer, not a reset), then closed.
 The bounds live in a subclass of uvicorn's ``HttpToolsProtocol`` that relies on its internals
@@ -39,6 +42,7 @@ import logging
 import math
 import resource
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Generator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -50,6 +54,7 @@ from uvicorn.server import ServerState
 
 from gateway.config.models import HttpListenerSettings
 from gateway.logs import event
+from gateway.tls import RenewingTls
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -447,6 +452,12 @@ class HttpHub:
 
     async def _start(self, lst: _Listener) -> None:
         host, port = parse_listen(lst.listen)
+        tls: RenewingTls | None = None
+        if (files := self.limits(lst.listen).tls) is not None:
+            try:
+                tls = RenewingTls(files.cert, files.key, log=self.log, name=lst.listen)
+            except (OSError, ssl.SSLError) as exc:
+                raise OSError(f"cannot serve TLS on {lst.listen}: {exc}") from None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -464,6 +475,7 @@ class HttpHub:
             lst, http=_GuardedProtocol, ws="none", lifespan="off", log_config=None, access_log=False,
             server_header=False, proxy_headers=False, timeout_keep_alive=math.ceil(limits.idle_timeout),
             timeout_graceful_shutdown=5,
+            ssl_context_factory=None if tls is None else lambda _config, _default: tls.context,
         )
         config.guard = lst.guard = _Guard(lst.listen, limits, self.log)
         server = _Server(config)
@@ -477,7 +489,8 @@ class HttpHub:
             failure = lst.task.exception()
             raise OSError(f"HTTP server on {lst.listen} did not start: {failure}")
         lst.guard.start()
-        event(self.log, "http.listening", listen=lst.listen, mounts=",".join(sorted(lst.mounts)))
+        event(self.log, "http.listening", listen=lst.listen, mounts=",".join(sorted(lst.mounts)),
+              tls=tls is not None)
 
     async def stop(self) -> None:
         for lst in self._listeners.values():

@@ -26,6 +26,8 @@ The surface
   :class:`Closed` (blocking work in groups on a thread), :func:`cancel_and_wait`, :func:`within`,
   :func:`retrieve`, :class:`InFlight` (what ``stop_listening(drain)`` waits for) and
   :class:`Backoff` (capped, jittered, resettable waits for every reconnect and retry loop).
+* TLS for a listener: :class:`RenewingTls` (a server context whose certificate and key are read
+  again when their files change, so a renewed certificate needs no restart).
 
 The promise
 -----------
@@ -70,6 +72,7 @@ from gateway.groupthread import Closed, GroupThread
 from gateway.http import Receive, Scope, Send, basic_authorization, send_problem
 from gateway.logs import event
 from gateway.tasks import Backoff, InFlight, cancel_and_wait, retrieve, within
+from gateway.tls import RenewingTls
 
 __all__ = [
     "ONE_LINE",
@@ -91,6 +94,7 @@ __all__ = [
     "Outcome",
     "PermanentError",
     "Receive",
+    "RenewingTls",
     "Reply",
     "Scope",
     "Secret",

@@ -21,7 +21,8 @@ _LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?$")
 
 
 class TlsFiles(Strict):
-    """A certificate chain and its key (PEM files) for the inbound listener."""
+    """A certificate chain and its key (PEM files) for the inbound listener, read again when they
+    change on disk: a renewed certificate reaches the next connection without a restart."""
 
     cert: str
     key: str

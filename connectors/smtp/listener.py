@@ -5,13 +5,14 @@ it right there), then becomes one envelope per recipient; the DATA answer is
 :func:`reply_for` of their outcomes. Past ``max_sessions`` a connection gets ``421 4.3.2``,
 past ``max_sessions_per_client`` from its address ``421 4.7.0`` (so one client cannot take every
 session); ``stop`` says ``421`` to idle sessions and waits (up to the drain time) for messages in flight.
+The certificate (``tls``) is read again when its files change: the next STARTTLS or implicit-TLS
+connection gets a renewed one without a restart (:class:`~gateway.sdk.RenewingTls`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -23,7 +24,7 @@ from connectors.mailauth import Verifier, add_authentication_results, smtp_reply
 from connectors.smtp.config import SmtpConfig
 from connectors.smtp.session import R_BUSY, R_INTERNAL, GatewaySMTP, Hooks
 from connectors.smtp.users import Users
-from gateway.sdk import Deadlines, Deliver, Envelope, Outcome, Status, event
+from gateway.sdk import Deadlines, Deliver, Envelope, Outcome, RenewingTls, Status, event
 
 #: Bodies larger than this are parsed on a worker thread, not on the event loop.
 PARSE_INLINE_LIMIT = 256 * 1024
@@ -52,13 +53,6 @@ def reply_for(outcomes: Sequence[Outcome]) -> str:
     return f"554 5.7.0 Message refused ({ids})"
 
 
-def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    return ctx
-
-
 class _Refuse(asyncio.Protocol):
     """Past max_sessions: one 421 and goodbye, without starting a session."""
 
@@ -79,7 +73,8 @@ class Listener:
         self.log = log
         self.deliver = deliver
         self.users = Users.parse(cfg.users.get_secret_value()) if cfg.users is not None else None
-        self.tls_context = server_tls_context(cfg.tls.cert, cfg.tls.key) if cfg.tls is not None else None
+        tls = RenewingTls(cfg.tls.cert, cfg.tls.key, log=log, name=name) if cfg.tls is not None else None
+        self.tls_context = tls.context if tls is not None else None
         self.starttls_context = self.tls_context if cfg.inbound_starttls != "off" else None
         check = cfg.auth_check
         self.verifier = Verifier(check, log=log) if check is not None and check.policy != "off" else None

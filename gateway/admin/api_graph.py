@@ -85,7 +85,7 @@ def graph_api(app: FastAPI, runtime: AdminPort, auth: Any, editor: Any) -> None:
         text = await asyncio.to_thread(_read, path)
         running = runtime.config
         out: dict[str, Any] = {"path": path, "version": version_of(text), "running": running.version,
-                               "differs": version_of(text) != running.version, "errors": []}
+                               "differs": version_of(text) != version_of(running.source.text), "errors": []}
         if out["differs"]:
             out["text"] = text
             out["errors"] = await work(functools.partial(_problems, runtime, text))

@@ -1,11 +1,18 @@
 """Load and validate routes.yaml: the one validator behind `gateway validate`, `gateway run`,
-hot reload, the admin API and the web editor."""
+hot reload, the admin API and the web editor.
+
+The config's version hashes routes.yaml's text and the text of every file its templates read
+(``body: {file: …}`` and what the templates include; :attr:`LoadedConfig.files`), so that an edit of
+a template alone is a new version: reloaded, and shown in ``/api/config`` and
+``gateway_config_info``. Without such files it is the hash of the text alone (:func:`config_version`).
+Secrets given as ``{file: …}`` are never part of it: they are read again where they are used.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -24,9 +31,36 @@ class LoadedConfig:
     kinds: dict[str, type[Connector]]
     router: Router
     source: Source
-    #: Content hash of the file: the config version reported by /api/config and the metrics.
+    #: Content hash of the file and the files it reads (:func:`config_version`): the config
+    #: version reported by /api/config and the metrics.
     version: str
     base_dir: str
+
+    @property
+    def files(self) -> Mapping[str, str]:
+        """The files the routes' templates read: name relative to ``base_dir`` -> hash of the text
+        (``""``: not there)."""
+        return self.router.files
+
+
+def config_version(text: str, files: Mapping[str, str]) -> str:
+    """The version of routes.yaml's ``text`` with the ``files`` it reads (name -> hash of the text)."""
+    digest = hashlib.sha256(text.encode("utf-8"))
+    for name in sorted(files):
+        digest.update(f"\0{name}\0{files[name]}".encode())
+    return digest.hexdigest()[:12]
+
+
+def files_on_disk(base_dir: str, names: Iterable[str]) -> dict[str, str]:
+    """What :attr:`LoadedConfig.files` would hold for ``names`` now (blocking reads)."""
+    found = {}
+    for name in names:
+        try:
+            with open(os.path.join(base_dir, name), "rb") as fh:
+                found[name] = hashlib.sha256(fh.read()).hexdigest()
+        except OSError:
+            found[name] = ""
+    return found
 
 
 def validate_source(src: Source, registry: Registry, base_dir: str) -> LoadedConfig:
@@ -76,7 +110,7 @@ def validate_source(src: Source, registry: Registry, base_dir: str) -> LoadedCon
     if issues:
         issues.sort(key=lambda i: (i.line or 0))
         raise ConfigError(issues)
-    version = hashlib.sha256(src.text.encode("utf-8")).hexdigest()[:12]
+    version = config_version(src.text, router.files)
     return LoadedConfig(model, connectors, kinds, router, src, version, base_dir)
 
 

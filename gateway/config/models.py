@@ -175,6 +175,14 @@ class LogSettings(Strict):
     format: Literal["auto", "json", "text"] = "auto"
 
 
+class ServerTls(Strict):
+    """A listener's certificate chain and its key (PEM files). They are read again when they change
+    on disk (a renewal): the next connection gets the new certificate, without a restart."""
+
+    cert: str
+    key: str
+
+
 class HttpListenerSettings(Strict):
     """Bounds of one HTTP listen address (REST, SOAP, admin): what a client may send and how long
     it may take. Every listen address has them; ``gateway.http`` changes them per address."""
@@ -200,6 +208,8 @@ class HttpListenerSettings(Strict):
     #: Open connections from one client address, the same way; 0: no per-address bound (behind
     #: a proxy every connection has the proxy's address).
     max_connections_per_client: int = Field(default=256, ge=0)
+    #: Serve HTTPS on this address: ``{cert: /path/tls.crt, key: /path/tls.key}``. Omitted: plain HTTP.
+    tls: ServerTls | None = None
 
 
 class TemplateSettings(Strict):

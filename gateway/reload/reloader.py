@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 
 def version_of(text: str) -> str:
-    """The config version: the content hash the loader gives a file's text."""
+    """The hash of routes.yaml's text alone: the config version of a config that reads no other
+    files (see :func:`~gateway.config.loader.config_version`)."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
@@ -157,7 +158,7 @@ class Reloader:
             except OSError as exc:
                 raise self._refused(ReloadRefused(f"cannot read {path}: {exc.strerror}", status=503),
                                     by, candidate, base) from None
-            if version_of(on_disk) != running:
+            if version_of(on_disk) != version_of(self.host.config.source.text):
                 raise self._refused(ReloadRefused(
                     f"{os.path.basename(path)} on disk has changes that are not live "
                     f"(version {version_of(on_disk)}); apply or discard them first", current=running),

@@ -171,9 +171,13 @@ class _SourceIndex:
 
 
 class Router:
-    def __init__(self, routes: list[CompiledRoute], index: dict[str, _SourceIndex]):
+    def __init__(self, routes: list[CompiledRoute], index: dict[str, _SourceIndex],
+                 files: Mapping[str, str] | None = None):
         self.routes = routes
         self._index = index
+        #: The files the templates read when compiled (name relative to the config's directory ->
+        #: hash of the text read, ``""`` when missing): part of the config's version.
+        self.files: dict[str, str] = dict(files or {})
         self._reads_data: dict[str, bool] = {}
 
     def __len__(self) -> int:
@@ -405,7 +409,8 @@ def compile_routes(
 ) -> tuple[Router, list[Issue]]:
     """Compile validated routes against the configured connectors. Collects every issue."""
     issues: list[Issue] = []
-    jenv = make_environment(base_dir, limits=model.gateway.templates)
+    read: dict[str, str] = {}
+    jenv = make_environment(base_dir, limits=model.gateway.templates, read=read)
     routes: list[CompiledRoute] = []
     index: dict[str, _SourceIndex] = {}
     seen_names: dict[str, int] = {}
@@ -479,7 +484,8 @@ def compile_routes(
                         idx.trie.add(pattern, i)
             else:
                 idx.always.append(i)
-    return Router(routes, index), issues
+    # A copy: an include read again while rendering (changed since) must not change the version.
+    return Router(routes, index, dict(read)), issues
 
 
 def _compile_target(
@@ -534,7 +540,8 @@ def _compile_target(
     for key, value in raw_options.items():
         check = cls.Options.substitution_checks.get(key)
         each = check.each if check is not None else None
-        field_env = make_environment(base_dir, finalize=each, limits=jenv.limits) if each else jenv
+        field_env = make_environment(base_dir, finalize=each, limits=jenv.limits,
+                                     read=jenv.loader.read) if each else jenv
         tree, has = _compile_tree(value, field_env, (*tp, key), issues, src, check, key)
         if has:
             templated[key] = tree

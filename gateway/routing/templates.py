@@ -4,6 +4,10 @@ Templates come from reviewed config (routes.yaml and template files beside it), 
 message content. A template that reads a missing value fails for that message (the target is
 dead-lettered with the reason) instead of silently rendering an empty string.
 
+The files a config's templates read (``{file: …}`` bodies and what they, or any inline template,
+include, import or extend by a constant name) are noted as they are read, with the hash of their
+text: they are part of the config's version, and the watcher reloads when one changes.
+
 Their inputs do come from messages, so every render is bounded in output size, values built,
 loop iterations and time (``gateway.templates``; :mod:`gateway.routing.template_bounds`). A
 template whose constants already break a bound (``{{ 10**10000000 }}``) is refused at load with
@@ -14,6 +18,7 @@ same way again, so the caller dead-letters it and never asks for a retry.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -22,6 +27,8 @@ from itertools import islice
 from typing import Any
 
 import jinja2
+import jinja2.meta
+from jinja2.loaders import split_template_path
 
 from gateway.config.models import TemplateSettings
 from gateway.routing.template_bounds import BoundedEnvironment, Budget, LimitExceeded, active, budget_for
@@ -42,10 +49,63 @@ def _tojson(value: Any, indent: int | None = None) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent, default=str)
 
 
+def text_digest(text: str) -> str:
+    """The hash a read file's text goes into the config version with."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class _ReadingLoader(jinja2.FileSystemLoader):
+    """A file loader that notes each file it reads in ``read``: name (relative to the config's
+    directory) -> :func:`text_digest` of its text, ``""`` for one that is not there. A file read
+    for the first time is looked through for the files it names in turn, so a change to an include
+    changes the version even before any message has rendered it."""
+
+    def __init__(self, base_dir: str, read: dict[str, str]):
+        super().__init__(base_dir)
+        self.read = read
+
+    def get_source(self, environment: jinja2.Environment, template: str) -> tuple[str, str, Callable[[], bool]]:
+        # The name as the loader resolves it; one reaching outside the directory (``..``) is never
+        # read, so a file there (a secret) is never hashed into a version that logs and metrics show.
+        name = "/".join(split_template_path(template))
+        try:
+            source, filename, uptodate = super().get_source(environment, template)
+        except jinja2.TemplateNotFound:
+            self.read.setdefault(name, "")
+            raise
+        first = name not in self.read
+        self.read[name] = text_digest(source)
+        if first:
+            note_references(environment, source)
+        return source, filename, uptodate
+
+
+def note_references(env: jinja2.Environment, source: str) -> None:
+    """Have ``env``'s loader read the files ``source`` includes, imports or extends by a constant
+    name (and theirs), so that they are noted; a name computed while rendering cannot be known."""
+    loader = env.loader
+    if not isinstance(loader, _ReadingLoader) or "{%" not in source or not any(
+            word in source for word in ("include", "import", "extends")):
+        return  # spares a second parse of the usual template
+    try:
+        names = jinja2.meta.find_referenced_templates(env.parse(source))
+    except (jinja2.TemplateSyntaxError, MemoryError, RecursionError):
+        return  # the compile reports it
+    for name in names:
+        if name is not None:
+            try:
+                if "/".join(split_template_path(name)) not in loader.read:
+                    loader.get_source(env, name)
+            except (jinja2.TemplateNotFound, OSError, UnicodeDecodeError):
+                pass  # noted as missing: found only when rendered, as before
+
+
 def make_environment(
-    base_dir: str = ".", finalize: Callable[[Any], Any] | None = None, limits: TemplateSettings | None = None
+    base_dir: str = ".", finalize: Callable[[Any], Any] | None = None, limits: TemplateSettings | None = None,
+    *, read: dict[str, str] | None = None,
 ) -> BoundedEnvironment:
-    """The bounded sandbox; ``finalize`` (if given) checks or escapes every substituted value."""
+    """The bounded sandbox; ``finalize`` (if given) checks or escapes every substituted value.
+    With ``read``, every file its templates read is noted there (see :class:`_ReadingLoader`)."""
     bounds = limits or TemplateSettings()
     most = bounds.max_output
 
@@ -60,7 +120,7 @@ def make_environment(
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
-        loader=jinja2.FileSystemLoader(base_dir),
+        loader=jinja2.FileSystemLoader(base_dir) if read is None else _ReadingLoader(base_dir, read),
         finalize=finalize_bounded,
     )
     env.filters["tojson"] = _tojson
@@ -98,6 +158,7 @@ class Template:
                 self._tpl = env.get_template(name)
             else:
                 self._tpl = env.from_string(source)
+                note_references(env, source)
             cache[key] = self._tpl
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"template syntax error: {exc.message}", exc.lineno) from None

@@ -6,6 +6,7 @@ import json
 import os
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from ruamel.yaml import YAML
@@ -205,7 +206,9 @@ async def test_the_watcher_looks_at_the_config_not_at_a_spool_beside_it(tmp_path
         checks.append(path)
 
     monkeypatch.setattr(watching, "check_file", check_file)
-    task = asyncio.create_task(watching.watch(object(), str(config), debounce_ms=20, poll_seconds=60))
+    # What the watcher reads of the reloader: the running config's directory and the files it reads.
+    reloader = SimpleNamespace(host=SimpleNamespace(config=SimpleNamespace(base_dir=str(tmp_path), files={})))
+    task = asyncio.create_task(watching.watch(reloader, str(config), debounce_ms=20, poll_seconds=60))
     try:
         await asyncio.sleep(0.3)  # the watcher is set up
         for i in range(20):
