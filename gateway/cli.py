@@ -124,7 +124,8 @@ def _ago(value: str) -> float:
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     from gateway.delivery import deadletters as dl
-    from gateway.delivery.spool import Spool, make_spool
+    from gateway.delivery.spool import Spool
+    from gateway.delivery.spools import make_spool
     from gateway.delivery.store import DeadLetterFilter, SpoolBackend, SpoolError
 
     cfg: LoadedConfig | None = None

@@ -32,7 +32,7 @@ from gateway.config.yamlsrc import ConfigError
 from gateway.contract import Connector, Outcome
 from gateway.delivery.engine import Delivery, DeliveryOptions, RoutingState
 from gateway.delivery.options import DeliveryMetrics
-from gateway.delivery.spool import make_spool
+from gateway.delivery.spools import make_spool
 from gateway.delivery.store import DeadLetter, DeadLetterFilter
 from gateway.envelope import Envelope
 from gateway.http import HttpHub

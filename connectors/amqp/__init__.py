@@ -50,8 +50,8 @@ from typing import Any
 import aio_pika
 from yarl import URL
 
+from connectors.amqp.config import AmqpConfig, AmqpTarget
 from connectors.amqp.inbound import AmqpInbound
-from connectors.amqp.mapping import AmqpConfig, AmqpTarget
 from connectors.amqp.outbound import AmqpOutbound
 from connectors.broker_common.connection import tls_context
 from gateway.sdk import Deliver, Health, PermanentError, TransientError, current_secret, event

@@ -14,7 +14,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractConnection
 
-from connectors.amqp.mapping import AmqpConfig
+from connectors.amqp.config import AmqpConfig
 from connectors.broker_common.connection import BrokerConnector, describe
 from gateway.sdk import ConnectorConfig, ConnectorContext
 

@@ -22,8 +22,9 @@ from aio_pika.abc import AbstractChannel
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
+from connectors.amqp.config import AmqpTarget
 from connectors.amqp.connection import AmqpConnection
-from connectors.amqp.mapping import AmqpTarget, Publish, to_publish
+from connectors.amqp.mapping import Publish, to_publish
 from connectors.broker_common.connection import describe
 from gateway.sdk import (
     ConnectorConfig,

@@ -62,9 +62,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from connectors.broker_common.connection import tls_context
 from connectors.mqtt.client import GatewayClient
+from connectors.mqtt.config import MqttConfig, MqttTarget
 from connectors.mqtt.connection import _ConnectFailed
 from connectors.mqtt.inbound import MqttInbound
-from connectors.mqtt.mapping import MqttConfig, MqttTarget
 from connectors.mqtt.outbound import MqttOutbound
 from gateway.sdk import Deliver, Health, PermanentError, event
 

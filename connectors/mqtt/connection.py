@@ -21,7 +21,7 @@ from paho.mqtt.enums import MQTTErrorCode
 
 from connectors.broker_common.connection import BrokerConnector
 from connectors.mqtt.client import GatewayClient
-from connectors.mqtt.mapping import MqttConfig
+from connectors.mqtt.config import MqttConfig
 from gateway.sdk import ConnectorConfig, ConnectorContext, TransientError, current_secret, retrieve
 
 

@@ -19,8 +19,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from connectors.mqtt.config import MqttTarget
 from connectors.mqtt.connection import MqttConnection
-from connectors.mqtt.mapping import MqttTarget, Outgoing, to_publish
+from connectors.mqtt.mapping import Outgoing, to_publish
 from gateway.sdk import ConnectorConfig, ConnectorContext, Envelope, PermanentError, Reply, Target, TransientError
 
 _PERMANENT_REASONS = {0x87, 0x90, 0x99}  # not authorized, topic name invalid, payload format invalid

@@ -61,8 +61,8 @@ from slixmpp.plugins.xep_0198 import stanza as sm_stanza
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
+from connectors.xmpp.config import XmppConfig, XmppTarget
 from connectors.xmpp.inbound import XmppInbound
-from connectors.xmpp.mapping import XmppConfig, XmppTarget
 from connectors.xmpp.outbound import XmppOutbound
 from connectors.xmpp.stream import AckWindow, HardenedClient
 from gateway.sdk import Deliver, Health, TransientError, cancel_and_wait, event, within

@@ -18,7 +18,7 @@ from typing import Any
 from slixmpp import JID
 from slixmpp.exceptions import IqError, IqTimeout
 
-from connectors.xmpp.mapping import XmppConfig
+from connectors.xmpp.config import XmppConfig
 from connectors.xmpp.stream import HardenedClient
 from gateway.sdk import Backoff, Connector, ConnectorConfig, ConnectorContext, event
 

@@ -18,8 +18,9 @@ from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins.xep_0198 import stanza as sm_stanza
 from slixmpp.stanza import Message
 
+from connectors.xmpp.config import XmppTarget, parse_jid
 from connectors.xmpp.connection import XmppConnection
-from connectors.xmpp.mapping import XmppTarget, outgoing_text, parse_jid
+from connectors.xmpp.mapping import outgoing_text
 from gateway.sdk import (
     ConnectorConfig,
     ConnectorContext,

@@ -12,15 +12,8 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 from pydantic import ValidationError
 
-from connectors.amqp.mapping import (
-    AmqpConfig,
-    AmqpTarget,
-    Delivery,
-    QueueSpec,
-    header_text,
-    to_envelope,
-    to_publish,
-)
+from connectors.amqp.config import AmqpConfig, AmqpTarget, QueueSpec
+from connectors.amqp.mapping import Delivery, header_text, to_envelope, to_publish
 from gateway.contract import PermanentError
 from gateway.envelope import Envelope
 

@@ -16,10 +16,10 @@ import pytest
 import trustme
 from pydantic import ValidationError
 
-from connectors.amqp.mapping import AmqpConfig
+from connectors.amqp.config import AmqpConfig
 from connectors.broker_common.config import BrokerConfig, BrokerTls
 from connectors.broker_common.connection import BrokerConnector, describe, tls_context
-from connectors.mqtt.mapping import MqttConfig
+from connectors.mqtt.config import MqttConfig
 from gateway.config.yamlsrc import FromEnv
 from gateway.contract import ConnectorConfig, ConnectorContext, TransientError
 from gateway.http import HttpHub

@@ -12,8 +12,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
 from connectors.mqtt.client import GatewayClient, MalformedPublish, Received, decode_publish
+from connectors.mqtt.config import MqttConfig, MqttTarget, topic_error
 from connectors.mqtt.inbound import _incoming
-from connectors.mqtt.mapping import Incoming, MqttConfig, MqttTarget, to_envelope, to_publish, topic_error
+from connectors.mqtt.mapping import Incoming, to_envelope, to_publish
 from gateway.contract import PermanentError
 from gateway.envelope import Envelope
 

@@ -8,7 +8,8 @@ import poplib
 import pytest
 from pydantic import ValidationError
 
-from connectors.pop3 import MAX_LINE, Pop3Config, _Bounded, _text
+from connectors.pop3 import Pop3Config
+from connectors.pop3.maildrop import MAX_LINE, _Bounded, _text
 from gateway.config.yamlsrc import FromEnv
 
 

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from slixmpp.stanza import Message
 
 from connectors.xmpp import XmppConnector
-from connectors.xmpp.mapping import XmppConfig, XmppTarget, incoming, outgoing_text, to_envelope
+from connectors.xmpp.config import XmppConfig, XmppTarget
+from connectors.xmpp.mapping import incoming, outgoing_text, to_envelope
 from connectors.xmpp.stream import MAX_DEPTH, AckWindow, HardenedClient
 from gateway.config.loader import load_config
 from gateway.config.yamlsrc import FromEnv

@@ -85,7 +85,7 @@ from gateway.delivery.store import (
 from gateway.groupthread import Closed, GroupThread
 
 __all__ = ["SCHEMA_VERSION", "DeadLetter", "DeadLetterFilter", "Job", "Remembered", "Spool", "SpoolBackend",
-           "SpoolError", "SpoolFull", "make_spool"]
+           "SpoolError", "SpoolFull"]
 
 T = TypeVar("T")
 
@@ -683,12 +683,3 @@ def _cost(rows: Sequence[tuple[Any, ...]]) -> int:
 def _size(value: Any) -> int:
     return len(value) if isinstance(value, str | bytes) else 0
 
-
-def make_spool(settings: Any) -> SpoolBackend:
-    """The spool ``gateway.spool`` asks for: SQLite (the default) or RabbitMQ (``type: rabbitmq``)."""
-    kind = getattr(settings, "type", "sqlite")
-    if kind == "rabbitmq":
-        from gateway.delivery.rabbit import RabbitSpool
-
-        return RabbitSpool.from_settings(settings)
-    return Spool(settings.path, min_free_bytes=settings.min_free_bytes)

@@ -14,6 +14,10 @@ default) the file and the directory entry are fsync'd. A full or failing disk is
 a message that cannot be built (bad address, header injection, bad folder name) or sealed is
 permanent; a sealer that cannot be set up (unreadable certificate, PGP keys) is transient.
 Address form: ``path: var/mail/Maildir`` (created when missing).
+
+Parts: ``config.py`` holds the options; the storing is in this module. Outbound only, so no
+``inbound.py``; small enough for no ``outbound.py``; the message is built by
+:mod:`connectors.mail_common`, so no ``mapping.py``.
 """
 
 from __future__ import annotations
@@ -25,20 +29,18 @@ import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
 
-from pydantic import ValidationError, field_validator
+from pydantic import ValidationError
 
 from connectors.mail_common import (
     PARSERS,
     HeaderInjection,
     MailError,
-    MailOptions,
     build_mail,
-    parse_addresses,
     validated_options,
 )
-from connectors.mailauth import OutboundSealing, SealOptions, SealSettings
+from connectors.mailauth import OutboundSealing
+from connectors.maildir.config import MaildirConfig, MaildirTarget
 from gateway.sdk import (
     Connector,
     ConnectorConfig,
@@ -51,30 +53,9 @@ from gateway.sdk import (
     TransientError,
 )
 
+__all__ = ["MaildirConfig", "MaildirConnector", "MaildirTarget"]
+
 _FOLDER = re.compile(r"^[A-Za-z0-9_-]{1,64}(?:\.[A-Za-z0-9_-]{1,64}){0,7}$")
-
-
-class MaildirConfig(ConnectorConfig, SealSettings):
-    type: Literal["maildir"] = "maildir"
-    #: The Maildir root (with ``cur/``, ``new/``, ``tmp/``); created when missing.
-    path: str
-    #: From of built messages when the target sets no ``sender``.
-    sender: str = "gateway@localhost"
-    fsync: bool = True
-
-    @field_validator("sender")
-    @classmethod
-    def _sender(cls, v: str) -> str:
-        if len(parse_addresses("sender", v)) != 1:
-            raise ValueError("sender must be exactly one address")
-        return v
-
-
-class MaildirTarget(MailOptions):
-    #: Maildir++ subfolder (``Alerts`` or ``Alerts.Boiler``); omitted: the inbox.
-    folder: str | None = None
-    #: This route's sealing over the connector's smime/pgp settings.
-    seal: SealOptions | None = None
 
 
 class MaildirConnector(Connector):

@@ -1,24 +1,10 @@
-"""rest — HTTP in (a lean ASGI app on the shared data-plane listener) and HTTP out (aiohttp).
+"""The REST connector's inbound side: the ASGI app on the shared data-plane listener.
 
-Inbound
-  Address: ``listen: "0.0.0.0:8080"`` plus ``endpoints`` (path globs and methods). The envelope
-  subject is the request path; attributes carry method, query, peer; ``x-*`` and ``ce-*``
-  request headers become envelope headers (never ``authorization`` or cookies). JSON, text and
-  binary bodies pass as they came; CloudEvents in binary (``ce-*`` headers) and structured
-  (``application/cloudevents+json``) mode become envelopes with the event's id.
-  Answers: ``202`` + ``{"id": …}`` once delivered or spooled; the reply of a request/reply route
-  with its status; ``400``/``401``/``403``/``404``/``405``/``408``/``413``/``415``/``422`` as
-  problem+json; ``503`` + ``Retry-After`` when the gateway cannot take responsibility now;
-  ``502``/``504`` for a request/reply target's failure or timeout. Auth per connector:
-  ``bearer`` tokens or an ``api_key`` header (secrets by reference), or an explicit ``none``.
-  ``GET <prefix>/openapi.json`` describes the configured endpoints.
-  The hot path does not go through FastAPI or pydantic: measured, the framework is the limit.
-
-Outbound
-  Address: ``base_url`` in the connector (the host is fixed in config; a route may template only
-  the path and query). 2xx = delivered (the body is the reply); 408, 429, 5xx, timeouts and
-  connection errors = transient; other 4xx = permanent. ``Idempotency-Key: <envelope id>`` is
-  sent so receivers can deduplicate retries.
+:class:`RestInbound` mounts itself under ``prefix`` on ``listen`` while listening, checks each
+request (endpoint, method, content type, credentials, body size and read time) before it becomes
+an envelope, hands the envelope to the router and answers the outcome (``202`` + id, a
+request/reply route's reply, or problem+json), and serves ``<prefix>/openapi.json``. What a
+caller is told is described in :mod:`connectors.rest`.
 """
 
 from __future__ import annotations
@@ -28,145 +14,43 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, Literal
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+from collections.abc import Mapping
+from typing import Any
 
-import aiohttp
-from pydantic import Field, field_validator
-
+from connectors.rest.config import RestConfig
+from connectors.rest.mapping import http_headers, to_envelope
 from gateway.sdk import (
-    ByteSize,
     Connector,
     ConnectorConfig,
     ConnectorContext,
     Deadlines,
     Deliver,
-    Duration,
     Envelope,
-    Health,
     InFlight,
     Outcome,
     PermanentError,
     Receive,
-    Reply,
     Scope,
-    Secret,
     Send,
     Status,
-    Strict,
-    SubstitutionCheck,
-    Target,
-    TargetOptions,
-    TransientError,
-    basic_authorization,
-    current_secret,
     event,
-    from_cloudevent,
     media_type,
     send_problem,
 )
 
-_HTTP_METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE"}
+__all__ = ["RestInbound", "client_failure"]
+
 _DROP_HEADERS = {"authorization", "cookie", "x-api-key", "proxy-authorization"}
 
 
-class Endpoint(Strict):
-    path: str = "/**"
-    methods: list[str] = Field(default_factory=lambda: ["POST"])
-    #: Media types accepted (``application/json``, ``text/*``); omitted: any. Others get 415.
-    content_types: list[str] | None = None
-
-    @field_validator("methods")
-    @classmethod
-    def _methods(cls, v: list[str]) -> list[str]:
-        up = [m.upper() for m in v]
-        bad = [m for m in up if m not in _HTTP_METHODS]
-        if bad:
-            raise ValueError(f"unsupported method(s) {bad}; use {sorted(_HTTP_METHODS)}")
-        return up
-
-
-class InboundAuth(Strict):
-    #: ``none`` must be chosen explicitly; the default config listens on loopback only.
-    type: Literal["none", "bearer", "api_key"]
-    tokens: list[Secret] = Field(default_factory=list)
-    header: str = "x-api-key"
-
-
-class OutboundAuth(Strict):
-    type: Literal["bearer", "basic"]
-    token: Secret | None = None
-    username: str | None = None
-    password: Secret | None = None
-
-
-class RestConfig(ConnectorConfig):
-    type: Literal["rest"] = "rest"
-    # inbound
-    listen: str | None = None
-    prefix: str = "/"
-    endpoints: list[Endpoint] = Field(default_factory=lambda: [Endpoint()])
-    auth: InboundAuth | None = None
-    max_body: ByteSize = 1024 * 1024
-    read_timeout: Duration = 10.0
-    # outbound
-    base_url: str | None = None
-    timeout: Duration = 10.0
-    max_connections: int = 100
-    outbound_auth: OutboundAuth | None = None
-    verify_tls: bool = True
-    ca_file: str | None = None
-
-    @field_validator("base_url")
-    @classmethod
-    def _base_url(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("base_url must be an absolute http:// or https:// URL")
-        return v.rstrip("/")
-
-    def model_post_init(self, _: Any) -> None:
-        if self.listen is not None and self.auth is None:
-            raise ValueError("an inbound REST connector needs 'auth' (type: bearer, api_key, or an explicit none)")
-        if self.auth and self.auth.type in ("bearer", "api_key"):
-            if not self.auth.tokens:
-                raise ValueError("auth needs at least one token (tokens: [\"${API_TOKEN}\"])")
-            if any(len(t.get_secret_value().strip()) < 8 for t in self.auth.tokens):
-                raise ValueError("an auth token is empty or shorter than 8 characters (is its variable set?)")
-
-
-class RestTarget(TargetOptions):
-    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
-    #: Appended to base_url; may be templated. Values are percent-encoded per segment.
-    path: str = "/"
-    query: dict[str, str] = Field(default_factory=dict)
-    headers: dict[str, str] = Field(default_factory=dict)
-
-    # A value from a message is one path segment, never a new segment, query or host. Query
-    # values are percent-encoded when the URL is built; a route's ``headers`` are the core's
-    # (checked for CR, LF and NUL as rendered).
-    substitution_checks: ClassVar[dict[str, SubstitutionCheck]] = {
-        "path": SubstitutionCheck(each=lambda v: quote(str(v), safe="")),
-    }
-
-
-class RestConnector(Connector):
-    kind = "rest"
-    Config = RestConfig
-    Options = RestTarget
-    supports_inbound = True
-    supports_outbound = True
-    subject_syntax = "glob"
+class RestInbound(Connector):
+    """Requests received, checked, delivered and answered."""
 
     def __init__(self, config: ConnectorConfig, ctx: ConnectorContext) -> None:
         super().__init__(config, ctx)
         assert isinstance(config, RestConfig)
         self.cfg = config
         self._deliver: Deliver | None = None
-        self._session: aiohttp.ClientSession | None = None
         self._accepting = False
         self._inflight = InFlight()
         self._deadlines = Deadlines()
@@ -175,21 +59,6 @@ class RestConnector(Connector):
         self._tokens = [t.get_secret_value().strip().encode() for t in (config.auth.tokens if config.auth else [])]
         # Credentials never travel on in the envelope, whatever header carries them.
         self._secret_headers = _DROP_HEADERS | ({config.auth.header.lower()} if config.auth else set())
-
-    # --- lifecycle -----------------------------------------------------------------------
-
-    async def open(self) -> None:
-        if self.cfg.base_url and self._session is None:
-            ssl: Any = None
-            if not self.cfg.verify_tls:
-                ssl = False
-            elif self.cfg.ca_file:
-                import ssl as ssl_mod
-
-                ssl = ssl_mod.create_default_context(cafile=self.cfg.ca_file)
-            connector = aiohttp.TCPConnector(limit=self.cfg.max_connections, ssl=ssl)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=self.cfg.timeout), auto_decompress=True)
 
     async def listen(self, deliver: Deliver) -> None:
         if self.cfg.listen is None:
@@ -207,17 +76,9 @@ class RestConnector(Connector):
         self._accepting = False
         await self._inflight.drained(drain)
 
-    async def close(self) -> None:
+    def _unmount(self) -> None:
         if self.cfg.listen is not None:
             self.ctx.http.unmount(self.cfg.listen, self.cfg.prefix)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def health(self) -> Health:
-        return Health(True)
-
-    # --- inbound (ASGI) ----------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -242,7 +103,7 @@ class RestConnector(Connector):
             await self._refuse(send, scope, 405, "Method Not Allowed", f"{method} is not accepted on {path}",
                                [(b"allow", allow)])
             return
-        headers = _headers(scope["headers"])
+        headers = http_headers(scope["headers"])
         if all(types is not None for types in accepting):
             mt = media_type(headers.get("content-type", ""))
             if not any(fnmatch.fnmatch(mt, t) for types in accepting for t in types or []):
@@ -273,7 +134,7 @@ class RestConnector(Connector):
         except _Disconnected:
             return  # nothing delivered, nothing acknowledged
         try:
-            env = self._envelope(scope, headers, body)
+            env = to_envelope(scope, headers, body, source=self.name, secret_headers=self._secret_headers)
         except ValueError as exc:
             await self._refuse(send, scope, 400, "Bad Request", str(exc)[:300])
             return
@@ -307,43 +168,6 @@ class RestConnector(Connector):
         if any(hmac.compare_digest(candidate, t) for t in self._tokens):
             return None
         return 403, "Forbidden", "the credentials are not valid"
-
-    def _envelope(self, scope: Scope, headers: dict[str, str], body: bytes) -> Envelope:
-        content_type = headers.get("content-type", "application/octet-stream")
-        query = scope.get("query_string", b"").decode("latin-1")
-        client = scope.get("client")
-        attributes: dict[str, Any] = {
-            "http_method": scope["method"], "query": dict(parse_qsl(query)) if query else {},
-            "peer": f"{client[0]}:{client[1]}" if client else "",
-        }
-        idem = headers.get("idempotency-key")
-        if idem:
-            if len(idem) > 200:
-                raise ValueError("Idempotency-Key is longer than 200 characters")
-            attributes["idempotency_key"] = idem
-        kept = {k: v for k, v in headers.items() if (k.startswith("x-") or k.startswith("ce-"))
-                and k not in self._secret_headers}
-        mt = media_type(content_type)
-        if mt == "application/cloudevents+json":
-            try:
-                event_obj = json.loads(body)
-            except ValueError:
-                raise ValueError("the structured CloudEvent is not valid JSON") from None
-            if not isinstance(event_obj, dict):
-                raise ValueError("a structured CloudEvent must be a JSON object")
-            ce = from_cloudevent(event_obj, source=self.name, protocol="rest")
-            return ce.evolve(subject=ce.subject or scope["path"], attributes={**ce.attributes, **attributes},
-                             headers={**kept, **ce.headers})
-        if "ce-specversion" in headers:
-            missing = [h for h in ("ce-id", "ce-source", "ce-type") if not headers.get(h)]
-            if missing:
-                raise ValueError(f"binary-mode CloudEvent is missing {', '.join(missing)}")
-            attributes.update(ce_source=headers["ce-source"], ce_type=headers["ce-type"])
-            return Envelope(id=headers["ce-id"][:200], source=self.name, protocol="rest",
-                            subject=headers.get("ce-subject") or scope["path"], body=body,
-                            content_type=content_type, headers=kept, attributes=attributes)
-        return Envelope(source=self.name, protocol="rest", subject=scope["path"], body=body,
-                        content_type=content_type, headers=kept, attributes=attributes)
 
     async def _answer(self, send: Send, env: Envelope, outcome: Outcome) -> None:
         st = outcome.status
@@ -409,55 +233,6 @@ class RestConnector(Connector):
             doc["components"] = {"securitySchemes": {"auth": scheme}}
             doc["security"] = [{"auth": []}]
         return doc
-
-    # --- outbound ----------------------------------------------------------------------
-
-    async def send(self, env: Envelope, target: Target) -> Reply | None:
-        if not self.cfg.base_url:
-            raise PermanentError(f"connector {self.name!r} has no base_url to send to")
-        if self._session is None:
-            await self.open()
-        assert self._session is not None
-        opts = target.options
-        assert isinstance(opts, RestTarget)
-        url = self.cfg.base_url + _safe_path(opts.path)
-        if opts.query:
-            url += "?" + urlencode(opts.query)
-        headers = {k: v for k, v in env.headers.items() if k.lower().startswith(("x-", "ce-"))}
-        headers.update(opts.headers)
-        headers["Idempotency-Key"] = env.id
-        headers.setdefault("Content-Type", env.content_type)
-        oa = self.cfg.outbound_auth
-        if oa is not None:
-            # read per request: a token renewed in its file is used from the next request on
-            if oa.type == "bearer" and oa.token is not None:
-                headers["Authorization"] = f"Bearer {current_secret(oa.token)}"
-            elif oa.type == "basic":  # not aiohttp's BasicAuth: deprecated
-                headers["Authorization"] = basic_authorization(oa.username or "", current_secret(oa.password) or "")
-        body = env.body if opts.method != "GET" else None
-        try:
-            async with self._session.request(opts.method, url, data=body, headers=headers,
-                                             allow_redirects=False) as resp:
-                data = await resp.content.read(16 * 1024 * 1024 + 1)
-                status = resp.status
-                ctype = resp.headers.get("content-type", "application/octet-stream")
-        except TimeoutError as exc:
-            raise TransientError(f"{opts.method} {_redact(url)}: timed out", code=504,
-                                 detail={"message": "the upstream service did not answer in time"}) from exc
-        except aiohttp.ClientError as exc:
-            raise TransientError(f"{opts.method} {_redact(url)}: {type(exc).__name__}: {exc}", code=503,
-                                 detail={"message": "the upstream service cannot be reached"}) from exc
-        if len(data) > 16 * 1024 * 1024:
-            raise PermanentError(f"{opts.method} {_redact(url)}: reply larger than 16 MiB")
-        if 200 <= status < 300:
-            return Reply(body=data, content_type=ctype, status=status)
-        snippet = data[:300].decode("utf-8", errors="replace")
-        detail = {"status": status, "body": snippet, "message": f"the upstream service answered HTTP {status}"}
-        if status in (408, 429) or status >= 500:
-            raise TransientError(f"{opts.method} {_redact(url)}: HTTP {status}", detail=detail,
-                                 code=502 if status >= 500 else 503)
-        raise PermanentError(f"{opts.method} {_redact(url)}: HTTP {status}", detail=detail, code=status)
-
 
 _TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
            405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict", 413: "Content Too Large",
@@ -583,15 +358,6 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-def _headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for k, v in raw:
-        key = k.decode("latin-1").lower()
-        val = v.decode("latin-1")
-        out[key] = f"{out[key]}, {val}" if key in out else val
-    return out
-
-
 async def _respond(send: Send, status: int, body: bytes, content_type: bytes,
                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
     await send({"type": "http.response.start", "status": status, "headers": [
@@ -621,17 +387,3 @@ def _openapi_path(pattern: str) -> str:
             parts.append(p)
     return "/".join(parts) or "/"
 
-
-def _safe_path(path: str) -> str:
-    """Percent-encode each segment of a rendered path so a value cannot add a host or a query."""
-    if not path.startswith("/"):
-        path = "/" + path
-    segments = path.split("/")
-    if any(s in ("..", ".") for s in segments):
-        raise PermanentError(f"rendered path {path!r} contains '.' or '..' segments")
-    return "/".join(quote(s, safe="@:!$&'()*+,;=-._~%") for s in segments)
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}{':' + str(parts.port) if parts.port else ''}{parts.path}"

@@ -5,16 +5,19 @@ subject, headers, attributes, time, body as UTF-8 or base64) or the raw body alo
 (``format: body``); rotation at ``max_bytes`` keeping ``keep`` old files (``x.jsonl.1`` …).
 Delivery guarantee: ``send`` returns only after the line is written and fsync'd; concurrent
 sends share one fsync (group commit). Address form: ``path: var/out/messages.jsonl``.
+
+Parts: ``config.py`` holds the options; the writing is in this module. Outbound only, so no
+``inbound.py``; small enough for no ``outbound.py``; the line is the envelope's JSON or its
+body, so no ``mapping.py``.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Literal
 
+from connectors.file.config import FileConfig, FileTarget
 from gateway.sdk import (
-    ByteSize,
     Closed,
     Connector,
     ConnectorConfig,
@@ -24,21 +27,10 @@ from gateway.sdk import (
     Health,
     Reply,
     Target,
-    TargetOptions,
     TransientError,
 )
 
-
-class FileConfig(ConnectorConfig):
-    type: Literal["file"] = "file"
-    path: str
-    max_bytes: ByteSize = 100 * 1024 * 1024
-    keep: int = 5
-    fsync: bool = True
-
-
-class FileTarget(TargetOptions):
-    format: Literal["envelope", "body"] = "envelope"
+__all__ = ["FileConfig", "FileConnector", "FileTarget"]
 
 
 def _line(env: Envelope, target: Target) -> bytes:

@@ -3,26 +3,21 @@
 Features: outbound only; event ``message.logged`` with envelope id, source, subject, content
 type and size; the body too when ``body: true`` (logged at the configured level — mind that
 bodies may hold personal data). Delivery guarantee: delivered once the log call returned.
+
+Parts: ``config.py`` holds the options; the sending is in this module. Outbound only, so no
+``inbound.py``; one log call is all it does, so no ``outbound.py`` or ``mapping.py``.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
-from gateway.sdk import Connector, ConnectorConfig, Envelope, Reply, Target, TargetOptions, event
+from connectors.log.config import LogConfig, LogTarget
+from gateway.sdk import Connector, Envelope, Reply, Target, event
+
+__all__ = ["LogConfig", "LogConnector", "LogTarget"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-
-
-class LogConfig(ConnectorConfig):
-    type: Literal["log"] = "log"
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    body: bool = False
-
-
-class LogTarget(TargetOptions):
-    message: str | None = None
 
 
 class LogConnector(Connector):
