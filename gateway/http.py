@@ -63,6 +63,33 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+class BodyTooLarge(Exception):
+    """The request body passed the reader's limit (nothing more of it was kept)."""
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its request body was complete."""
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """A request's whole body from an ASGI ``receive``, or :class:`BodyTooLarge` as soon as it
+    passes ``limit`` bytes (memory stays bounded), :class:`ClientDisconnected` if the client went
+    away. The listener's body deadline (``gateway.http``) bounds how long it may take."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+        if not msg.get("more_body"):
+            return b"".join(chunks)
+
+
 def basic_authorization(username: str, password: str) -> str:
     """The ``Authorization`` value for HTTP Basic (RFC 7617, UTF-8) for an outbound request."""
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")

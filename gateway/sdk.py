@@ -20,8 +20,9 @@ The surface
   :func:`current_secret` (a file secret read again), :class:`Strict` (a model refusing unknown keys).
 * Logging: :func:`event` — one structured log line with a stable event name.
 * HTTP, for connectors served on the shared listeners (``ctx.http.mount``): the ASGI types
-  :data:`Scope`, :data:`Receive`, :data:`Send`; :func:`send_problem` (an RFC 9457 answer) and
-  :func:`basic_authorization` (an ``Authorization: Basic`` value).
+  :data:`Scope`, :data:`Receive`, :data:`Send`; :func:`send_problem` (an RFC 9457 answer),
+  :func:`read_body` (a bounded request body: :class:`BodyTooLarge`, :class:`ClientDisconnected`)
+  and :func:`basic_authorization` (an ``Authorization: Basic`` value).
 * Bounded async work: :class:`Deadlines` (cheap per-message timeouts), :class:`GroupThread` and
   :class:`Closed` (blocking work in groups on a thread), :func:`cancel_and_wait`, :func:`within`,
   :func:`retrieve`, :class:`InFlight` (what ``stop_listening(drain)`` waits for) and
@@ -69,7 +70,16 @@ from gateway.envelope import (
     media_type,
 )
 from gateway.groupthread import Closed, GroupThread
-from gateway.http import Receive, Scope, Send, basic_authorization, send_problem
+from gateway.http import (
+    BodyTooLarge,
+    ClientDisconnected,
+    Receive,
+    Scope,
+    Send,
+    basic_authorization,
+    read_body,
+    send_problem,
+)
 from gateway.logs import event
 from gateway.tasks import Backoff, InFlight, cancel_and_wait, retrieve, within
 from gateway.tls import RenewingTls
@@ -78,7 +88,9 @@ __all__ = [
     "ONE_LINE",
     "PARSE_INLINE_BYTES",
     "Backoff",
+    "BodyTooLarge",
     "ByteSize",
+    "ClientDisconnected",
     "Closed",
     "Connector",
     "ConnectorConfig",
@@ -116,6 +128,7 @@ __all__ = [
     "json_depth_exceeds",
     "media_type",
     "one_line",
+    "read_body",
     "retrieve",
     "send_problem",
     "within",

@@ -20,6 +20,8 @@ from typing import Any
 from connectors.rest.config import RestConfig
 from connectors.rest.mapping import http_headers, to_envelope
 from gateway.sdk import (
+    BodyTooLarge,
+    ClientDisconnected,
     Connector,
     ConnectorConfig,
     ConnectorContext,
@@ -35,6 +37,7 @@ from gateway.sdk import (
     Status,
     event,
     media_type,
+    read_body,
     send_problem,
 )
 
@@ -123,15 +126,15 @@ class RestInbound(Connector):
             return
         try:
             with self._deadlines.after(self.cfg.read_timeout):
-                body = await _read_body(receive, self.cfg.max_body)
-        except _TooLarge:
+                body = await read_body(receive, self.cfg.max_body)
+        except BodyTooLarge:
             await self._refuse(send, scope, 413, "Content Too Large", f"the body limit is {self.cfg.max_body} bytes")
             return
         except TimeoutError:
             await self._refuse(send, scope, 408, "Request Timeout", f"the body did not arrive within "
                                f"{self.cfg.read_timeout:g}s")
             return
-        except _Disconnected:
+        except ClientDisconnected:
             return  # nothing delivered, nothing acknowledged
         try:
             env = to_envelope(scope, headers, body, source=self.name, secret_headers=self._secret_headers)
@@ -332,30 +335,6 @@ def _upstream(detail: Mapping[str, Any]) -> dict[str, Any]:
     if "faultstring" in detail and detail.get("detail") is not None:
         out["detail"] = detail["detail"]
     return out
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class _Disconnected(Exception):
-    pass
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise _Disconnected
-        chunk = msg.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-        if not msg.get("more_body"):
-            return b"".join(chunks)
 
 
 async def _respond(send: Send, status: int, body: bytes, content_type: bytes,

@@ -12,40 +12,16 @@ from typing import Any
 
 from connectors.soap.config import InboundAuth, Listener
 from gateway.sdk import Receive, Scope, Send
+from gateway.sdk import read_body as sdk_read_body
 
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 #: Request headers that never become envelope headers.
 _SECRET_HEADERS = {"authorization", "cookie", "proxy-authorization", "x-api-key"}
 
 
-class TooLarge(Exception):
-    pass
-
-
-class Disconnected(Exception):
-    pass
-
-
 async def read_body(receive: Receive, limit: int, within: float) -> bytes:
-    """The whole body, or :class:`TooLarge` as soon as it passes ``limit`` (memory stays bounded),
-    ``TimeoutError`` after ``within`` seconds, :class:`Disconnected` if the client went away."""
-
-    async def read() -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                raise Disconnected
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise TooLarge
-            chunks.append(chunk)
-            if not msg.get("more_body"):
-                return b"".join(chunks)
-
-    return await asyncio.wait_for(read(), timeout=within)
+    """The whole body (:func:`gateway.sdk.read_body`), or ``TimeoutError`` after ``within`` seconds."""
+    return await asyncio.wait_for(sdk_read_body(receive, limit), timeout=within)
 
 
 def headers_of(scope: Scope) -> dict[str, str]:

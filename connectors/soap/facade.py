@@ -20,8 +20,6 @@ from connectors.soap import model, safexml
 from connectors.soap.answers import describe
 from connectors.soap.asgi import (
     Authenticator,
-    Disconnected,
-    TooLarge,
     forwarded_headers,
     headers_of,
     problem,
@@ -33,6 +31,8 @@ from connectors.soap.config import Listener
 from connectors.soap.model import JsonSchemaBuilder, MappingError, RenderOptions
 from connectors.soap.wsdl import Contract, Operation, Port
 from gateway.sdk import (
+    BodyTooLarge,
+    ClientDisconnected,
     Deliver,
     Envelope,
     InFlight,
@@ -84,7 +84,7 @@ class RestFacade:
                     await self._call(scope, headers, receive, send, self.port.operations[rest])
             else:
                 await problem(send, 404, "Not Found", f"no operation {rest!r}; see {self.listener.prefix}/openapi.json")
-        except Disconnected:
+        except ClientDisconnected:
             return
         except Exception:
             self.log.exception("soap.facade_bug", extra={"fields": {"connector": self.connector}})
@@ -119,7 +119,7 @@ class RestFacade:
             return
         try:
             body = await read_body(receive, limit, self.listener.read_timeout)
-        except TooLarge:
+        except BodyTooLarge:
             await self._refuse(send, scope, 413, "Content Too Large", f"the body limit is {limit} bytes")
             return
         except TimeoutError:

@@ -24,8 +24,6 @@ from connectors.soap import model, safexml, soapenv
 from connectors.soap.answers import describe
 from connectors.soap.asgi import (
     Authenticator,
-    Disconnected,
-    TooLarge,
     forwarded_headers,
     headers_of,
     public_base,
@@ -37,6 +35,8 @@ from connectors.soap.model import MappingError, RenderOptions
 from connectors.soap.soapenv import CLIENT, SERVER
 from connectors.soap.wsdl import Contract, Operation
 from gateway.sdk import (
+    BodyTooLarge,
+    ClientDisconnected,
     Deliver,
     Envelope,
     InFlight,
@@ -118,7 +118,7 @@ class SoapService:
                   status=r.status, peer=_peer(scope))
             await self._fault(send, r.version or version, r.kind, r.message, status=r.status, subcode=r.fault_code,
                               errors=r.errors, headers=r.headers)
-        except Disconnected:
+        except ClientDisconnected:
             return  # nothing delivered, nothing acknowledged
         except Exception:
             self.log.exception("soap.bug", extra={"fields": {"connector": self.connector}})
@@ -170,7 +170,7 @@ class SoapService:
             raise Refusal(CLIENT, f"the body limit is {limit} bytes", 413 if declared.isdigit() else 400)
         try:
             body = await read_body(receive, limit, self.listener.read_timeout)
-        except TooLarge:
+        except BodyTooLarge:
             raise Refusal(CLIENT, f"the body limit is {limit} bytes", 413) from None
         except TimeoutError:
             raise Refusal(CLIENT, f"the body did not arrive within {self.listener.read_timeout:g}s", 408) from None
