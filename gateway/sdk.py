@@ -27,6 +27,10 @@ The surface
   :class:`Closed` (blocking work in groups on a thread), :func:`cancel_and_wait`, :func:`within`,
   :func:`retrieve`, :class:`InFlight` (what ``stop_listening(drain)`` waits for) and
   :class:`Backoff` (capped, jittered, resettable waits for every reconnect and retry loop).
+* Trace context: :mod:`gateway.tracecontext` as ``tracecontext`` — :func:`~gateway.tracecontext.inbound_attributes`
+  turns a sender's ``traceparent``/``tracestate`` into envelope attributes,
+  :func:`~gateway.tracecontext.outbound_fields` gives the fields to write for an envelope being sent,
+  :data:`~gateway.tracecontext.MAIL_HEADER` names the mail header.
 * TLS for a listener: :class:`RenewingTls` (a server context whose certificate and key are read
   again when their files change, so a renewed certificate needs no restart).
 
@@ -39,6 +43,7 @@ connector needs it; one that goes away is deprecated for a minor version first.
 
 from __future__ import annotations
 
+from gateway import tracecontext
 from gateway.config.models import ByteSize, Duration, Secret, Strict, current_secret
 from gateway.contract import (
     ONE_LINE,
@@ -131,5 +136,6 @@ __all__ = [
     "read_body",
     "retrieve",
     "send_problem",
+    "tracecontext",
     "within",
 ]
