@@ -71,6 +71,9 @@ class Outcome:
     code: int | None = None
     #: Failure detail carried from a request/reply target (e.g. a SOAP fault), if any.
     detail: Mapping[str, Any] | None = None
+    #: The W3C ``traceparent`` of the gateway's own hop for this message (its inbound span), set by
+    #: the delivery: connectors whose answer has headers (REST, SOAP) answer with it.
+    traceparent: str | None = None
 
     @property
     def acknowledge(self) -> bool:
