@@ -18,6 +18,7 @@ from typing import Any, Self
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics import MetricWrapperBase
 
 # The *_created series double the exposition for no use on a dashboard.
@@ -169,3 +170,12 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    def negotiate(self, accept: str) -> tuple[bytes, str]:
+        """The exposition in the format a scraper's ``Accept`` asks for, and its content type.
+        Exemplars (the trace id of an observation: ``gateway.tracing``) exist only in the
+        OpenMetrics format, which Prometheus asks for when its exemplar storage is on."""
+        if "application/openmetrics-text" not in accept:
+            return self.exposition(), CONTENT_TYPE
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type

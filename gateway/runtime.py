@@ -41,6 +41,7 @@ from gateway.metrics import DROP_REASONS, REFUSAL_REASONS, Metrics
 from gateway.registry import Registry
 from gateway.reload import Reloader, ReloadFailed, ReloadRefused, inbound_names, watch
 from gateway.supervisor import ConnectorSlot, Supervisor
+from gateway.tracing import build as build_tracing
 from gateway.watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
@@ -143,6 +144,9 @@ class Runtime:
         """Start everything; an HTTP app mounted on :attr:`http` before this (the admin API)
         is served from the same listeners."""
         self.watchdog.start()
+        # First: enabled without the otel extra is a clear start failure, before anything listens.
+        self.delivery.tracing = self.delivery.dispatcher.tracing = build_tracing(
+            self.config.model.gateway.tracing, self.metrics)
         await self.spool.open()
         from gateway.delivery.stormstore import SqliteStormStore
         from gateway.routing.storm import StormControl
@@ -216,6 +220,7 @@ class Runtime:
         if self.storm is not None:
             await self.storm.store.close()
         await self.watchdog.stop()
+        await asyncio.to_thread(self.delivery.tracing.shutdown)  # exports the spans still queued
         event(self.log, "gateway.stopped")
 
     # --- reload (see gateway.reload) -------------------------------------------------------

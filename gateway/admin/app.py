@@ -19,7 +19,6 @@ from gateway.admin.port import AdminPort
 from gateway.admin.ui import editor_ui
 from gateway.contract import HttpMount
 from gateway.logs import event
-from gateway.metrics import CONTENT_TYPE
 
 _log = logging.getLogger("gateway.admin")
 
@@ -49,9 +48,10 @@ def build_admin(runtime: AdminPort, live: LiveLog | None = None) -> FastAPI:
         return JSONResponse(detail, status_code=200 if ready else 503)
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
         runtime.readiness()  # refresh gauges derived from health
-        return Response(runtime.metrics.exposition(), media_type=CONTENT_TYPE)
+        body, content_type = runtime.metrics.negotiate(request.headers.get("accept", ""))
+        return Response(body, media_type=content_type)
 
     login_api(app, runtime, auth, auth_state)
     config_api(app, runtime, auth, editor)

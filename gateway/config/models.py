@@ -226,6 +226,37 @@ class TemplateSettings(Strict):
     render_timeout: Duration = Field(default=0.05, gt=0)
 
 
+class TracingSettings(Strict):
+    """OpenTelemetry spans (docs/tracing.md). Needs the ``otel`` extra when enabled; the W3C trace
+    context itself is carried whether this is on or not. A reload cannot change it (restart)."""
+
+    enabled: bool = False
+    #: ``otlp``: OTLP/HTTP (protobuf) to ``endpoint``; ``none``: spans are made but not sent.
+    exporter: Literal["otlp", "none"] = "otlp"
+    #: The collector's traces URL. Unset: ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, else
+    #: ``OTEL_EXPORTER_OTLP_ENDPOINT`` + ``/v1/traces``, else http://localhost:4318/v1/traces.
+    endpoint: str | None = None
+    #: HTTP headers of every export (an API key...), by reference like every secret.
+    headers: dict[str, Secret] = Field(default_factory=dict)
+    #: Share of new traces recorded (ParentBased(TraceIdRatio)): a message whose sender gave a
+    #: context follows the sender's sampled flag.
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    service_name: str = Field(default="gateway", min_length=1)
+    #: Finished spans waiting for export; past it new ones are dropped (and counted in
+    #: ``gateway_tracing_spans_dropped_total``), never waited for.
+    max_queue: int = Field(default=8192, ge=64)
+    #: Spans per OTLP request, and how long one request may take.
+    max_batch: int = Field(default=512, ge=1)
+    export_timeout: Duration = Field(default=10.0, gt=0)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"https?://[^/\s]+", v):
+            raise ValueError("endpoint must be an http:// or https:// URL (the collector's /v1/traces)")
+        return v
+
+
 class GatewaySettings(Strict):
     admin: AdminSettings = Field(default_factory=AdminSettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
@@ -244,6 +275,8 @@ class GatewaySettings(Strict):
     http: dict[str, HttpListenerSettings] = Field(default_factory=dict)
     #: Bounds of every template render (:class:`TemplateSettings`).
     templates: TemplateSettings = Field(default_factory=TemplateSettings)
+    #: OpenTelemetry spans (:class:`TracingSettings`).
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @field_validator("http")
     @classmethod

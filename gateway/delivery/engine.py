@@ -49,6 +49,7 @@ from gateway.logs import event
 from gateway.metrics import Metrics
 from gateway.routing.router import CompiledRoute, MessageScope, Planned
 from gateway.routing.templates import TemplateError
+from gateway.tracing import Attempt, Tracing
 
 if TYPE_CHECKING:
     from gateway.routing.storm import StormControl
@@ -103,6 +104,8 @@ class Delivery:
         #: Alert-storm control, set by the runtime.
         self.storm: StormControl | None = None
         self._observers: list[Callable[[Envelope, RoutingState, Outcome], None]] = []
+        #: The trace context of every hop (and its spans, with ``gateway.tracing``): set by the runtime.
+        self.tracing = self.dispatcher.tracing = Tracing()
 
     def add_observer(self, fn: Callable[[Envelope, RoutingState, Outcome], None]) -> None:
         """Call ``fn(envelope, routing state it was routed under, outcome)`` after every message.
@@ -121,12 +124,14 @@ class Delivery:
     # --- the Deliver callable ----------------------------------------------------------
 
     async def deliver(self, env: Envelope) -> Outcome:
+        env, hop = self.tracing.received(env)  # the gateway's own hop: a child of the sender's context
         state = self.state  # one snapshot: this message finishes on the routes it started with
         try:
             outcome = await self._deliver(env, state)
         except Exception as exc:  # never let a bug become a protocol-level 500 with internals
             self.log.exception("delivery.bug", extra={"fields": {"envelope_id": env.id}})
             outcome = self._answer(env, Outcome.retry(env.id, f"internal error ({type(exc).__name__})"))
+        outcome = hop.finish(outcome)
         for observe in self._observers:
             try:
                 observe(env, state, outcome)
@@ -219,7 +224,7 @@ class Delivery:
                 renv = decision.envelope or env
                 if decision.undo is not None:
                     undos.append(decision.undo)
-            for plan in state.router.reshape(renv, route):
+            for plan in self.tracing.routed(renv, route, state.router.reshape(renv, route)):
                 if isinstance(plan, Planned):
                     (direct if route.mode == "direct" else spooled).append(plan)
                 else:
@@ -410,25 +415,36 @@ class Delivery:
         conn = self._connector(plan.spec.connector)
         if conn is None:
             raise TransientError(f"connector {plan.spec.connector!r} is not running")
+        attempt = self.tracing.attempt(plan.envelope, plan.spec, conn)  # this attempt's own context
+        try:
+            reply = await self._send_attempt(conn, plan, attempt)
+        except BaseException as exc:
+            attempt.failed(exc)
+            attempt.end()
+            raise
+        attempt.end(reply)
+        return reply
+
+    async def _send_attempt(self, conn: Connector, plan: Planned, attempt: Attempt) -> Reply | None:
         started = time.perf_counter()
         try:
             with self._deadlines.after(plan.spec.timeout):
-                reply = await conn.send(plan.envelope, plan.spec)
+                reply = await conn.send(attempt.envelope, plan.spec)
         except TimeoutError:
-            count_failure(self.metrics, plan.spec, "transient", started)
+            count_failure(self.metrics, plan.spec, "transient", started, attempt.exemplar)
             raise TransientError(f"{plan.spec.connector}: no answer within {plan.spec.timeout:g}s", code=504) from None
         except PermanentError:
-            count_failure(self.metrics, plan.spec, "permanent", started)
+            count_failure(self.metrics, plan.spec, "permanent", started, attempt.exemplar)
             raise
         except TransientError:
-            count_failure(self.metrics, plan.spec, "transient", started)
+            count_failure(self.metrics, plan.spec, "transient", started, attempt.exemplar)
             raise
         except Exception as exc:
-            count_failure(self.metrics, plan.spec, "transient", started)
+            count_failure(self.metrics, plan.spec, "transient", started, attempt.exemplar)
             self.log.exception("connector.bug", extra={"fields": {"connector": plan.spec.connector,
                                                                    "envelope_id": plan.envelope.id}})
             raise TransientError(f"{plan.spec.connector}: unexpected {type(exc).__name__}") from exc
-        self.metrics.duration.labels(plan.spec.connector).observe(time.perf_counter() - started)
+        self.metrics.duration.labels(plan.spec.connector).observe(time.perf_counter() - started, attempt.exemplar)
         self.metrics.delivered.labels(plan.spec.connector, plan.route.name).inc()
         return reply
 
@@ -467,11 +483,12 @@ class Delivery:
 
     async def dead_letter_inbound(self, env: Envelope, reason: str, error: str) -> Outcome:
         """Keep a message its inbound connector refused itself (``ConnectorContext.dead_letter``)."""
+        env, hop = self.tracing.received(env)  # kept with its hop's context: a replay continues the trace
         self.metrics.received.labels(env.source).inc()
         refused = self._check_room(env, ())
         if refused is None:
             refused = await self._store(env, [], [_Dead(None, env.source, reason, env, error)], None)
-        return self._answer(env, refused or Outcome(Status.DEAD_LETTERED, env.id, reason=error))
+        return hop.finish(self._answer(env, refused or Outcome(Status.DEAD_LETTERED, env.id, reason=error)))
 
     # --- storm control ------------------------------------------------------------------
 

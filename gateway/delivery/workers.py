@@ -32,6 +32,7 @@ from gateway.delivery.store import Job, SpoolBackend, SpoolError
 from gateway.envelope import Envelope
 from gateway.logs import event
 from gateway.metrics import Gauge, Metrics
+from gateway.tracing import Tracing, note
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -43,8 +44,9 @@ CIRCUIT_VALUE = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState
 _PARSED_MAX = 1024
 
 
-def count_failure(metrics: Metrics, spec: Target, kind: str, started: float) -> None:
-    metrics.duration.labels(spec.connector).observe(time.perf_counter() - started)
+def count_failure(metrics: Metrics, spec: Target, kind: str, started: float,
+                  exemplar: dict[str, str] | None = None) -> None:
+    metrics.duration.labels(spec.connector).observe(time.perf_counter() - started, exemplar)
     metrics.failures.labels(spec.connector, spec.route, kind).inc()
 
 
@@ -52,6 +54,7 @@ def count_dead(metrics: Metrics, log: logging.Logger, envelope_id: str, route: s
                error: str) -> None:
     metrics.dead_lettered.labels(route, reason).inc()
     metrics.routed.labels(route, "dead_lettered").inc()
+    note("gateway.dead_letter", reason=reason, error=error)
     event(log, "delivery.dead_lettered", logging.WARNING, envelope_id=envelope_id, route=route,
           connector=connector, reason=reason, error=error)
 
@@ -97,6 +100,8 @@ class Dispatcher:
         #: Retry policies and target options by their stored JSON: a route's jobs all carry the
         #: same text and the models are frozen, so one parsed object serves them all.
         self._parsed_cache: dict[tuple[type[Any], str], Any] = {}
+        #: Each attempt's trace context (and span): set with the engine's.
+        self.tracing = Tracing()
 
     @property
     def spool(self) -> SpoolBackend:
@@ -363,17 +368,21 @@ class Dispatcher:
             return
         assert conn is not None
         env, policy, spec = prepared
+        attempt = self.tracing.attempt(env, spec, conn, job.attempts + 1)  # this attempt's own context
         started = time.perf_counter()
         try:
             try:
                 with self._deadlines.after(job.timeout):
-                    await conn.send(env, spec)
+                    await conn.send(attempt.envelope, spec)
             finally:
                 self._free_slot(w, job)
         except Exception as exc:
-            await self._failed(w, job, policy, spec, started, exc, probe)
+            attempt.failed(exc)
+            await self._failed(w, job, policy, spec, started, exc, probe, attempt.exemplar)
+            attempt.end()
             return
-        self._count_delivered(w, job, started)
+        self._count_delivered(w, job, started, attempt.exemplar)
+        attempt.end()
         await self.spool.done(job)
         self._settled_done(job)
 
@@ -391,12 +400,14 @@ class Dispatcher:
         if not ready:
             return
         assert conn is not None
+        attempts = [self.tracing.attempt(env, spec, conn, job.attempts + 1) for job, env, _, spec in ready]
         started = time.perf_counter()
         answers: Sequence[Any]
         try:
             try:
                 with self._deadlines.after(min(job.timeout for job, *_ in ready)):
-                    answers = await conn.send_batch([(env, spec) for _, env, _, spec in ready])
+                    answers = await conn.send_batch([(a.envelope, spec) for a, (*_, spec) in zip(attempts, ready,
+                                                                                                  strict=True)])
             finally:
                 for job, *_ in ready:
                     self._free_slot(w, job)
@@ -405,12 +416,14 @@ class Dispatcher:
         except Exception as exc:
             answers = [exc] * len(ready)
         delivered: list[Job] = []
-        for (job, _, policy, spec), answer in zip(ready, answers, strict=True):
+        for (job, _, policy, spec), answer, attempt in zip(ready, answers, attempts, strict=True):
             if isinstance(answer, BaseException):
-                await self._each(job, self._failed(w, job, policy, spec, started, answer, False))
+                attempt.failed(answer)
+                await self._each(job, self._failed(w, job, policy, spec, started, answer, False, attempt.exemplar))
             else:
-                self._count_delivered(w, job, started)
+                self._count_delivered(w, job, started, attempt.exemplar)
                 delivered.append(job)
+            attempt.end()
         if delivered:
             await self.spool.done_many(delivered)
             for job in delivered:
@@ -426,8 +439,8 @@ class Dispatcher:
                   connector=job.connector, error=str(exc))
             return None
 
-    def _count_delivered(self, w: Worker, job: Job, started: float) -> None:
-        self.metrics.duration.labels(job.connector).observe(time.perf_counter() - started)
+    def _count_delivered(self, w: Worker, job: Job, started: float, exemplar: dict[str, str] | None = None) -> None:
+        self.metrics.duration.labels(job.connector).observe(time.perf_counter() - started, exemplar)
         self.metrics.delivered.labels(job.connector, job.route).inc()
         w.breaker.success()
 
@@ -438,10 +451,10 @@ class Dispatcher:
                   connector=job.connector, route=job.route, attempts=job.attempts + 1)
 
     async def _failed(self, w: Worker, job: Job, policy: RetryPolicy, spec: Target, started: float,
-                      exc: BaseException, probe: bool) -> None:
+                      exc: BaseException, probe: bool, exemplar: dict[str, str] | None = None) -> None:
         """A send of ``job`` failed with ``exc``: dead letter (permanent) or retry later."""
         if isinstance(exc, PermanentError):
-            count_failure(self.metrics, spec, "permanent", started)
+            count_failure(self.metrics, spec, "permanent", started, exemplar)
             w.breaker.success()  # the peer is up: it answered, with a no
             job.attempts += 1
             await self._final(job, "permanent", str(exc))
@@ -454,7 +467,7 @@ class Dispatcher:
             self.log.error("connector.bug", exc_info=exc, extra={"fields": {"connector": job.connector,
                                                                              "envelope_id": job.envelope_id}})
             error = f"{job.connector}: unexpected {type(exc).__name__}"
-        count_failure(self.metrics, spec, "transient", started)
+        count_failure(self.metrics, spec, "transient", started, exemplar)
         w.breaker.failure(probe=probe)
         await self._retry_later(job, policy, error)
 
@@ -469,6 +482,7 @@ class Dispatcher:
         delay = backoff(policy, job.attempts, self._rng)
         await self.spool.reschedule(job, time.time() + delay, error)
         self.extra.retries.labels(job.connector, job.route).inc()
+        note("gateway.retry", attempt=job.attempts, next_in=round(delay, 3), error=error)
         event(self.log, "delivery.retry", logging.INFO, envelope_id=job.envelope_id, connector=job.connector,
               route=job.route, attempt=job.attempts, next_in=round(delay, 3), error=error)
 
@@ -480,6 +494,7 @@ class Dispatcher:
             self.settled(job.connector)
             self.extra.dropped.labels(job.route, reason).inc()
             self.metrics.routed.labels(job.route, "dropped").inc()
+            note("gateway.dropped", reason=reason, error=error)
             event(self.log, "delivery.dropped", logging.WARNING, envelope_id=job.envelope_id, route=job.route,
                   connector=job.connector, reason=reason, error=error)
             return
