@@ -64,8 +64,11 @@ from gateway.tracing import Attempt, Hop, Tracing, _settling
 _SYSTEM = {"amqp": "rabbitmq"}
 #: Kinds whose peers speak HTTP: their spans are SERVER (inbound) and CLIENT (attempts).
 _HTTP = frozenset({"rest", "soap"})
-#: The target option that names where an attempt sends to (``messaging.destination.name``).
-_DESTINATION = {"mqtt": "topic", "amqp": "routing_key", "file": "path", "maildir": "path"}
+#: Where an attempt of each kind sends to (``messaging.destination.name``): a target option, or
+#: the connector's own config for kinds with one destination (a file, a Maildir). Mail and XMPP
+#: recipients are people's addresses: not recorded.
+_DESTINATION = {"mqtt": ("options", "topic"), "amqp": ("options", "exchange"), "file": ("config", "path"),
+                "maildir": ("config", "path")}
 
 
 def _parent(ctx: TraceContext | None) -> Context | None:
@@ -150,8 +153,9 @@ class OtelAttempt(Attempt):
                     if isinstance(error, TimeoutError) else "transient" if isinstance(error, GatewayError)
                     else type(error).__qualname__)
             span.set_attribute("error.type", kind)
-            if isinstance(error, GatewayError) and error.code:
-                span.set_attribute("http.response.status_code", error.code)
+            status = error.detail.get("status") if isinstance(error, GatewayError) else None
+            if isinstance(status, int):  # the peer's own answer (REST, SOAP), not the gateway's
+                span.set_attribute("http.response.status_code", status)
             span.set_status(Status(StatusCode.ERROR, str(error)[:200] or kind))
             self._token = _settling.set(self)
 
@@ -252,7 +256,11 @@ class OtelTracing(Tracing):
                 attrs["http.request.resend_count"] = number - 1
             name, kind = f"{method} {spec.connector}", SpanKind.CLIENT
         else:
-            dest = getattr(options, _DESTINATION.get(kind_name, "topic"), None) or getattr(options, "exchange", None)
+            where, field = _DESTINATION.get(kind_name, ("", ""))
+            dest = getattr(options, field, None) if where == "options" else None
+            if kind_name == "amqp":
+                key = getattr(options, "routing_key", None) or env.subject
+                attrs["messaging.rabbitmq.destination.routing_key"] = str(key)
             attrs.update({"messaging.system": _SYSTEM.get(kind_name, kind_name), "messaging.operation.type": "send",
                           "messaging.operation.name": "send", "messaging.message.id": env.id,
                           "messaging.message.body.size": len(env.body)})
@@ -264,12 +272,17 @@ class OtelTracing(Tracing):
         return OtelAttempt(tracecontext.with_context(env, ctx), ctx, span)
 
     def _peer(self, conn: Connector) -> dict[str, Any]:
-        """``server.address``/``server.port`` of a connector's configured peer (no credentials)."""
+        """Attributes every attempt of a connector shares: its configured peer's ``server.address``
+        and ``server.port`` (never its credentials), the destination of a one-destination kind."""
         try:
             return self._peers[conn]
         except (KeyError, TypeError):
             pass
         out: dict[str, Any] = {}
+        where, field = _DESTINATION.get(conn.kind, ("", ""))
+        path = getattr(conn.config, field, None) if where == "config" else None
+        if isinstance(path, str):
+            out["messaging.destination.name"] = path
         url = getattr(conn.config, "base_url", None) or getattr(conn.config, "url", None)
         if isinstance(url, str) and "://" in url:
             try:

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
-from gateway.sdk import Envelope, Scope, from_cloudevent, media_type
+from gateway.sdk import Envelope, Scope, from_cloudevent, media_type, tracecontext
 
 __all__ = ["http_headers", "request_headers", "to_envelope"]
 
@@ -38,6 +38,7 @@ def to_envelope(scope: Scope, headers: Mapping[str, str], body: bytes, *, source
     attributes: dict[str, Any] = {
         "http_method": scope["method"], "query": dict(parse_qsl(query)) if query else {},
         "peer": f"{client[0]}:{client[1]}" if client else "",
+        **tracecontext.inbound_attributes(headers),  # the caller's W3C trace context, when valid
     }
     idem = headers.get("idempotency-key")
     if idem:

@@ -373,7 +373,7 @@ class Dispatcher:
         try:
             try:
                 with self._deadlines.after(job.timeout):
-                    await conn.send(attempt.envelope, spec)
+                    reply = await conn.send(attempt.envelope, spec)
             finally:
                 self._free_slot(w, job)
         except Exception as exc:
@@ -382,7 +382,7 @@ class Dispatcher:
             attempt.end()
             return
         self._count_delivered(w, job, started, attempt.exemplar)
-        attempt.end()
+        attempt.end(reply)
         await self.spool.done(job)
         self._settled_done(job)
 
