@@ -125,8 +125,6 @@ class OtelHop(Hop):
         span = self._span
         if span.is_recording():
             span.set_attribute("gateway.outcome", outcome.status.value)
-            if outcome.envelope_id:
-                span.set_attribute("gateway.envelope.id", outcome.envelope_id)
             if outcome.status.value in ("retry", "rejected"):
                 span.set_attribute("error.type", outcome.status.value)
                 span.set_status(Status(StatusCode.ERROR, outcome.reason[:200]))
@@ -217,8 +215,8 @@ class OtelTracing(Tracing):
             name, kind = f"{method} {env.source}", SpanKind.SERVER
         else:
             attrs.update({"messaging.system": _SYSTEM.get(protocol, protocol), "messaging.operation.type": "process",
-                          "messaging.operation.name": "process", "messaging.destination.name": env.subject,
-                          "messaging.message.id": env.id, "messaging.message.body.size": len(env.body)})
+                          "messaging.destination.name": env.subject, "messaging.message.id": env.id,
+                          "messaging.message.body.size": len(env.body)})
             if env.correlation_id:
                 attrs["messaging.message.conversation_id"] = env.correlation_id
             name, kind = f"process {env.source}", SpanKind.CONSUMER
@@ -229,10 +227,7 @@ class OtelTracing(Tracing):
     def routed(self, env: Envelope, route: CompiledRoute, plans: list[Planned | Any]) -> list[Planned | Any]:
         parent = tracecontext.of(env)
         span = self.tracer.start_span(f"route {route.name}", context=_parent(parent), kind=SpanKind.INTERNAL,
-                                      attributes={"gateway.route": route.name, "gateway.envelope.id": env.id,
-                                                  "gateway.connector": env.source,
-                                                  "gateway.route.mode": route.mode,
-                                                  "gateway.route.targets": len(plans)})
+                                      attributes={"gateway.route": route.name})
         span.end()
         ctx = _context(span, parent.state if parent is not None else "")
         return [dataclasses.replace(p, envelope=tracecontext.with_context(p.envelope, ctx))
@@ -262,8 +257,7 @@ class OtelTracing(Tracing):
                 key = getattr(options, "routing_key", None) or env.subject
                 attrs["messaging.rabbitmq.destination.routing_key"] = str(key)
             attrs.update({"messaging.system": _SYSTEM.get(kind_name, kind_name), "messaging.operation.type": "send",
-                          "messaging.operation.name": "send", "messaging.message.id": env.id,
-                          "messaging.message.body.size": len(env.body)})
+                          "messaging.message.id": env.id})
             if isinstance(dest, str) and dest:
                 attrs["messaging.destination.name"] = dest
             name, kind = f"send {spec.connector}", SpanKind.PRODUCER

@@ -140,7 +140,7 @@ def with_context(env: Envelope, ctx: TraceContext) -> Envelope:
     attrs = dict(env.attributes)
     attrs.pop(TRACESTATE, None)
     attrs.update(ctx.attributes())
-    return env.evolve(attributes=attrs)
+    return env.with_attributes(attrs)
 
 
 def outbound_fields(env: Envelope) -> dict[str, str]:

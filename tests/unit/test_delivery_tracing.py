@@ -133,6 +133,18 @@ async def test_every_answer_carries_the_hop_context(tmp_path: Path) -> None:
         assert rejected.status is Status.REJECTED and _hop(rejected.traceparent).trace_id == TRACE
 
 
+def test_a_context_is_given_without_copying_or_parsing_the_message_again() -> None:
+    env = Envelope(source="api", protocol="test", subject="/x", body=b'{"n": [1, 2, 3]}',
+                   content_type="application/json", headers={"x-a": "1"}, attributes={"peer": "p"})
+    data = env.data
+    ctx = tc.new_trace()
+    carried = tc.with_context(env, ctx)
+    assert carried.data is data and carried.id == env.id and carried.headers == env.headers
+    assert dict(carried.attributes) == {"peer": "p", "traceparent": ctx.traceparent}
+    assert dict(env.attributes) == {"peer": "p"}  # the original is untouched
+    assert Envelope.from_json(carried.to_json()).attributes["traceparent"] == ctx.traceparent
+
+
 # --- OpenTelemetry spans ------------------------------------------------------------------
 
 
