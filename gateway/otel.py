@@ -10,7 +10,8 @@ records, with the ids the gateway carries (the W3C context in the envelope's att
   envelopes carry its context, in memory and in the spool;
 * one span per target attempt (``PRODUCER``, ``CLIENT`` for HTTP peers), a child of the route's
   span; its ids are what the connector writes into the outbound message. A failed attempt has
-  status ERROR and the events ``gateway.retry`` or ``gateway.dead_letter`` the delivery noted.
+  status ERROR and the events ``gateway.retry``, ``gateway.dead_letter`` or ``gateway.dropped``
+  the delivery noted.
 
 Attributes follow the OpenTelemetry semantic conventions for messaging (``messaging.system``,
 ``messaging.destination.name``, ``messaging.operation.type``, ``messaging.message.id``...) and
@@ -18,37 +19,33 @@ HTTP (``http.request.method``, ``http.response.status_code``, ``url.path``,
 ``server.address``...), where the gateway knows them, plus ``gateway.envelope.id``,
 ``gateway.route`` and ``gateway.connector``.
 
-Its own :class:`~opentelemetry.sdk.trace.TracerProvider`, never the global one: the admin API's
-FastAPI would otherwise trace every probe and scrape. Finished spans go to a
-:class:`~opentelemetry.sdk.trace.export.BatchSpanProcessor`, which exports from its own thread;
-when its queue is full a span is dropped and counted (``gateway_tracing_spans_dropped_total``),
-the event loop never waits.
+The SDK's pipeline from the finished span on: a :class:`~opentelemetry.sdk.trace.ReadableSpan`
+handed to its :class:`~opentelemetry.sdk.trace.export.BatchSpanProcessor`, which exports from its
+own thread with the SDK's OTLP/HTTP exporter; when its queue is full a span is dropped and counted
+(``gateway_tracing_spans_dropped_total``), the event loop never waits. Not the SDK's ``Tracer``:
+the gateway already has the ids, the parent and the sampling decision of every span (the W3C
+context it carries), and the tracer's own bookkeeping (its context objects, locks and the
+validation of each attribute) cost five times what the span itself does (bench/bench_tracing.py).
+The sampling is the SDK's ParentBased(TraceIdRatio): a sender's sampled flag is followed, a new
+trace is recorded when its id falls under the ratio's bound. No global tracer provider is set:
+the admin API's FastAPI would otherwise trace every probe and scrape.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 import weakref
 from contextvars import Token
 from typing import Any
 from urllib.parse import urlsplit
 
-from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import (
-    NonRecordingSpan,
-    Span,
-    SpanContext,
-    SpanKind,
-    Status,
-    StatusCode,
-    TraceFlags,
-    TraceState,
-    set_span_in_context,
-)
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from gateway import tracecontext
 from gateway.config.models import TracingSettings, current_secret
@@ -56,7 +53,7 @@ from gateway.contract import Connector, GatewayError, Outcome, PermanentError, R
 from gateway.envelope import Envelope
 from gateway.metrics import Counter, Metrics
 from gateway.routing.router import CompiledRoute, Planned
-from gateway.tracecontext import TraceContext
+from gateway.tracecontext import SAMPLED, TraceContext
 from gateway.tracing import Attempt, Hop, Tracing, _settling
 
 #: ``messaging.system`` by connector kind / envelope protocol (the conventions' value where one
@@ -69,20 +66,7 @@ _HTTP = frozenset({"rest", "soap"})
 #: recipients are people's addresses: not recorded.
 _DESTINATION = {"mqtt": ("options", "topic"), "amqp": ("options", "exchange"), "file": ("config", "path"),
                 "maildir": ("config", "path")}
-
-
-def _parent(ctx: TraceContext | None) -> Context | None:
-    if ctx is None:
-        return None
-    state = TraceState.from_header([ctx.state]) if ctx.state else None
-    sc = SpanContext(int(ctx.trace_id, 16), int(ctx.span_id, 16), is_remote=True,
-                     trace_flags=TraceFlags(ctx.flags), trace_state=state)
-    return set_span_in_context(NonRecordingSpan(sc))
-
-
-def _context(span: Span, state: str) -> TraceContext:
-    sc = span.get_span_context()
-    return TraceContext(f"{sc.trace_id:032x}", f"{sc.span_id:016x}", int(sc.trace_flags), state)
+_UNSET = Status(StatusCode.UNSET)
 
 
 class _NoExport(SpanExporter):
@@ -114,59 +98,88 @@ class _Processor(BatchSpanProcessor):
         super().on_end(span)
 
 
+class _Span:
+    """A span being recorded (only sampled ones are): what becomes its ReadableSpan at the end."""
+
+    __slots__ = ("_owner", "attributes", "context", "events", "kind", "name", "parent", "start", "status")
+
+    def __init__(self, owner: OtelTracing, name: str, kind: SpanKind, context: TraceContext,
+                 parent: TraceContext | None, attributes: dict[str, Any], remote_parent: bool = False):
+        self._owner = owner
+        self.name = name
+        self.kind = kind
+        self.context = owner.span_context(context, False)
+        self.parent = owner.span_context(parent, remote_parent) if parent is not None else None
+        self.attributes = attributes
+        self.events: list[Event] = []
+        self.status = _UNSET
+        self.start = time.time_ns()
+
+    def event(self, name: str, attributes: dict[str, Any]) -> None:
+        self.events.append(Event(name, attributes))
+
+    def end(self) -> None:
+        owner = self._owner
+        span = ReadableSpan(self.name, self.context, self.parent, owner.resource, self.attributes, self.events,
+                            (), self.kind, status=self.status, start_time=self.start, end_time=time.time_ns(),
+                            instrumentation_scope=owner.scope)
+        for processor in owner.processors:
+            processor.on_end(span)
+
+
 class OtelHop(Hop):
     __slots__ = ("_span",)
 
-    def __init__(self, context: TraceContext, span: Span):
+    def __init__(self, context: TraceContext, span: _Span | None):
         super().__init__(context)
         self._span = span
 
     def finish(self, outcome: Outcome) -> Outcome:
         span = self._span
-        if span.is_recording():
-            span.set_attribute("gateway.outcome", outcome.status.value)
+        if span is not None:
+            span.attributes["gateway.outcome"] = outcome.status.value
             if outcome.status.value in ("retry", "rejected"):
-                span.set_attribute("error.type", outcome.status.value)
-                span.set_status(Status(StatusCode.ERROR, outcome.reason[:200]))
-        span.end()
+                span.attributes["error.type"] = outcome.status.value
+                span.status = Status(StatusCode.ERROR, outcome.reason[:200])
+            span.end()
         return super().finish(outcome)
 
 
 class OtelAttempt(Attempt):
     __slots__ = ("_span", "_token")
 
-    def __init__(self, envelope: Envelope, context: TraceContext, span: Span):
+    def __init__(self, envelope: Envelope, context: TraceContext, span: _Span | None):
         super().__init__(envelope, context)
         self._span = span
         self._token: Token[Any] | None = None
 
     @property
     def exemplar(self) -> dict[str, str] | None:
-        return {"trace_id": self.context.trace_id} if self.context.sampled else None
+        return {"trace_id": self.context.trace_id} if self._span is not None else None
 
     def failed(self, error: BaseException) -> None:
         span = self._span
-        if span.is_recording():
+        if span is not None:
             kind = ("permanent" if isinstance(error, PermanentError) else "timeout"
                     if isinstance(error, TimeoutError) else "transient" if isinstance(error, GatewayError)
                     else type(error).__qualname__)
-            span.set_attribute("error.type", kind)
+            span.attributes["error.type"] = kind
             status = error.detail.get("status") if isinstance(error, GatewayError) else None
             if isinstance(status, int):  # the peer's own answer (REST, SOAP), not the gateway's
-                span.set_attribute("http.response.status_code", status)
-            span.set_status(Status(StatusCode.ERROR, str(error)[:200] or kind))
-            self._token = _settling.set(self)
-
-    def event(self, name: str, attributes: dict[str, Any]) -> None:
-        self._span.add_event(name, attributes)
+                span.attributes["http.response.status_code"] = status
+            span.status = Status(StatusCode.ERROR, str(error)[:200] or kind)
+            self._token = _settling.set(span)
 
     def end(self, reply: Reply | None = None) -> None:
+        span = self._span
+        if span is None:
+            return
         if self._token is not None:
             _settling.reset(self._token)
             self._token = None
-        if reply is not None and self._span.is_recording():
-            self._span.set_attribute("http.response.status_code", reply.status)
-        self._span.end()
+        if reply is not None and span.kind is SpanKind.CLIENT:
+            span.attributes["http.response.status_code"] = reply.status
+        span.end()
 
 
 class OtelTracing(Tracing):
@@ -187,82 +200,103 @@ class OtelTracing(Tracing):
                                         timeout=settings.export_timeout)
         else:
             exporter = _NoExport()
-        self.provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}),
-                                       sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)))
+        self.resource = Resource.create({"service.name": settings.service_name})
+        self.scope = InstrumentationScope("gateway")
         self.processor = _Processor(exporter, settings, self.dropped)
-        self.provider.add_span_processor(self.processor)
-        self.tracer = self.provider.get_tracer("gateway")
+        #: Where finished spans go (the batch processor; a test adds its own).
+        self.processors: list[SpanProcessor] = [self.processor]
+        #: New traces whose id's low 64 bits fall under this are recorded (TraceIdRatio's rule).
+        self._bound = TraceIdRatioBased.get_bound_for_rate(settings.sample_ratio)
         self._timeout_ms = int(settings.export_timeout * 1000)
+        self._states: dict[str, TraceState] = {}
         #: Static attributes of each outbound connector's attempts (its peer's address).
         self._peers: weakref.WeakKeyDictionary[Connector, dict[str, Any]] = weakref.WeakKeyDictionary()
 
+    def span_context(self, ctx: TraceContext, remote: bool) -> SpanContext:
+        state = None
+        if ctx.state:
+            state = self._states.get(ctx.state)
+            if state is None:  # a sender's vendor state: parsed once per distinct value, a few kept
+                if len(self._states) >= 64:
+                    self._states.clear()
+                state = self._states[ctx.state] = TraceState.from_header([ctx.state])
+        return SpanContext(int(ctx.trace_id, 16), int(ctx.span_id, 16), remote, TraceFlags(ctx.flags), state)
+
+    def _new_trace(self) -> TraceContext:
+        ctx = tracecontext.new_trace()
+        if int(ctx.trace_id[16:], 16) < self._bound:
+            return ctx
+        return dataclasses.replace(ctx, flags=ctx.flags & ~SAMPLED)
+
     def received(self, env: Envelope) -> tuple[Envelope, Hop]:
         parent = tracecontext.of(env)
-        protocol = env.protocol
-        http = protocol in _HTTP
-        attrs: dict[str, Any] = {"gateway.envelope.id": env.id, "gateway.connector": env.source}
-        if http:
-            method = str(env.attributes.get("http_method") or "POST")
-            attrs["http.request.method"] = method
-            if protocol == "rest":
-                attrs["url.path"] = env.subject
+        ctx = parent.child() if parent is not None else self._new_trace()
+        span = None
+        if ctx.sampled:
+            protocol = env.protocol
+            attrs: dict[str, Any] = {"gateway.envelope.id": env.id, "gateway.connector": env.source}
+            if protocol in _HTTP:
+                method = str(env.attributes.get("http_method") or "POST")
+                attrs["http.request.method"] = method
+                if protocol == "rest":
+                    attrs["url.path"] = env.subject
+                else:
+                    attrs["rpc.system"] = "soap"
+                    attrs["rpc.method"] = env.subject
+                peer = env.attributes.get("peer")
+                if isinstance(peer, str) and peer:
+                    attrs["client.address"] = peer.rpartition(":")[0] or peer
+                name, kind = f"{method} {env.source}", SpanKind.SERVER
             else:
-                attrs["rpc.system"] = "soap"
-                attrs["rpc.method"] = env.subject
-            peer = env.attributes.get("peer")
-            if isinstance(peer, str) and peer:
-                attrs["client.address"] = peer.rpartition(":")[0] or peer
-            name, kind = f"{method} {env.source}", SpanKind.SERVER
-        else:
-            attrs.update({"messaging.system": _SYSTEM.get(protocol, protocol), "messaging.operation.type": "process",
-                          "messaging.destination.name": env.subject, "messaging.message.id": env.id,
-                          "messaging.message.body.size": len(env.body)})
-            if env.correlation_id:
-                attrs["messaging.message.conversation_id"] = env.correlation_id
-            name, kind = f"process {env.source}", SpanKind.CONSUMER
-        span = self.tracer.start_span(name, context=_parent(parent), kind=kind, attributes=attrs)
-        ctx = _context(span, parent.state if parent is not None else "")
+                attrs.update({"messaging.system": _SYSTEM.get(protocol, protocol),
+                              "messaging.operation.type": "process", "messaging.destination.name": env.subject,
+                              "messaging.message.id": env.id, "messaging.message.body.size": len(env.body)})
+                if env.correlation_id:
+                    attrs["messaging.message.conversation_id"] = env.correlation_id
+                name, kind = f"process {env.source}", SpanKind.CONSUMER
+            span = _Span(self, name, kind, ctx, parent, attrs, remote_parent=True)
         return tracecontext.with_context(env, ctx), OtelHop(ctx, span)
 
     def routed(self, env: Envelope, route: CompiledRoute, plans: list[Planned | Any]) -> list[Planned | Any]:
         parent = tracecontext.of(env)
-        span = self.tracer.start_span(f"route {route.name}", context=_parent(parent), kind=SpanKind.INTERNAL,
-                                      attributes={"gateway.route": route.name})
-        span.end()
-        ctx = _context(span, parent.state if parent is not None else "")
+        if parent is None or not parent.sampled:
+            return plans  # not recorded: the attempts are children of the hop
+        ctx = parent.child()
+        _Span(self, f"route {route.name}", SpanKind.INTERNAL, ctx, parent, {"gateway.route": route.name}).end()
         return [dataclasses.replace(p, envelope=tracecontext.with_context(p.envelope, ctx))
                 if isinstance(p, Planned) else p for p in plans]
 
     def attempt(self, env: Envelope, spec: Target, conn: Connector, number: int = 1) -> Attempt:
         parent = tracecontext.of(env)
-        kind_name = conn.kind
-        http = kind_name in _HTTP
-        attrs: dict[str, Any] = {"gateway.envelope.id": env.id, "gateway.route": spec.route,
-                                 "gateway.connector": spec.connector, "gateway.attempt": number}
-        attrs.update(self._peer(conn))
-        options = spec.options
-        if http:
-            method = str(getattr(options, "method", "POST"))
-            attrs["http.request.method"] = method
-            path = getattr(options, "path", None)
-            if isinstance(path, str):
-                attrs["url.path"] = path
-            if number > 1:
-                attrs["http.request.resend_count"] = number - 1
-            name, kind = f"{method} {spec.connector}", SpanKind.CLIENT
-        else:
-            where, field = _DESTINATION.get(kind_name, ("", ""))
-            dest = getattr(options, field, None) if where == "options" else None
-            if kind_name == "amqp":
-                key = getattr(options, "routing_key", None) or env.subject
-                attrs["messaging.rabbitmq.destination.routing_key"] = str(key)
-            attrs.update({"messaging.system": _SYSTEM.get(kind_name, kind_name), "messaging.operation.type": "send",
-                          "messaging.message.id": env.id})
-            if isinstance(dest, str) and dest:
-                attrs["messaging.destination.name"] = dest
-            name, kind = f"send {spec.connector}", SpanKind.PRODUCER
-        span = self.tracer.start_span(name, context=_parent(parent), kind=kind, attributes=attrs)
-        ctx = _context(span, parent.state if parent is not None else "")
+        ctx = parent.child() if parent is not None else self._new_trace()
+        span = None
+        if ctx.sampled:
+            kind_name = conn.kind
+            attrs: dict[str, Any] = {"gateway.envelope.id": env.id, "gateway.route": spec.route,
+                                     "gateway.connector": spec.connector, "gateway.attempt": number}
+            attrs.update(self._peer(conn))
+            options = spec.options
+            if kind_name in _HTTP:
+                method = str(getattr(options, "method", "POST"))
+                attrs["http.request.method"] = method
+                path = getattr(options, "path", None)
+                if isinstance(path, str):
+                    attrs["url.path"] = path
+                if number > 1:
+                    attrs["http.request.resend_count"] = number - 1
+                name, kind = f"{method} {spec.connector}", SpanKind.CLIENT
+            else:
+                where, field = _DESTINATION.get(kind_name, ("", ""))
+                dest = getattr(options, field, None) if where == "options" else None
+                if kind_name == "amqp":
+                    key = getattr(options, "routing_key", None) or env.subject
+                    attrs["messaging.rabbitmq.destination.routing_key"] = str(key)
+                attrs.update({"messaging.system": _SYSTEM.get(kind_name, kind_name),
+                              "messaging.operation.type": "send", "messaging.message.id": env.id})
+                if isinstance(dest, str) and dest:
+                    attrs["messaging.destination.name"] = dest
+                name, kind = f"send {spec.connector}", SpanKind.PRODUCER
+            span = _Span(self, name, kind, ctx, parent, attrs)
         return OtelAttempt(tracecontext.with_context(env, ctx), ctx, span)
 
     def _peer(self, conn: Connector) -> dict[str, Any]:
@@ -299,4 +333,5 @@ class OtelTracing(Tracing):
         batcher = getattr(self.processor, "_batch_processor", None)
         if batcher is not None:
             batcher.shutdown(timeout_millis=self._timeout_ms)
-        self.provider.shutdown()
+        for processor in self.processors:
+            processor.shutdown()

@@ -151,7 +151,7 @@ def test_a_context_is_given_without_copying_or_parsing_the_message_again() -> No
 def _otel(h: Harness) -> InMemorySpanExporter:
     tracing = OtelTracing(TracingSettings(enabled=True, exporter="none"), h.metrics)
     memory = InMemorySpanExporter()
-    tracing.provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracing.processors.append(SimpleSpanProcessor(memory))
     h.delivery.tracing = h.delivery.dispatcher.tracing = tracing
     return memory
 
@@ -219,6 +219,23 @@ async def test_a_dead_letter_is_an_event_of_the_last_attempt(tmp_path: Path) -> 
         assert [e.name for e in first.events] == ["gateway.retry"]
         assert [e.name for e in last.events] == ["gateway.dead_letter"]
         assert last.events[0].attributes["reason"] == "attempts"
+
+
+async def test_sampling_records_new_traces_by_ratio_and_follows_a_senders_flag(tmp_path: Path) -> None:
+    async with Harness(tmp_path, route()) as h:
+        tracing = OtelTracing(TracingSettings(enabled=True, exporter="none", sample_ratio=0.0), h.metrics)
+        memory = InMemorySpanExporter()
+        tracing.processors.append(SimpleSpanProcessor(memory))
+        h.delivery.tracing = h.delivery.dispatcher.tracing = tracing
+        new = _hop((await h.send({"n": 1})).traceparent)
+        unsampled = _hop((await h.send({"n": 2}, traceparent=SENT[:-2] + "00")).traceparent)
+        sampled = _hop((await h.send({"n": 3}, traceparent=SENT)).traceparent)
+        await wait_for(lambda: len(h.out().delivered) == 3, what="deliveries")
+        # Not recorded, still carried: the flag says so downstream.
+        assert (new.sampled, unsampled.sampled, sampled.sampled) == (False, False, True)
+        assert {_ctx(e).sampled for e, _ in h.out().calls} == {False, True}
+        await wait_for(lambda: len(memory.get_finished_spans()) == 3, what="the sampled message's spans")
+        assert {f"{s.context.trace_id:032x}" for s in memory.get_finished_spans()} == {TRACE}
 
 
 def test_tracing_off_imports_no_opentelemetry_sdk() -> None:
