@@ -92,7 +92,8 @@ class Tracing:
     def received(self, env: Envelope) -> tuple[Envelope, Hop]:
         """``env`` with the context of the gateway's hop: a child of the one it came with, or a new
         trace. The same envelope id."""
-        ctx = (tracecontext.of(env) or tracecontext.new_trace()).child()
+        parent = tracecontext.of(env)
+        ctx = parent.child() if parent is not None else tracecontext.new_trace()  # a new trace's root
         return tracecontext.with_context(env, ctx), Hop(ctx)
 
     def routed(self, env: Envelope, route: CompiledRoute, plans: list[Planned | Any]) -> list[Planned | Any]:
