@@ -10,10 +10,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from connectors.amqp.config import _EXCHANGE_NAME, AmqpTarget
-from gateway.sdk import Envelope, PermanentError, from_cloudevent, media_type
+from gateway.sdk import Envelope, PermanentError, from_cloudevent, media_type, tracecontext
 
 _CE_PREFIXES = ("cloudEvents:", "cloudEvents_")
 _MAX_ID = 200
+#: The application headers that carry the W3C trace context (``traceparent``/``tracestate``,
+#: the names of the W3C "Trace Context: AMQP" draft); in CloudEvents binary mode the same context
+#: is the distributed tracing extension, ``cloudEvents:traceparent``.
+TRACE_HEADERS = (tracecontext.TRACEPARENT, tracecontext.TRACESTATE)
+#: Header names never copied from an envelope: the trace context goes out as the attempt's own.
+_NOT_COPIED = frozenset((*TRACE_HEADERS, *(f"ce-{k}" for k in TRACE_HEADERS)))
 
 
 # --- inbound ---------------------------------------------------------------------------------
@@ -68,7 +74,10 @@ def to_envelope(source: str, msg: Delivery, default_content_type: str) -> Envelo
     Subject is the routing key. Attributes ``amqp.exchange``, ``amqp.routing_key``,
     ``amqp.redelivered`` and each property that is set (``amqp.message_id``, ``amqp.type``,
     ``amqp.app_id``, ``amqp.priority``, ``amqp.delivery_mode``, ``amqp.expiration``,
-    ``amqp.timestamp``, ``amqp.user_id``); headers = AMQP application headers as text. The
+    ``amqp.timestamp``, ``amqp.user_id``); headers = AMQP application headers as text, except
+    ``traceparent``/``tracestate`` (or, in CloudEvents binary mode, ``cloudEvents:traceparent``/
+    ``cloudEvents:tracestate``): a valid context becomes the envelope's trace context attributes,
+    an invalid one is dropped (the message starts a new trace). The
     envelope id is the message id when it has one (stable across redeliveries) or the
     CloudEvents id in binary mode (``cloudEvents:*`` headers, which become ``ce-*`` headers).
     """
@@ -90,6 +99,11 @@ def to_envelope(source: str, msg: Delivery, default_content_type: str) -> Envelo
             ce[key[len(prefix):]] = header_text(value)
         else:
             headers[key] = header_text(value)
+    trace = tracecontext.inbound_attributes(headers) or tracecontext.inbound_attributes(ce)
+    for key in TRACE_HEADERS:
+        headers.pop(key, None)
+        ce.pop(key, None)
+    attributes.update(trace)
     content_type = msg.content_type or default_content_type
     kwargs: dict[str, Any] = {}
     if msg.message_id:
@@ -137,10 +151,13 @@ def to_publish(env: Envelope, opts: AmqpTarget, *, persistent: bool, mandatory: 
         raise PermanentError("routing key contains NUL", code=422)
     if len(env.body) > max_body:
         raise PermanentError(f"body of {len(env.body)} bytes is over the limit of {max_body}", code=413)
-    headers: dict[str, Any] = dict(env.headers)
+    headers: dict[str, Any] = {k: v for k, v in env.headers.items() if k.lower() not in _NOT_COPIED}
+    trace = tracecontext.outbound_fields(env)
     if opts.cloudevents:
         headers = {k: v for k, v in headers.items() if not k.lower().startswith("ce-")}
         headers.update({f"cloudEvents:{k}": v for k, v in ce_attributes(env).items()})
+        headers.update({f"cloudEvents:{k}": v for k, v in trace.items()})
+    headers.update(trace)
     props: dict[str, Any] = {
         "content_type": env.content_type,
         "headers": headers,
@@ -184,6 +201,6 @@ def ce_attributes(env: Envelope) -> dict[str, str]:
         out["subject"] = env.subject
     for key, value in env.headers.items():
         name = key.lower()
-        if name.startswith("ce-") and name[3:].isalnum() and name[3:] not in out:
+        if name.startswith("ce-") and name[3:].isalnum() and name[3:] not in out and name not in _NOT_COPIED:
             out[name[3:]] = value
     return out

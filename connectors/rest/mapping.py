@@ -10,9 +10,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
-from gateway.sdk import Envelope, Scope, from_cloudevent, media_type
+from gateway.sdk import Envelope, Scope, from_cloudevent, media_type, tracecontext
 
 __all__ = ["http_headers", "request_headers", "to_envelope"]
+
+_TRACE_FIELDS = (tracecontext.TRACEPARENT, tracecontext.TRACESTATE)
 
 
 def http_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -28,7 +30,9 @@ def http_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
 def to_envelope(scope: Scope, headers: Mapping[str, str], body: bytes, *, source: str,
                 secret_headers: set[str]) -> Envelope:
     """The envelope of a received request: subject = path, ``x-*`` and ``ce-*`` headers kept
-    (not ``secret_headers``), a CloudEvent (binary or structured mode) read as one.
+    (not ``secret_headers``), a CloudEvent (binary or structured mode) read as one, a valid
+    ``traceparent``/``tracestate`` pair as the envelope's trace context attributes (an invalid one
+    is ignored: the message starts a new trace).
 
     Raises ``ValueError`` for a request the caller must fix (the REST answer is 400).
     """
@@ -44,6 +48,7 @@ def to_envelope(scope: Scope, headers: Mapping[str, str], body: bytes, *, source
         if len(idem) > 200:
             raise ValueError("Idempotency-Key is longer than 200 characters")
         attributes["idempotency_key"] = idem
+    attributes.update(tracecontext.inbound_attributes(headers))
     kept = {k: v for k, v in headers.items() if (k.startswith("x-") or k.startswith("ce-"))
             and k not in secret_headers}
     mt = media_type(content_type)
@@ -71,10 +76,12 @@ def to_envelope(scope: Scope, headers: Mapping[str, str], body: bytes, *, source
 
 def request_headers(env: Envelope, route_headers: Mapping[str, str]) -> dict[str, str]:
     """The headers of a request sent for ``env``: its ``x-*`` and ``ce-*`` headers, the route's,
-    ``Idempotency-Key`` (the envelope id, so the receiver can deduplicate retries) and its
-    content type unless the route set one. Credentials are added by the sender."""
+    its trace context (``traceparent``/``tracestate``: the context of this attempt, which a route
+    cannot override), ``Idempotency-Key`` (the envelope id, so the receiver can deduplicate
+    retries) and its content type unless the route set one. Credentials are added by the sender."""
     headers = {k: v for k, v in env.headers.items() if k.lower().startswith(("x-", "ce-"))}
-    headers.update(route_headers)
+    headers.update((k, v) for k, v in route_headers.items() if k.lower() not in _TRACE_FIELDS)
+    headers.update(tracecontext.outbound_fields(env))
     headers["Idempotency-Key"] = env.id
     headers.setdefault("Content-Type", env.content_type)
     return headers
