@@ -24,6 +24,7 @@ from tests.gwtest import free_port, running_gateway, wait_for, write_config
 from tests.integration.test_mqtt_amqp import amqp_channel, drain_queue, mqtt_probe, require_port, unique
 from tests.integration.test_smtp_peers import Relay
 from tests.integration.test_xmpp import registry
+from tests.legacy.server import Capture, legacy_service
 from tests.peers.gateway_process import GatewayProcess
 from tests.peers.prosody import Prosody, XmppUser, prosody
 
@@ -34,6 +35,7 @@ TID = "0af7651916cd43dd8448eb211c80319c"
 SENT = f"00-{TID}-b7ad6b7169203331-01"
 STATE = "congo=t61rcWkgMzE"
 SHIM = "http://jabber.org/protocol/shim"
+CALC = str(Path(__file__).resolve().parents[2] / "deploy" / "examples" / "calculator.wsdl")
 
 
 def span_of(traceparent: str | None) -> tuple[str, str]:
@@ -148,3 +150,52 @@ routes:
     # the file sink writes the whole envelope: the context is in its attributes
     [rec] = [json.loads(line) for line in out.read_text().splitlines()]
     assert span_of(rec["attributes"]["traceparent"])[0] == TID
+
+
+async def test_soap_service_facade_and_calls_carry_the_trace(tmp_path: Path) -> None:
+    """The SOAP service and its REST façade take a caller's ``traceparent`` (HTTP header) into the
+    envelope; a SOAP call the gateway makes sends the attempt's context as HTTP headers."""
+    answer = (b'<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Body>'
+              b'<AddResponse xmlns="http://example.com/calculator"><result>3</result></AddResponse>'
+              b"</soap:Body></soap:Envelope>")
+    capture = Capture(body=answer)
+    out = tmp_path / "soap.jsonl"
+    with legacy_service(app=capture) as backend:
+        port = free_port()
+        yaml = f"""
+connectors:
+  api: {{type: rest, listen: "127.0.0.1:{port}", auth: {{type: none}}, endpoints: [{{path: "/call/*"}}]}}
+  calc-in:
+    type: soap
+    wsdl: {CALC}
+    serve: {{listen: "127.0.0.1:{port}", prefix: /soap/calc, auth: {{type: none}}}}
+    rest_facade: {{listen: "127.0.0.1:{port}", prefix: /api/calc, auth: {{type: none}}}}
+  calc-out: {{type: soap, wsdl: {CALC}, endpoint: "{backend.base}/calc", timeout: 5s}}
+  out: {{type: file, path: "{out}"}}
+routes:
+  - name: soap-in-to-file
+    from: calc-in
+    to: [{{connector: out}}]
+  - name: rest-to-soap
+    from: api
+    to: [{{connector: calc-out, operation: Add, reply: true}}]
+"""
+        trace = {"traceparent": SENT, "tracestate": STATE}
+        async with running_gateway(tmp_path, yaml), httpx.AsyncClient(timeout=10) as client:
+            soap = (b'<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body>'
+                    b'<Add xmlns="http://example.com/calculator"><a>1</a><b>2</b></Add></s:Body></s:Envelope>')
+            r = await client.post(f"http://127.0.0.1:{port}/soap/calc", content=soap,
+                                  headers={"content-type": "text/xml; charset=utf-8", **trace})
+            assert r.status_code == 202, r.text
+            r = await client.post(f"http://127.0.0.1:{port}/api/calc/Add", json={"a": 1, "b": 2}, headers=trace)
+            assert r.status_code == 202, r.text
+            r = await client.post(f"http://127.0.0.1:{port}/call/add", json={"a": 1, "b": 2}, headers=trace)
+            assert r.status_code == 200 and r.json() == {"result": 3}, r.text
+            await wait_for(lambda: len(out.read_text().splitlines()) == 2 if out.exists() else False,
+                           what="two envelopes in the file")
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {rec["attributes"].get("interface", "soap") for rec in records} == {"soap", "rest_facade"}
+    for rec in records:
+        assert span_of(rec["attributes"]["traceparent"])[0] == TID and rec["attributes"]["tracestate"] == STATE
+    [(_, headers, _)] = capture.requests
+    assert span_of(headers.get("traceparent"))[0] == TID and headers.get("tracestate") == STATE
