@@ -219,8 +219,14 @@ class RestInbound(Connector):
                                    "(binary mode with ce-* headers, or application/cloudevents+json). "
                                    f"Path pattern: {e.path}",
                     "requestBody": {"content": {"*/*": {"schema": {}}}},
+                    "parameters": [{"name": "traceparent", "in": "header", "required": False,
+                                    "description": "W3C Trace Context: the message continues this trace",
+                                    "schema": {"type": "string"}}],
                     "responses": {
                         "202": {"description": "Accepted: delivered or durably spooled",
+                                "headers": {"traceparent": {
+                                    "description": "W3C Trace Context of the gateway's own hop for the message",
+                                    "schema": {"type": "string"}}},
                                 "content": {"application/json": {"schema": {
                                     "type": "object", "properties": {"id": {"type": "string"},
                                                                      "status": {"type": "string"}}}}}},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 from paho.mqtt.packettypes import PacketTypes
@@ -27,8 +28,8 @@ from connectors.mqtt.config import MqttTarget
 from connectors.mqtt.mapping import Incoming
 from connectors.mqtt.mapping import to_envelope as mqtt_in
 from connectors.mqtt.mapping import to_publish as mqtt_out
-from connectors.mqtt.outbound import _PackedProperties, _TracedProperties
-from connectors.rest.inbound import trace_header
+from connectors.mqtt.outbound import MqttOutbound, _PackedProperties, _TracedProperties
+from connectors.rest.inbound import RestInbound, trace_header
 from connectors.rest.mapping import request_headers
 from connectors.rest.mapping import to_envelope as rest_in
 from connectors.soap.asgi import trace_header as soap_trace_header
@@ -36,6 +37,7 @@ from connectors.xmpp.mapping import add_trace, incoming
 from connectors.xmpp.mapping import to_envelope as xmpp_in
 from gateway.contract import Outcome, Status
 from gateway.envelope import Envelope
+from tests.contract import make_connector
 from tests.unit.test_amqp_mapping import wire
 
 TID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -269,3 +271,23 @@ def test_xmpp_outbound_writes_shim_headers() -> None:
     plain = Message()
     add_trace(plain, env())
     assert "shim" not in str(plain)
+
+
+def test_mqtt_3_1_1_carries_no_trace_context(tmp_path: Path) -> None:
+    """MQTT 3.1.1 has no properties: the context does not cross a 3.1.1 hop (documented)."""
+    v311 = make_connector("mqtt", {"protocol": "3.1.1"}, tmp_path, name="old")
+    v5 = make_connector("mqtt", {}, tmp_path, name="new")
+    assert isinstance(v311, MqttOutbound) and isinstance(v5, MqttOutbound)
+    out = mqtt_out(SENT, MqttTarget(topic="a/b"), 1, 1024)
+    assert v311._properties(out) is None
+    packed = v5._properties(out)
+    assert packed is not None and ATTEMPT.encode() in packed.pack()  # type: ignore[no-untyped-call]
+
+
+def test_rest_openapi_names_the_trace_headers(tmp_path: Path) -> None:
+    api = make_connector("rest", {"listen": "127.0.0.1:1", "auth": {"type": "none"}, "endpoints": [{"path": "/e"}]},
+                         tmp_path, name="api")
+    assert isinstance(api, RestInbound)
+    op = api.openapi()["paths"]["/e"]["post"]
+    assert op["parameters"][0]["name"] == "traceparent"
+    assert "traceparent" in op["responses"]["202"]["headers"]
