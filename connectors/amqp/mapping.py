@@ -19,7 +19,8 @@ _MAX_ID = 200
 #: is the distributed tracing extension, ``cloudEvents:traceparent``.
 TRACE_HEADERS = (tracecontext.TRACEPARENT, tracecontext.TRACESTATE)
 #: Header names never copied from an envelope: the trace context goes out as the attempt's own.
-_NOT_COPIED = frozenset((*TRACE_HEADERS, *(f"ce-{k}" for k in TRACE_HEADERS)))
+_CE_TRACE = frozenset(f"ce-{k}" for k in TRACE_HEADERS)
+_NOT_COPIED = frozenset((*TRACE_HEADERS, *_CE_TRACE))
 
 
 # --- inbound ---------------------------------------------------------------------------------
@@ -115,8 +116,12 @@ def to_envelope(source: str, msg: Delivery, default_content_type: str) -> Envelo
         except ValueError:
             env = None
         if env is not None:
-            return env.evolve(subject=msg.routing_key, headers={**headers, **env.headers},
-                              attributes={**env.attributes, **attributes}, correlation_id=msg.correlation_id,
+            ce_headers, event_trace = _event_trace(env.headers)
+            if trace:
+                event_trace = {}
+            return env.evolve(subject=msg.routing_key, headers={**headers, **ce_headers},
+                              attributes={**env.attributes, **event_trace, **attributes},
+                              correlation_id=msg.correlation_id,
                               reply_to=msg.reply_to)
     if all(ce.get(k) for k in ("specversion", "id", "source", "type")):
         attributes.update(ce_source=ce["source"], ce_type=ce["type"])
@@ -125,6 +130,14 @@ def to_envelope(source: str, msg: Delivery, default_content_type: str) -> Envelo
     return Envelope(source=source, protocol="amqp", subject=msg.routing_key, body=msg.body,
                     content_type=content_type, headers=headers, attributes=attributes,
                     correlation_id=msg.correlation_id, reply_to=msg.reply_to, **kwargs)
+
+
+def _event_trace(headers: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """A structured CloudEvent's distributed tracing extension, which ``from_cloudevent`` keeps as
+    ``ce-traceparent``/``ce-tracestate`` headers: (the other headers, its context attributes).
+    Used when the protocol's own field gave no context."""
+    trace = tracecontext.inbound_attributes(lambda name: headers.get(f"ce-{name}"))
+    return {k: v for k, v in headers.items() if k not in _CE_TRACE}, trace
 
 
 # --- outbound --------------------------------------------------------------------------------

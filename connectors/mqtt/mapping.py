@@ -21,7 +21,8 @@ _MAX_ID = 200
 #: MQTT" draft, which are also the CloudEvents distributed tracing extension's in binary mode).
 TRACE_PROPERTIES = (tracecontext.TRACEPARENT, tracecontext.TRACESTATE)
 #: Header names never copied to user properties: the trace context goes out as the attempt's own.
-_NOT_COPIED = frozenset((*TRACE_PROPERTIES, *(f"ce-{k}" for k in TRACE_PROPERTIES)))
+_CE_TRACE = frozenset(f"ce-{k}" for k in TRACE_PROPERTIES)
+_NOT_COPIED = frozenset((*TRACE_PROPERTIES, *_CE_TRACE))
 
 
 # --- inbound: MQTT → envelope ----------------------------------------------------------------
@@ -82,8 +83,11 @@ def to_envelope(source: str, msg: Incoming, default_content_type: str) -> Envelo
             except ValueError:
                 ce = None
             if ce is not None:
-                return ce.evolve(subject=msg.topic, headers={**props, **ce.headers},
-                                 attributes={**ce.attributes, **attributes}, correlation_id=correlation,
+                ce_headers, trace = _event_trace(ce.headers)
+                if tracecontext.TRACEPARENT in attributes:
+                    trace = {}
+                return ce.evolve(subject=msg.topic, headers={**props, **ce_headers},
+                                 attributes={**ce.attributes, **trace, **attributes}, correlation_id=correlation,
                                  reply_to=msg.response_topic)
     kwargs: dict[str, Any] = {}
     if all(props.get(k) for k in ("specversion", "id", "source", "type")):
@@ -102,6 +106,14 @@ def _correlation(data: bytes | None) -> str | None:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return data.hex()
+
+
+def _event_trace(headers: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """A structured CloudEvent's distributed tracing extension, which ``from_cloudevent`` keeps as
+    ``ce-traceparent``/``ce-tracestate`` headers: (the other headers, its context attributes).
+    Used when the protocol's own field gave no context."""
+    trace = tracecontext.inbound_attributes(lambda name: headers.get(f"ce-{name}"))
+    return {k: v for k, v in headers.items() if k not in _CE_TRACE}, trace
 
 
 # --- outbound: envelope → MQTT ---------------------------------------------------------------

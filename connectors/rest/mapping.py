@@ -15,6 +15,7 @@ from gateway.sdk import Envelope, Scope, from_cloudevent, media_type, traceconte
 __all__ = ["http_headers", "request_headers", "to_envelope"]
 
 _TRACE_FIELDS = (tracecontext.TRACEPARENT, tracecontext.TRACESTATE)
+_CE_TRACE = frozenset(f"ce-{k}" for k in _TRACE_FIELDS)
 
 
 def http_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -60,8 +61,11 @@ def to_envelope(scope: Scope, headers: Mapping[str, str], body: bytes, *, source
         if not isinstance(event_obj, dict):
             raise ValueError("a structured CloudEvent must be a JSON object")
         ce = from_cloudevent(event_obj, source=source, protocol="rest")
-        return ce.evolve(subject=ce.subject or scope["path"], attributes={**ce.attributes, **attributes},
-                         headers={**kept, **ce.headers})
+        ce_headers, trace = _event_trace(ce.headers)
+        if tracecontext.TRACEPARENT in attributes:
+            trace = {}
+        return ce.evolve(subject=ce.subject or scope["path"], attributes={**ce.attributes, **trace, **attributes},
+                         headers={**kept, **ce_headers})
     if "ce-specversion" in headers:
         missing = [h for h in ("ce-id", "ce-source", "ce-type") if not headers.get(h)]
         if missing:
@@ -72,6 +76,14 @@ def to_envelope(scope: Scope, headers: Mapping[str, str], body: bytes, *, source
                         content_type=content_type, headers=kept, attributes=attributes)
     return Envelope(source=source, protocol="rest", subject=scope["path"], body=body,
                     content_type=content_type, headers=kept, attributes=attributes)
+
+def _event_trace(headers: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """A structured CloudEvent's distributed tracing extension, which ``from_cloudevent`` keeps as
+    ``ce-traceparent``/``ce-tracestate`` headers: (the other headers, its context attributes).
+    Used when the protocol's own field gave no context."""
+    trace = tracecontext.inbound_attributes(lambda name: headers.get(f"ce-{name}"))
+    return {k: v for k, v in headers.items() if k not in _CE_TRACE}, trace
+
 
 
 def request_headers(env: Envelope, route_headers: Mapping[str, str]) -> dict[str, str]:

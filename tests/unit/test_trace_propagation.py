@@ -291,3 +291,32 @@ def test_rest_openapi_names_the_trace_headers(tmp_path: Path) -> None:
     op = api.openapi()["paths"]["/e"]["post"]
     assert op["parameters"][0]["name"] == "traceparent"
     assert "traceparent" in op["responses"]["202"]["headers"]
+
+
+STRUCTURED = ('{"specversion": "1.0", "id": "e1", "source": "/s", "type": "t", "partitionkey": "p", '
+              f'"traceparent": "{TP}", "tracestate": "{TS}", "data": {{"v": 1}}}}').encode()
+
+
+def test_a_structured_cloudevents_tracing_extension_is_the_context_when_the_protocol_gave_none() -> None:
+    """REST, MQTT and AMQP: the event's ``traceparent``/``tracestate`` extension (CloudEvents
+    distributed tracing) is the context unless the protocol's own field gave one."""
+    ct = "application/cloudevents+json"
+    scope = {"type": "http", "method": "POST", "path": "/e", "query_string": b"", "client": None}
+    other = f"00-{'1' * 32}-{'2' * 16}-01"
+    envs = [
+        rest_in(scope, {"content-type": ct}, STRUCTURED, source="api", secret_headers=set()),
+        mqtt_in("plant", Incoming(topic="a", payload=STRUCTURED, content_type=ct), "text/plain"),
+        amqp_in("bus", wire(Basic.Properties(content_type=ct), STRUCTURED), "text/plain"),
+    ]
+    for e in envs:
+        assert e.id == "e1" and e.attributes["traceparent"] == TP and e.attributes["tracestate"] == TS
+        assert e.headers["ce-partitionkey"] == "p" and "ce-traceparent" not in e.headers
+    given = [
+        rest_in(scope, {"content-type": ct, "traceparent": other}, STRUCTURED, source="api", secret_headers=set()),
+        mqtt_in("plant", Incoming(topic="a", payload=STRUCTURED, content_type=ct,
+                                  user_properties=[("traceparent", other)]), "text/plain"),
+        amqp_in("bus", wire(Basic.Properties(content_type=ct, headers={"traceparent": other}), STRUCTURED),
+                "text/plain"),
+    ]
+    for e in given:
+        assert e.attributes["traceparent"] == other and "tracestate" not in e.attributes
