@@ -38,7 +38,9 @@ Envelope
   Attributes ``amqp.exchange``, ``amqp.routing_key``, ``amqp.redelivered``, ``amqp.message_id``,
   ``amqp.type``, ``amqp.app_id``, ``amqp.priority``, ``amqp.delivery_mode``, ``amqp.expiration``,
   ``amqp.timestamp``, ``amqp.user_id``, ``amqp.delivery_count``; headers = application headers
-  as text; envelope id = message id (or the CloudEvents id).
+  as text; envelope id = message id (or the CloudEvents id). The W3C trace context travels as
+  the headers ``traceparent``/``tracestate`` both ways (in CloudEvents mode also
+  ``cloudEvents:traceparent``), as envelope attributes of the same names inside.
 """
 
 from __future__ import annotations

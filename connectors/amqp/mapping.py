@@ -10,10 +10,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from connectors.amqp.config import _EXCHANGE_NAME, AmqpTarget
-from gateway.sdk import Envelope, PermanentError, from_cloudevent, media_type
+from gateway.sdk import Envelope, PermanentError, from_cloudevent, media_type, tracecontext
 
 _CE_PREFIXES = ("cloudEvents:", "cloudEvents_")
 _MAX_ID = 200
+#: The application headers that carry the W3C trace context (``traceparent``/``tracestate``,
+#: the names of the W3C "Trace Context: AMQP" draft); in CloudEvents binary mode the same context
+#: is the distributed tracing extension, ``cloudEvents:traceparent``.
+TRACE_HEADERS = (tracecontext.TRACEPARENT, tracecontext.TRACESTATE)
+#: Header names never copied from an envelope: the trace context goes out as the attempt's own.
+_CE_TRACE = frozenset(f"ce-{k}" for k in TRACE_HEADERS)
+_NOT_COPIED = frozenset((*TRACE_HEADERS, *_CE_TRACE))
 
 
 # --- inbound ---------------------------------------------------------------------------------
@@ -68,7 +75,10 @@ def to_envelope(source: str, msg: Delivery, default_content_type: str) -> Envelo
     Subject is the routing key. Attributes ``amqp.exchange``, ``amqp.routing_key``,
     ``amqp.redelivered`` and each property that is set (``amqp.message_id``, ``amqp.type``,
     ``amqp.app_id``, ``amqp.priority``, ``amqp.delivery_mode``, ``amqp.expiration``,
-    ``amqp.timestamp``, ``amqp.user_id``); headers = AMQP application headers as text. The
+    ``amqp.timestamp``, ``amqp.user_id``); headers = AMQP application headers as text, except
+    ``traceparent``/``tracestate`` (or, in CloudEvents binary mode, ``cloudEvents:traceparent``/
+    ``cloudEvents:tracestate``): a valid context becomes the envelope's trace context attributes,
+    an invalid one is dropped (the message starts a new trace). The
     envelope id is the message id when it has one (stable across redeliveries) or the
     CloudEvents id in binary mode (``cloudEvents:*`` headers, which become ``ce-*`` headers).
     """
@@ -90,6 +100,11 @@ def to_envelope(source: str, msg: Delivery, default_content_type: str) -> Envelo
             ce[key[len(prefix):]] = header_text(value)
         else:
             headers[key] = header_text(value)
+    trace = tracecontext.inbound_attributes(headers) or tracecontext.inbound_attributes(ce)
+    for key in TRACE_HEADERS:
+        headers.pop(key, None)
+        ce.pop(key, None)
+    attributes.update(trace)
     content_type = msg.content_type or default_content_type
     kwargs: dict[str, Any] = {}
     if msg.message_id:
@@ -101,8 +116,12 @@ def to_envelope(source: str, msg: Delivery, default_content_type: str) -> Envelo
         except ValueError:
             env = None
         if env is not None:
-            return env.evolve(subject=msg.routing_key, headers={**headers, **env.headers},
-                              attributes={**env.attributes, **attributes}, correlation_id=msg.correlation_id,
+            ce_headers, event_trace = _event_trace(env.headers)
+            if trace:
+                event_trace = {}
+            return env.evolve(subject=msg.routing_key, headers={**headers, **ce_headers},
+                              attributes={**env.attributes, **event_trace, **attributes},
+                              correlation_id=msg.correlation_id,
                               reply_to=msg.reply_to)
     if all(ce.get(k) for k in ("specversion", "id", "source", "type")):
         attributes.update(ce_source=ce["source"], ce_type=ce["type"])
@@ -111,6 +130,14 @@ def to_envelope(source: str, msg: Delivery, default_content_type: str) -> Envelo
     return Envelope(source=source, protocol="amqp", subject=msg.routing_key, body=msg.body,
                     content_type=content_type, headers=headers, attributes=attributes,
                     correlation_id=msg.correlation_id, reply_to=msg.reply_to, **kwargs)
+
+
+def _event_trace(headers: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """A structured CloudEvent's distributed tracing extension, which ``from_cloudevent`` keeps as
+    ``ce-traceparent``/``ce-tracestate`` headers: (the other headers, its context attributes).
+    Used when the protocol's own field gave no context."""
+    trace = tracecontext.inbound_attributes(lambda name: headers.get(f"ce-{name}"))
+    return {k: v for k, v in headers.items() if k not in _CE_TRACE}, trace
 
 
 # --- outbound --------------------------------------------------------------------------------
@@ -137,10 +164,13 @@ def to_publish(env: Envelope, opts: AmqpTarget, *, persistent: bool, mandatory: 
         raise PermanentError("routing key contains NUL", code=422)
     if len(env.body) > max_body:
         raise PermanentError(f"body of {len(env.body)} bytes is over the limit of {max_body}", code=413)
-    headers: dict[str, Any] = dict(env.headers)
+    headers: dict[str, Any] = {k: v for k, v in env.headers.items() if k.lower() not in _NOT_COPIED}
+    trace = tracecontext.outbound_fields(env)
     if opts.cloudevents:
         headers = {k: v for k, v in headers.items() if not k.lower().startswith("ce-")}
         headers.update({f"cloudEvents:{k}": v for k, v in ce_attributes(env).items()})
+        headers.update({f"cloudEvents:{k}": v for k, v in trace.items()})
+    headers.update(trace)
     props: dict[str, Any] = {
         "content_type": env.content_type,
         "headers": headers,
@@ -184,6 +214,6 @@ def ce_attributes(env: Envelope) -> dict[str, str]:
         out["subject"] = env.subject
     for key, value in env.headers.items():
         name = key.lower()
-        if name.startswith("ce-") and name[3:].isalnum() and name[3:] not in out:
+        if name.startswith("ce-") and name[3:].isalnum() and name[3:] not in out and name not in _NOT_COPIED:
             out[name[3:]] = value
     return out

@@ -9,7 +9,7 @@ import asyncio
 import functools
 from typing import Any
 
-from connectors.mail_common import MESSAGE_RFC822, addresses, envelope_headers, parse_message
+from connectors.mail_common import MESSAGE_RFC822, addresses, envelope_headers, parse_message, trace_attributes
 from connectors.mailauth import Verifier, add_authentication_results
 from connectors.mailauth.mime import field_name, field_value, split_head
 from gateway.sdk import PARSE_INLINE_BYTES, Envelope
@@ -46,7 +46,8 @@ def mail_envelope(raw: bytes, *, source: str, protocol: str, mailbox: str, extra
     ``x-*`` headers, ``attributes``: ``mail_from`` (Return-Path, else From), ``rcpt`` (the
     mailbox), ``size``, ``email`` (the parsed view), ``idempotency_key`` (so a message fetched
     again after a crash is answered from its first outcome instead of delivered twice), ``auth``
-    (the :func:`authenticate` results, when checked), and the protocol's own ``extra``
+    (the :func:`authenticate` results, when checked), the trace context of its ``Traceparent``
+    header (``traceparent``/``tracestate``, when valid), and the protocol's own ``extra``
     (``imap.folder``, ``imap.uid``…)."""
     view = parse_message(raw)
     bounce_to = addresses(str(view["headers"].get("return-path", "")))
@@ -56,6 +57,7 @@ def mail_envelope(raw: bytes, *, source: str, protocol: str, mailbox: str, extra
         "size": len(raw),
         "email": view,
         "idempotency_key": idempotency_key,
+        **trace_attributes(view),
         **extra,
     }
     if auth is not None:

@@ -51,6 +51,7 @@ from connectors.mail_common.parse import (
     decode_header,
     envelope_headers,
     parse_message,
+    trace_attributes,
 )
 
 __all__ = [
@@ -76,6 +77,7 @@ __all__ = [
     "envelope_headers",
     "parse_addresses",
     "parse_message",
+    "trace_attributes",
     "validated_options",
     "wants_forward",
 ]

@@ -26,6 +26,7 @@ from gateway.sdk import (
     TemplateText,
     media_type,
     one_line,
+    tracecontext,
 )
 
 
@@ -130,8 +131,11 @@ _HEADER_NAME = re.compile(r"^[!-9;-~]+$")
 _MIME_TYPE = re.compile(r"^[A-Za-z0-9][\w.+-]*/[A-Za-z0-9][\w.+-]*$")
 _MSG_ID = re.compile(r"^<[^<>\s@]+@[^<>\s@]+>$")
 _RESERVED = {"from", "to", "cc", "bcc", "subject", "date", "message-id", "reply-to", "sender", "mime-version",
-             "content-type", "content-transfer-encoding", "content-disposition", "received", "return-path"}
+             "content-type", "content-transfer-encoding", "content-disposition", "received", "return-path",
+             "traceparent", "tracestate"}
 _SMTP_POLICY = policy.SMTP
+_MAIL_TRACE_NAMES = {tracecontext.TRACEPARENT: tracecontext.MAIL_HEADER,
+                     tracecontext.TRACESTATE: tracecontext.MAIL_STATE_HEADER}
 
 
 def check_header(name: str, value: str) -> str:
@@ -202,7 +206,7 @@ def build_mail(env: Envelope, opts: MailOptions, *, route: str, default_sender: 
         check_header("sender", sender)
         if require_recipients and not recipients:
             raise MailError("no recipients: set 'to' (or forward a message that came with one)")
-        return BuiltMail(env.body, sender, recipients, "", True, hidden=hidden)
+        return BuiltMail(trace_headers(env) + env.body, sender, recipients, "", True, hidden=hidden)
     if not sender_items:
         raise MailError("no sender: set 'sender' on the target or the connector")
     if len(sender_items) != 1:
@@ -225,6 +229,8 @@ def build_mail(env: Envelope, opts: MailOptions, *, route: str, default_sender: 
     msg["Message-ID"] = message_id
     msg["Auto-Submitted"] = "auto-generated"
     msg["X-Gateway-Envelope-Id"] = env.id
+    for name, value in _trace_fields(env):
+        msg[name] = value
     for key, value in opts.mail_headers.items():
         check_header(key, value)
         if not _HEADER_NAME.match(key) or key.lower() in _RESERVED or key.lower().startswith("content-"):
@@ -242,6 +248,25 @@ def build_mail(env: Envelope, opts: MailOptions, *, route: str, default_sender: 
     for att in opts.attachments:
         _attach(msg, env, att if isinstance(att, Attachment) else Attachment.model_validate(att))
     return BuiltMail(msg.as_bytes(), sender, recipients, message_id, False, msg, hidden)
+
+
+def _trace_fields(env: Envelope) -> list[tuple[str, str]]:
+    """The ``Traceparent``/``Tracestate`` header fields of the message sent for ``env`` (the
+    context of this attempt). Written before sealing, so DKIM can sign them when a connector's
+    ``dkim.headers`` lists them and S/MIME or PGP keeps them in the outer header."""
+    return [(_MAIL_TRACE_NAMES[k], v) for k, v in tracecontext.outbound_fields(env).items()]
+
+
+def trace_headers(env: Envelope) -> bytes:
+    """The trace header fields to put on top of a forwarded message, in its own line endings.
+    On top, as ``Received`` is: the sender's own ``Traceparent`` stays below, so a DKIM signature
+    that covers it still verifies, and a reader takes the topmost."""
+    fields = _trace_fields(env)
+    if not fields:
+        return b""
+    eol = b"\r\n" if b"\r\n" in env.body[:8192] or b"\n" not in env.body[:8192] else b"\n"
+    # The values are what tracecontext.parse accepted: hex and printable ASCII, one line.
+    return b"".join(f"{name}: {value}".encode("ascii", "replace") + eol for name, value in fields)
 
 
 def build_message(env: Envelope, opts: MailOptions, *, route: str, default_sender: str | None) -> EmailMessage:

@@ -15,6 +15,8 @@ from email.parser import BytesHeaderParser, BytesParser
 from email.utils import getaddresses, parsedate_to_datetime
 from typing import Any
 
+from gateway.sdk import tracecontext
+
 #: Parts examined per message; the rest is reported as ``truncated``.
 MAX_PARTS = 500
 #: Deepest multipart nesting walked.
@@ -179,6 +181,13 @@ def parse_message(raw: bytes) -> dict[str, Any]:
     view["defects"] = sorted(set(defects))[:20]
     view["truncated"] = truncated
     return view
+
+
+def trace_attributes(view: dict[str, Any]) -> dict[str, str]:
+    """The envelope's trace context attributes for an inbound message: its ``Traceparent`` (and
+    ``Tracestate``) header when valid, else none (the message starts a new trace). The topmost
+    one counts: a gateway that forwards a message adds its own above the sender's."""
+    return tracecontext.inbound_attributes(view.get("headers") or {})
 
 
 def envelope_headers(view: dict[str, Any]) -> dict[str, str]:

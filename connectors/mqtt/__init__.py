@@ -44,7 +44,9 @@ Envelope
   ``mqtt.payload_format``; headers = MQTT 5 user properties; content type from MQTT 5 (else
   ``content_type`` of the connector); correlation_id / reply_to = correlation data / response
   topic. CloudEvents binary mode (user properties ``specversion``, ``id``, ``source``, ``type``…)
-  both ways (``cloudevents: true`` on a target), structured mode inbound.
+  both ways (``cloudevents: true`` on a target), structured mode inbound. The W3C trace context
+  travels as the user properties ``traceparent``/``tracestate`` both ways (envelope attributes
+  of the same names inside); MQTT 3.1.1 has no properties, so it does not cross a 3.1.1 hop.
 """
 
 from __future__ import annotations

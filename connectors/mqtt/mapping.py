@@ -12,11 +12,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from connectors.mqtt.config import MqttTarget, topic_error
-from gateway.sdk import Envelope, PermanentError, from_cloudevent, media_type
+from gateway.sdk import Envelope, PermanentError, from_cloudevent, media_type, tracecontext
 
 #: CloudEvents context attributes carried as MQTT 5 user properties (binary mode).
 CE_CONTEXT = ("specversion", "id", "source", "type", "subject", "time", "dataschema")
 _MAX_ID = 200
+#: The user properties that carry the W3C trace context (the names of the W3C "Trace Context:
+#: MQTT" draft, which are also the CloudEvents distributed tracing extension's in binary mode).
+TRACE_PROPERTIES = (tracecontext.TRACEPARENT, tracecontext.TRACESTATE)
+#: Header names never copied to user properties: the trace context goes out as the attempt's own.
+_CE_TRACE = frozenset(f"ce-{k}" for k in TRACE_PROPERTIES)
+_NOT_COPIED = frozenset((*TRACE_PROPERTIES, *_CE_TRACE))
 
 
 # --- inbound: MQTT → envelope ----------------------------------------------------------------
@@ -59,6 +65,9 @@ def to_envelope(source: str, msg: Incoming, default_content_type: str) -> Envelo
     props: dict[str, str] = {}
     for key, value in msg.user_properties:
         props[key] = f"{props[key]}, {value}" if key in props else value
+    if tracecontext.TRACEPARENT in props or tracecontext.TRACESTATE in props:
+        attributes.update(tracecontext.inbound_attributes(props))
+        props = {k: v for k, v in props.items() if k not in TRACE_PROPERTIES}
     content_type = msg.content_type or default_content_type
     correlation = _correlation(msg.correlation_data)
     if media_type(content_type) == "application/cloudevents+json":
@@ -74,8 +83,11 @@ def to_envelope(source: str, msg: Incoming, default_content_type: str) -> Envelo
             except ValueError:
                 ce = None
             if ce is not None:
-                return ce.evolve(subject=msg.topic, headers={**props, **ce.headers},
-                                 attributes={**ce.attributes, **attributes}, correlation_id=correlation,
+                ce_headers, trace = _event_trace(ce.headers)
+                if tracecontext.TRACEPARENT in attributes:
+                    trace = {}
+                return ce.evolve(subject=msg.topic, headers={**props, **ce_headers},
+                                 attributes={**ce.attributes, **trace, **attributes}, correlation_id=correlation,
                                  reply_to=msg.response_topic)
     kwargs: dict[str, Any] = {}
     if all(props.get(k) for k in ("specversion", "id", "source", "type")):
@@ -96,6 +108,14 @@ def _correlation(data: bytes | None) -> str | None:
         return data.hex()
 
 
+def _event_trace(headers: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """A structured CloudEvent's distributed tracing extension, which ``from_cloudevent`` keeps as
+    ``ce-traceparent``/``ce-tracestate`` headers: (the other headers, its context attributes).
+    Used when the protocol's own field gave no context."""
+    trace = tracecontext.inbound_attributes(lambda name: headers.get(f"ce-{name}"))
+    return {k: v for k, v in headers.items() if k not in _CE_TRACE}, trace
+
+
 # --- outbound: envelope → MQTT ---------------------------------------------------------------
 
 
@@ -110,6 +130,9 @@ class Outgoing:
     correlation_data: bytes | None = None
     response_topic: str | None = None
     message_expiry: int | None = None
+    #: The ``traceparent``/``tracestate`` user properties, after the others: apart because they
+    #: differ for every message while the rest is mostly shared by a route's messages.
+    trace: list[tuple[str, str]] = field(default_factory=list)
 
 
 def to_publish(env: Envelope, opts: MqttTarget, default_qos: int, max_payload: int) -> Outgoing:
@@ -128,7 +151,7 @@ def to_publish(env: Envelope, opts: MqttTarget, default_qos: int, max_payload: i
         if rerr:
             raise PermanentError(f"response topic {response_topic!r}: {rerr}", code=422)
     correlation = opts.correlation_data if opts.correlation_data is not None else env.correlation_id
-    props = [(k, v) for k, v in env.headers.items()]
+    props = [(k, v) for k, v in env.headers.items() if k.lower() not in _NOT_COPIED]
     if opts.cloudevents:
         props = ce_properties(env) + [(k, v) for k, v in props if not k.lower().startswith("ce-")]
     expiry = int(opts.message_expiry) if opts.message_expiry else None
@@ -137,6 +160,7 @@ def to_publish(env: Envelope, opts: MqttTarget, default_qos: int, max_payload: i
         content_type=env.content_type, user_properties=props,
         correlation_data=correlation.encode("utf-8") if correlation else None,
         response_topic=response_topic or None, message_expiry=expiry,
+        trace=list(tracecontext.outbound_fields(env).items()),
     )
 
 
@@ -153,6 +177,6 @@ def ce_properties(env: Envelope) -> list[tuple[str, str]]:
     seen = {k for k, _ in out}
     for key, value in env.headers.items():
         name = key.lower()
-        if name.startswith("ce-") and name[3:].isalnum() and name[3:] not in seen:
+        if name.startswith("ce-") and name[3:].isalnum() and name[3:] not in seen and name not in _NOT_COPIED:
             out.append((name[3:], value))
     return out

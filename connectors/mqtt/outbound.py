@@ -16,7 +16,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers
 from paho.mqtt.reasoncodes import ReasonCode
 
 from connectors.mqtt.config import MqttTarget
@@ -86,9 +86,16 @@ class MqttOutbound(MqttConnection):
 
     def _properties(self, out: Outgoing) -> Properties | None:
         """MQTT 5 PUBLISH properties, built and packed once per distinct set (paho's Properties
-        are slow to build and to pack, and most messages of a route share theirs)."""
+        are slow to build and to pack, and most messages of a route share theirs); the trace
+        context, which differs for every message, is appended to the shared packed bytes.
+
+        MQTT 3.1.1 has no properties: the trace context does not cross a 3.1.1 hop."""
         if self.cfg.protocol != "5":
             return None
+        shared = self._shared_properties(out)
+        return _TracedProperties.of(shared, out.trace) if out.trace else shared
+
+    def _shared_properties(self, out: Outgoing) -> _PackedProperties:
         key = (out.content_type, tuple(out.user_properties), out.correlation_data, out.response_topic,
                out.message_expiry)
         cached = self._props_cache.get(key)
@@ -187,10 +194,40 @@ class _PackedProperties(Properties):
     packs again for each send and resend; they never change after :meth:`freeze`)."""
 
     def freeze(self) -> None:
-        object.__setattr__(self, "_packed", super().pack())  # type: ignore[no-untyped-call]
+        packed: bytes = super().pack()  # type: ignore[no-untyped-call]
+        object.__setattr__(self, "_packed", packed)
+        # The properties without their length prefix, for _TracedProperties to extend.
+        length, used = VariableByteIntegers.decode(packed)  # type: ignore[no-untyped-call]
+        object.__setattr__(self, "_body", packed[used:used + length])
 
     def pack(self) -> bytes:
         packed = self.__dict__.get("_packed")
         if packed is None:
             return super().pack()  # type: ignore[no-any-return,no-untyped-call]
         return packed  # type: ignore[no-any-return]
+
+
+class _TracedProperties(Properties):
+    """Shared packed properties plus the ``traceparent``/``tracestate`` user properties of one
+    message, packed by hand (a user property is 0x26 and two length-prefixed UTF-8 strings,
+    MQTT 5 §3.3.2.3.7): a few µs, where building paho's Properties for each message costs ~70 µs.
+    Only ``pack`` is used by paho for a PUBLISH."""
+
+    packed: bytes
+
+    @classmethod
+    def of(cls, shared: _PackedProperties, trace: Sequence[tuple[str, str]]) -> _TracedProperties:
+        body = shared.__dict__["_body"] + b"".join(
+            b"\x26" + _utf8(name) + _utf8(value) for name, value in trace)
+        props = cls.__new__(cls)  # not __init__: nothing but pack() is needed
+        props.__dict__["packetType"] = PacketTypes.PUBLISH
+        props.__dict__["packed"] = VariableByteIntegers.encode(len(body)) + body  # type: ignore[no-untyped-call]
+        return props
+
+    def pack(self) -> bytes:
+        return self.packed
+
+
+def _utf8(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return len(data).to_bytes(2, "big") + data

@@ -5,7 +5,9 @@ Inbound
   subject is the request path; attributes carry method, query, peer; ``x-*`` and ``ce-*``
   request headers become envelope headers (never ``authorization`` or cookies). JSON, text and
   binary bodies pass as they came; CloudEvents in binary (``ce-*`` headers) and structured
-  (``application/cloudevents+json``) mode become envelopes with the event's id.
+  (``application/cloudevents+json``) mode become envelopes with the event's id. A valid
+  ``traceparent``/``tracestate`` becomes the envelope's trace context (attributes of the same
+  names); answers carry the gateway's own ``traceparent``; requests sent carry the attempt's.
   Answers: ``202`` + ``{"id": …}`` once delivered or spooled; the reply of a request/reply route
   with its status; ``400``/``401``/``403``/``404``/``405``/``408``/``413``/``415``/``422`` as
   problem+json; ``503`` + ``Retry-After`` when the gateway cannot take responsibility now;

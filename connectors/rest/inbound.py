@@ -39,9 +39,10 @@ from gateway.sdk import (
     media_type,
     read_body,
     send_problem,
+    tracecontext,
 )
 
-__all__ = ["RestInbound", "client_failure"]
+__all__ = ["RestInbound", "client_failure", "trace_header"]
 
 _DROP_HEADERS = {"authorization", "cookie", "x-api-key", "proxy-authorization"}
 
@@ -176,10 +177,11 @@ class RestInbound(Connector):
         st = outcome.status
         # A repeated Idempotency-Key is answered with the first message's id.
         env_id = outcome.envelope_id or env.id
+        trace = trace_header(outcome)
         if st is Status.ACCEPTED and outcome.reply is not None:
             r = outcome.reply
             await _respond(send, r.status if 200 <= r.status < 300 else 200, r.body, r.content_type.encode(),
-                           [(b"x-envelope-id", env_id.encode())])
+                           [(b"x-envelope-id", env_id.encode()), *trace])
         elif outcome.acknowledge:
             # The outcome's reason may name routes, connectors and hosts: the log line with this
             # id has it; the caller learns only what happened to its message.
@@ -190,7 +192,7 @@ class RestInbound(Connector):
                 body = json.dumps({"id": env_id, "status": st.value, "reason": reason}).encode()
             else:  # the common answer, built without a dict; the same bytes json.dumps gives
                 body = f'{{"id": {json.dumps(env_id)}, "status": "{st.value}"}}'.encode()
-            await _respond(send, 202, body, b"application/json", [(b"x-envelope-id", env_id.encode())])
+            await _respond(send, 202, body, b"application/json", [(b"x-envelope-id", env_id.encode()), *trace])
         else:
             code, kind, message = client_failure(outcome)
             extra: dict[str, Any] = {"envelope_id": env.id}
@@ -200,7 +202,7 @@ class RestInbound(Connector):
             errors = _field_errors(outcome.detail or {})
             if errors:
                 extra["errors"] = errors
-            headers = [(b"x-envelope-id", env.id.encode())]
+            headers = [(b"x-envelope-id", env.id.encode()), *trace]
             if st is Status.RETRY:
                 headers.append((b"retry-after", str(int(max(1, outcome.retry_after or 5))).encode()))
             await send_problem(send, code, _TITLES.get(code, "Unprocessable Content"), message, headers, extra,
@@ -217,8 +219,14 @@ class RestInbound(Connector):
                                    "(binary mode with ce-* headers, or application/cloudevents+json). "
                                    f"Path pattern: {e.path}",
                     "requestBody": {"content": {"*/*": {"schema": {}}}},
+                    "parameters": [{"name": "traceparent", "in": "header", "required": False,
+                                    "description": "W3C Trace Context: the message continues this trace",
+                                    "schema": {"type": "string"}}],
                     "responses": {
                         "202": {"description": "Accepted: delivered or durably spooled",
+                                "headers": {"traceparent": {
+                                    "description": "W3C Trace Context of the gateway's own hop for the message",
+                                    "schema": {"type": "string"}}},
                                 "content": {"application/json": {"schema": {
                                     "type": "object", "properties": {"id": {"type": "string"},
                                                                      "status": {"type": "string"}}}}}},
@@ -259,6 +267,14 @@ _REJECT_ANSWERS = {
     422: ("unprocessable", "the message cannot be delivered as sent: a value it needs is missing or not allowed"),
     502: ("upstream-failed", "the service behind the gateway failed"),
 }
+
+
+def trace_header(outcome: Outcome) -> list[tuple[bytes, bytes]]:
+    """The ``traceparent`` answer header: the context of the gateway's own hop for the message,
+    so a caller can follow it. Parsed and written again first: only a valid context, in its
+    canonical form, ever reaches a response header."""
+    ctx = tracecontext.parse(outcome.traceparent)
+    return [(b"traceparent", ctx.traceparent.encode("ascii"))] if ctx is not None else []
 
 
 def client_failure(outcome: Outcome) -> tuple[int, str, str]:

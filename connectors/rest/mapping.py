@@ -14,6 +14,9 @@ from gateway.sdk import Envelope, Scope, from_cloudevent, media_type, traceconte
 
 __all__ = ["http_headers", "request_headers", "to_envelope"]
 
+_TRACE_FIELDS = (tracecontext.TRACEPARENT, tracecontext.TRACESTATE)
+_CE_TRACE = frozenset(f"ce-{k}" for k in _TRACE_FIELDS)
+
 
 def http_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     """ASGI's raw headers by lower-case name; a repeated header's values joined with ``, ``."""
@@ -28,7 +31,9 @@ def http_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
 def to_envelope(scope: Scope, headers: Mapping[str, str], body: bytes, *, source: str,
                 secret_headers: set[str]) -> Envelope:
     """The envelope of a received request: subject = path, ``x-*`` and ``ce-*`` headers kept
-    (not ``secret_headers``), a CloudEvent (binary or structured mode) read as one.
+    (not ``secret_headers``), a CloudEvent (binary or structured mode) read as one, a valid
+    ``traceparent``/``tracestate`` pair as the envelope's trace context attributes (an invalid one
+    is ignored: the message starts a new trace).
 
     Raises ``ValueError`` for a request the caller must fix (the REST answer is 400).
     """
@@ -45,6 +50,7 @@ def to_envelope(scope: Scope, headers: Mapping[str, str], body: bytes, *, source
         if len(idem) > 200:
             raise ValueError("Idempotency-Key is longer than 200 characters")
         attributes["idempotency_key"] = idem
+    attributes.update(tracecontext.inbound_attributes(headers))
     kept = {k: v for k, v in headers.items() if (k.startswith("x-") or k.startswith("ce-"))
             and k not in secret_headers}
     mt = media_type(content_type)
@@ -56,8 +62,11 @@ def to_envelope(scope: Scope, headers: Mapping[str, str], body: bytes, *, source
         if not isinstance(event_obj, dict):
             raise ValueError("a structured CloudEvent must be a JSON object")
         ce = from_cloudevent(event_obj, source=source, protocol="rest")
-        return ce.evolve(subject=ce.subject or scope["path"], attributes={**ce.attributes, **attributes},
-                         headers={**kept, **ce.headers})
+        ce_headers, trace = _event_trace(ce.headers)
+        if tracecontext.TRACEPARENT in attributes:
+            trace = {}
+        return ce.evolve(subject=ce.subject or scope["path"], attributes={**ce.attributes, **trace, **attributes},
+                         headers={**kept, **ce_headers})
     if "ce-specversion" in headers:
         missing = [h for h in ("ce-id", "ce-source", "ce-type") if not headers.get(h)]
         if missing:
@@ -69,13 +78,23 @@ def to_envelope(scope: Scope, headers: Mapping[str, str], body: bytes, *, source
     return Envelope(source=source, protocol="rest", subject=scope["path"], body=body,
                     content_type=content_type, headers=kept, attributes=attributes)
 
+def _event_trace(headers: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """A structured CloudEvent's distributed tracing extension, which ``from_cloudevent`` keeps as
+    ``ce-traceparent``/``ce-tracestate`` headers: (the other headers, its context attributes).
+    Used when the protocol's own field gave no context."""
+    trace = tracecontext.inbound_attributes(lambda name: headers.get(f"ce-{name}"))
+    return {k: v for k, v in headers.items() if k not in _CE_TRACE}, trace
+
+
 
 def request_headers(env: Envelope, route_headers: Mapping[str, str]) -> dict[str, str]:
     """The headers of a request sent for ``env``: its ``x-*`` and ``ce-*`` headers, the route's,
-    ``Idempotency-Key`` (the envelope id, so the receiver can deduplicate retries) and its
-    content type unless the route set one. Credentials are added by the sender."""
+    its trace context (``traceparent``/``tracestate``: the context of this attempt, which a route
+    cannot override), ``Idempotency-Key`` (the envelope id, so the receiver can deduplicate
+    retries) and its content type unless the route set one. Credentials are added by the sender."""
     headers = {k: v for k, v in env.headers.items() if k.lower().startswith(("x-", "ce-"))}
-    headers.update(route_headers)
+    headers.update((k, v) for k, v in route_headers.items() if k.lower() not in _TRACE_FIELDS)
+    headers.update(tracecontext.outbound_fields(env))
     headers["Idempotency-Key"] = env.id
     headers.setdefault("Content-Type", env.content_type)
     return headers

@@ -18,7 +18,8 @@ Inbound
   decoded Subject, From, To, Cc, Reply-To, Date, Message-ID, In-Reply-To, References and every
   ``X-*`` header (lower-case names, one line each); ``attributes``: ``mail_from``, ``rcpt``,
   ``rcpt_tos``, ``helo``, ``peer``, ``tls`` (version or null), ``size``, ``auth`` (``{user}``
-  when authenticated, else the ``auth_check`` results) and ``email`` (the parsed view: subject,
+  when authenticated, else the ``auth_check`` results), ``traceparent``/``tracestate`` (the
+  message's ``Traceparent``/``Tracestate`` header, when valid) and ``email`` (the parsed view: subject,
   from, to, cc, reply_to, date, message_id, headers, text, html, attachments [{filename,
   content_type, size, disposition}], defects, truncated).
 
@@ -28,7 +29,9 @@ Outbound
   options (sender, to, cc, bcc, reply_to, subject, text, html, attachments, message_id,
   mail_headers; every string a template, every header value checked for CR/LF/NUL) or, for an
   inbound ``message/rfc822`` body, forwarded unchanged. Sets ``Message-ID`` (stable across
-  retries), ``Date``, ``Auto-Submitted: auto-generated``, ``X-Gateway-Envelope-Id``.
+  retries), ``Date``, ``Auto-Submitted: auto-generated``, ``X-Gateway-Envelope-Id``,
+  ``Traceparent``/``Tracestate`` (the attempt's trace context; on top of a forwarded message),
+  before any sealing.
   Delivery guarantee: delivered once the relay answered ``250`` to DATA; ``4xx``, timeouts and
   connection/TLS failures are transient (retried); ``5xx`` is permanent (dead letter with the
   relay's reply). Connections are pooled (``max_connections``) and reused for ``keepalive``.

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from connectors.mail_common import MESSAGE_RFC822, clean, envelope_headers, parse_message
+from connectors.mail_common import MESSAGE_RFC822, clean, envelope_headers, parse_message, trace_attributes
 from connectors.mailauth import Verifier, add_authentication_results, smtp_reply
 from connectors.smtp.config import SmtpConfig
 from connectors.smtp.session import R_BUSY, R_INTERNAL, GatewaySMTP, Hooks
@@ -181,6 +181,7 @@ class Listener:
             "tls": smtp.tls_version(),
             "size": len(raw),
             "email": view,
+            **trace_attributes(view),
         }
         if auth:
             common["auth"] = auth

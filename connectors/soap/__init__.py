@@ -23,8 +23,10 @@ Inbound ``serve: {listen, prefix, auth}``
   rewritten to the gateway), ``POST <prefix>`` for SOAP 1.1 and 1.2. Address form: the
   envelope subject is the operation name; body = the request element's content as typed JSON
   (``application/json``); attributes ``soap_version``, ``soap_action``, ``operation``,
-  ``service``, ``port``, ``http_method``, ``peer``; ``x-*``/``ce-*`` HTTP headers become
-  envelope headers. Answers: a reply → the output element (200); accepted without a reply →
+  ``service``, ``port``, ``http_method``, ``peer``, ``traceparent``/``tracestate`` (the HTTP
+  headers, when valid); ``x-*``/``ce-*`` HTTP headers become envelope headers; answers carry a
+  ``traceparent`` header, calls the gateway makes send the attempt's.
+  Answers: a reply → the output element (200); accepted without a reply →
   202 with an empty body; RETRY → Server/Receiver fault (+ ``Retry-After``); REJECTED → Client/
   Sender fault for codes < 500, Server fault otherwise; bad input (auth, size, DTD/XXE, depth,
   not SOAP, unknown operation, XSD errors) → Client fault (401/403/413/415/408 where HTTP has a

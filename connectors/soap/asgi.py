@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from connectors.soap.config import InboundAuth, Listener
-from gateway.sdk import Receive, Scope, Send
+from gateway.sdk import Outcome, Receive, Scope, Send, tracecontext
 from gateway.sdk import read_body as sdk_read_body
 
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
@@ -37,6 +37,13 @@ def headers_of(scope: Scope) -> dict[str, str]:
 def forwarded_headers(headers: dict[str, str]) -> dict[str, str]:
     """``x-*`` and ``ce-*`` request headers, as the REST inbound keeps them."""
     return {k: v for k, v in headers.items() if k.startswith(("x-", "ce-")) and k not in _SECRET_HEADERS}
+
+
+def trace_header(outcome: Outcome) -> list[tuple[bytes, bytes]]:
+    """The ``traceparent`` answer header (the context of the gateway's own hop for the message),
+    parsed and written again so only a valid context in canonical form reaches a header."""
+    ctx = tracecontext.parse(outcome.traceparent)
+    return [(b"traceparent", ctx.traceparent.encode("ascii"))] if ctx is not None else []
 
 
 async def respond(send: Send, status: int, body: bytes, content_type: str,

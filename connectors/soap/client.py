@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -109,10 +110,13 @@ class SoapCaller:
         return soapenv.to_bytes(env), headers
 
     async def call(self, op: Operation, payload: Any, *, within: float, reply_as: str,
-                   envelope_id: str) -> Reply:
+                   envelope_id: str, trace: Mapping[str, str] | None = None) -> Reply:
+        """Call ``op``; ``trace`` is the attempt's ``traceparent``/``tracestate`` HTTP headers."""
         if not is_url(self.endpoint):
             raise PermanentError(f"connector {self.name!r} has no endpoint to call (set endpoint:)", code=502)
         body, headers = self.request(op, payload)
+        if trace:
+            headers.update(trace)
         label = f"{self.contract.service}.{op.name}"
         too_large = f"{label}: the reply is larger than {self.cfg.max_reply} bytes"
         try:

@@ -25,6 +25,7 @@ from gateway.sdk import (
     Target,
     event,
     is_json_type,
+    tracecontext,
 )
 
 _WSDL_FETCH_LIMIT = 5 * 1024 * 1024
@@ -174,4 +175,4 @@ class SoapConnector(Connector):
             value, from_text = opts.input, True
         payload = self.caller.build_input(op, value, from_text=from_text)
         return await self.caller.call(op, payload, within=target.timeout, reply_as=opts.reply_as,
-                                      envelope_id=env.id)
+                                      envelope_id=env.id, trace=tracecontext.outbound_fields(env))

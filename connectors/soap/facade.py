@@ -26,6 +26,7 @@ from connectors.soap.asgi import (
     public_base,
     read_body,
     respond,
+    trace_header,
 )
 from connectors.soap.config import Listener
 from connectors.soap.model import JsonSchemaBuilder, MappingError, RenderOptions
@@ -43,6 +44,7 @@ from gateway.sdk import (
     event,
     is_json_type,
     json_depth_exceeds,
+    tracecontext,
 )
 
 _DOCS_FILES = {"swagger-ui.css": "text/css", "swagger-ui-bundle.js": "application/javascript",
@@ -150,10 +152,11 @@ class RestFacade:
         env = Envelope(source=self.connector, protocol="rest", subject=op.name, body=model.dumps(value),
                        content_type="application/json", headers=forwarded_headers(headers),
                        attributes={"interface": "rest_facade", "operation": op.name, "http_method": "POST",
-                                   "service": self.contract.service, "peer": _peer(scope)})
+                                   "service": self.contract.service, "peer": _peer(scope),
+                                   **tracecontext.inbound_attributes(headers)})
         with self.inflight:
             outcome = await self.deliver(env)
-        ids = [(b"x-envelope-id", env.id.encode())]
+        ids = [(b"x-envelope-id", env.id.encode()), *trace_header(outcome)]
         if outcome.status is Status.ACCEPTED and outcome.reply is not None:
             r = outcome.reply
             await respond(send, r.status if 200 <= r.status < 300 else 200, r.body, r.content_type, ids)

@@ -29,6 +29,7 @@ from connectors.soap.asgi import (
     public_base,
     read_body,
     respond,
+    trace_header,
 )
 from connectors.soap.config import Listener
 from connectors.soap.model import MappingError, RenderOptions
@@ -50,6 +51,7 @@ from gateway.sdk import (
     is_json_type,
     is_xml_type,
     media_type,
+    tracecontext,
 )
 
 
@@ -229,7 +231,8 @@ class SoapService:
             content_type="application/json", headers=forwarded_headers(headers),
             attributes={"soap_version": version, "soap_action": _soap_action(headers, version) or op.action,
                         "operation": op.name, "service": self.contract.service, "port": call.port,
-                        "http_method": "POST", "peer": _peer(scope)})
+                        "http_method": "POST", "peer": _peer(scope),
+                        **tracecontext.inbound_attributes(headers)})
         with self.inflight:
             outcome = await self.deliver(env)
         await self._answer(send, env, op, version, outcome)
@@ -247,7 +250,7 @@ class SoapService:
     # --- the answer ----------------------------------------------------------------------
 
     async def _answer(self, send: Send, env: Envelope, op: Operation, version: str, outcome: Outcome) -> None:
-        ids = [(b"x-envelope-id", env.id.encode())]
+        ids = [(b"x-envelope-id", env.id.encode()), *trace_header(outcome)]
         if outcome.status is Status.ACCEPTED and outcome.reply is not None and op.output is not None:
             reply = outcome.reply
             try:

@@ -12,6 +12,8 @@ Features
   (``ca_file`` to trust a private CA); the password is a secret. Reconnects with backoff and
   jitter; an XMPP ping every 60 s notices a dead connection. The stream is parsed with DTDs and
   entities forbidden and the stanza size and depth bounded (see :mod:`connectors.xmpp.stream`).
+  The W3C trace context travels as XEP-0131 (SHIM) stanza headers ``traceparent``/``tracestate``
+  both ways (envelope attributes of the same names inside).
 
 Delivery guarantee
   Outbound: delivered means the server acknowledged the stanza — a XEP-0198 stream-management

@@ -4,20 +4,28 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from slixmpp import JID
 from slixmpp.plugins.xep_0184.stanza import Request
 from slixmpp.plugins.xep_0203.stanza import Delay
 from slixmpp.stanza import Message
-from slixmpp.xmlstream import register_stanza_plugin
+from slixmpp.xmlstream import ET, register_stanza_plugin
 
-from gateway.sdk import Envelope
+from gateway.sdk import Envelope, tracecontext
 
 # What the client's xep_0184/xep_0203 plugins register; done here too so the mapping works alone.
 register_stanza_plugin(Message, Request)
 register_stanza_plugin(Message, Delay)
+
+#: XEP-0131 Stanza Headers and Internet Metadata (SHIM): the trace context travels as
+#: ``<headers xmlns='http://jabber.org/protocol/shim'><header name='traceparent'>…</header></headers>``.
+SHIM = "http://jabber.org/protocol/shim"
+_SHIM_HEADERS = f"{{{SHIM}}}headers"
+_SHIM_HEADER = f"{{{SHIM}}}header"
+#: SHIM header elements looked at in a received stanza: a hostile one with thousands costs no more.
+_MAX_SHIM_HEADERS = 32
 
 #: Characters a value substituted into a JID template may not contain: they would change the
 #: JID's shape (RFC 7622 §3.3.1 forbids them in a localpart; '@' and '/' move the domain).
@@ -54,6 +62,8 @@ class Incoming:
     #: XEP-0203 delay stamp (offline storage, room history), ISO 8601.
     delayed: str = ""
     wants_receipt: bool = False
+    #: The trace context attributes of its SHIM ``traceparent``/``tracestate`` headers, when valid.
+    trace: dict[str, str] = field(default_factory=dict)
 
     @property
     def sender_bare(self) -> str:
@@ -91,11 +101,42 @@ def incoming(msg: Message, rooms: frozenset[str], own_nick: str) -> Incoming | N
         thread=msg["thread"] or "", subject=msg["subject"] or "", room=room, nick=nick,
         delayed=stamp.isoformat() if stamp is not None else "",
         wants_receipt=mtype != "groupchat" and msg.get_plugin("request_receipt", check=True) is not None,
+        trace=trace_of(msg),
     )
 
 
+def trace_of(msg: Message) -> dict[str, str]:
+    """The trace context attributes of a stanza's SHIM headers (the first ``traceparent`` and
+    ``tracestate``), or none. Read from the XML itself: slixmpp's ``xep_0131`` plugin needs not
+    be loaded, and its reading of a repeated header fails."""
+    shim = msg.xml.find(_SHIM_HEADERS)
+    if shim is None:
+        return {}
+    found: dict[str, str] = {}
+    for n, header in enumerate(shim.iterfind(_SHIM_HEADER)):
+        if n >= _MAX_SHIM_HEADERS:
+            break
+        name = header.get("name", "").lower()
+        if name in (tracecontext.TRACEPARENT, tracecontext.TRACESTATE) and name not in found:
+            found[name] = header.text or ""
+    return tracecontext.inbound_attributes(found) if found else {}
+
+
+def add_trace(msg: Message, env: Envelope) -> None:
+    """Put the trace context of ``env`` (this attempt's) on an outgoing stanza as SHIM headers."""
+    fields = tracecontext.outbound_fields(env)
+    if not fields:
+        return
+    shim = ET.SubElement(msg.xml, _SHIM_HEADERS)
+    for name, value in fields.items():
+        header = ET.SubElement(shim, _SHIM_HEADER, {"name": name})
+        header.text = value
+
+
 def to_envelope(inc: Incoming, *, source: str, content_type: str) -> Envelope:
-    """subject = the conversation: the sender's bare JID (chat) or the room's JID (groupchat)."""
+    """subject = the conversation: the sender's bare JID (chat) or the room's JID (groupchat);
+    the SHIM trace context, when the stanza had a valid one, as the ``traceparent``/``tracestate``
+    attributes."""
     attributes: dict[str, Any] = {
         "xmpp.from": inc.sender_bare,
         "xmpp.from_full": inc.sender,
@@ -107,6 +148,7 @@ def to_envelope(inc: Incoming, *, source: str, content_type: str) -> Envelope:
                        ("xmpp.nick", inc.nick), ("xmpp.delayed", inc.delayed)):
         if value:
             attributes[key] = value
+    attributes.update(inc.trace)
     return Envelope(source=source, protocol="xmpp", subject=inc.sender_bare, body=inc.body.encode("utf-8"),
                     content_type=content_type, attributes=attributes,
                     reply_to=inc.room or inc.sender_bare)

@@ -20,7 +20,7 @@ from slixmpp.stanza import Message
 
 from connectors.xmpp.config import XmppTarget, parse_jid
 from connectors.xmpp.connection import XmppConnection
-from connectors.xmpp.mapping import outgoing_text
+from connectors.xmpp.mapping import add_trace, outgoing_text
 from gateway.sdk import (
     ConnectorConfig,
     ConnectorContext,
@@ -61,6 +61,7 @@ class XmppOutbound(XmppConnection):
         stanza_id = f"{env.id}.{next(self._ids)}"
         msg = client.make_message(mto=to, mbody=text, msubject=opts.subject, mtype=opts.type)
         msg["id"] = stanza_id
+        add_trace(msg, env)
         sm = client.plugin["xep_0198"]
         try:
             if sm.enabled_out:

@@ -178,3 +178,40 @@ async def test_a_slowloris_flood_does_not_turn_real_requests_away(tmp_path: Path
         probe.assert_responsive()
         await gw.alive()
     assert sorted(json.loads(e["body"])["i"] for e in jsonl(out)) == list(range(50))
+
+
+async def test_a_hostile_traceparent_is_ignored_never_refused_never_echoed(tmp_path: Path) -> None:
+    """Huge (as large as the listener takes a header), malformed and repeated trace context headers:
+    each message is taken (202) as if it
+    had none, stored without a context of the sender's, and no answer echoes what was sent."""
+    from gateway.tracecontext import parse
+
+    port, out = free_port(), tmp_path / "out.jsonl"
+    tid = "4bf92f3577b34da6a3ce929d0e0e4736"
+    valid = f"00-{tid}-00f067aa0ba902b7-01"
+    hostile: list[list[tuple[str, str]]] = [
+        [("traceparent", "00-" + "a" * 12_000)],
+        [("traceparent", valid + "-" + "x" * 12_000)],
+        [("traceparent", valid.upper())],
+        [("traceparent", "ff" + valid[2:])],
+        [("traceparent", "00-" + "0" * 32 + "-00f067aa0ba902b7-01")],
+        [("traceparent", valid), ("traceparent", valid)],  # repeated: not one valid value
+        [("traceparent", "garbage"), ("tracestate", "s" * 12_000)],
+    ]
+    async with HostileGateway(tmp_path, _routes(tmp_path, port, out)) as gw:
+        with LoopProbe(gw.admin) as probe:
+            async with aiohttp.ClientSession() as http:
+                for headers in hostile:
+                    async with http.post(f"http://127.0.0.1:{port}/events/t", json={"n": 1}, headers=headers) as r:
+                        assert r.status == 202, await r.text()
+                        answered = r.headers.get("traceparent")
+                        sent = {value for _, value in headers}
+                        assert answered is None or (answered not in sent and parse(answered) is not None)
+        probe.assert_responsive()
+        await gw.alive()
+    stored = jsonl(out)
+    assert len(stored) == len(hostile)
+    for rec in stored:
+        ctx = rec["attributes"].get("traceparent")
+        assert ctx is None or (tid not in ctx and parse(ctx) is not None)
+        assert "sss" not in rec["attributes"].get("tracestate", "")

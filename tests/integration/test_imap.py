@@ -46,6 +46,10 @@ def _our_kinds_in_the_contract_suite(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tests.contract, "Registry", registry)
 
 
+APPENDED_TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+CALLER_TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+
+
 def mail(subject: str, body: str = "hello", extra: str = "") -> bytes:
     return (f"From: Sensor <sensor@example.test>\r\nTo: alerts@example.test\r\nSubject: {subject}\r\n"
             f"Message-ID: <{uuid.uuid4().hex}@example.test>\r\n{extra}\r\n{body}\r\n").encode()
@@ -281,9 +285,11 @@ routes:
     to: [{{connector: sink}}]
 """
         async with running_gateway(tmp_path, yaml, registry=registry()):
-            await asyncio.to_thread(box.append, mail("appended over IMAP", "first"))
+            await asyncio.to_thread(box.append, mail("appended over IMAP", "first",
+                                                     f"Traceparent: {APPENDED_TRACE}\r\n"))
             async with httpx.AsyncClient() as http:
-                r = await http.post(f"http://127.0.0.1:{api}/alerts", json={"site": "north", "t": 97})
+                r = await http.post(f"http://127.0.0.1:{api}/alerts", json={"site": "north", "t": 97},
+                                    headers={"traceparent": f"00-{CALLER_TRACE_ID}-b7ad6b7169203331-01"})
                 assert r.status_code == 202
             await wait_for(lambda: out.exists() and len(out.read_text().splitlines()) == 2, timeout=15,
                            what="both messages in the file sink")
@@ -298,6 +304,10 @@ routes:
     assert relayed["headers"]["subject"] == "Boiler north"
     assert relayed["attributes"]["imap.folder"] == "INBOX"
     assert by_subject["appended over IMAP"]["body"].endswith("first\r\n")
+    # the trace context: the Traceparent header of a fetched message, and the caller's trace id
+    # carried REST → SMTP (the mail's Traceparent) → MTA → Dovecot → IMAP
+    assert by_subject["appended over IMAP"]["attributes"]["traceparent"] == APPENDED_TRACE
+    assert relayed["attributes"]["traceparent"].split("-")[1] == CALLER_TRACE_ID
     flags = await asyncio.to_thread(box.flags)
     assert all("\\Seen" in f for f in flags.values())  # marked only after the outcome
 

@@ -19,6 +19,8 @@ from gateway.contract import Outcome, Status
 from tests.contract import make_connector
 from tests.gwtest import free_port, running_gateway, wait_for, write_config
 from tests.integration.test_imap import (
+    APPENDED_TRACE,
+    CALLER_TRACE_ID,
     KIND_REFS,
     HoldingProxy,
     Recorder,
@@ -77,9 +79,11 @@ routes:
     to: [{{connector: sink}}]
 """
         async with running_gateway(tmp_path, yaml, registry=registry()):
-            await asyncio.to_thread(box.append, mail("appended", "by a client"))
+            await asyncio.to_thread(box.append, mail("appended", "by a client", f"Traceparent: {APPENDED_TRACE}\r\n"))
             async with httpx.AsyncClient() as http:
-                assert (await http.post(f"http://127.0.0.1:{api}/x", json={"n": 42})).status_code == 202
+                r = await http.post(f"http://127.0.0.1:{api}/x", json={"n": 42},
+                                    headers={"traceparent": f"00-{CALLER_TRACE_ID}-b7ad6b7169203331-01"})
+                assert r.status_code == 202
             await wait_for(lambda: out.exists() and len(out.read_text().splitlines()) == 2, timeout=15,
                            what="both messages in the file sink")
             await wait_for(lambda: box.count() == 0, what="both deleted from the server")
@@ -88,6 +92,11 @@ routes:
     for rec in lines:
         assert rec["protocol"] == "pop3" and rec["subject"] == "invoices@example.test"
         assert rec["content_type"] == "message/rfc822" and rec["attributes"]["pop3.uidl"]
+    # the trace context: a fetched message's Traceparent, and the caller's trace id carried
+    # REST → SMTP → MTA → Dovecot → POP3
+    by_subject = {rec["attributes"]["email"]["subject"]: rec for rec in lines}
+    assert by_subject["appended"]["attributes"]["traceparent"] == APPENDED_TRACE
+    assert by_subject["Invoice 42"]["attributes"]["traceparent"].split("-")[1] == CALLER_TRACE_ID
 
 
 @pytest.mark.parametrize(("pattern", "to_server"), [(b"exactly once", False), (b"DELE ", True)],

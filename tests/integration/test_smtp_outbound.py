@@ -56,6 +56,7 @@ async def post(port: int, payload: dict[str, Any]) -> str:
 
 
 ALERT = {"site": "7", "title": "boiler hot", "temperature": 93.5}
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 async def test_4xx_then_2xx_arrives_once(tmp_path: Path) -> None:
@@ -232,12 +233,17 @@ routes:
 """
         async with running_gateway(tmp_path, yaml):
             rc, out = await swaks("--server", f"127.0.0.1:{smtp_in}", "--from", "sensor@plant.test",
-                                  "--to", "ops@example.com", "--header", "Subject: pass me on", "--body", "as is")
+                                  "--to", "ops@example.com", "--header", "Subject: pass me on",
+                                  "--header", f"Traceparent: {TRACEPARENT}", "--body", "as is")
             assert rc == 0, out
             await wait_for(lambda: len(relay.handler.messages) == 1, what="the relayed message")
     msg = relay.handler.messages[0]
     assert msg.mail_from == "sensor@plant.test" and msg.rcpt_tos == ["ops@example.com"]
     sent = out.split("<-  354 ", 1)[1].split(" -> .\n", 1)[0]
     sent_lines = [line[4:] for line in sent.splitlines()[1:]]  # swaks prints " -> " before each line
-    assert msg.original_content.decode().split("\r\n")[: len(sent_lines)] == sent_lines
+    # unchanged but for the trace context of the gateway's hop on top (same trace, the sender's
+    # own Traceparent kept below it)
+    ours, *relayed = msg.original_content.decode().split("\r\n")
+    assert ours.startswith(f"Traceparent: {TRACEPARENT[:36]}")
+    assert relayed[: len(sent_lines)] == sent_lines
     assert parse_message(msg.original_content)["subject"] == "pass me on"

@@ -55,10 +55,13 @@ def test_delivery_maps_to_envelope() -> None:
 def test_cloudevents_binary_and_structured() -> None:
     props = Basic.Properties(content_type="application/json", headers={
         "cloudEvents:specversion": "1.0", "cloudEvents:id": "evt-1", "cloudEvents:source": "/s",
-        "cloudEvents:type": "t.created", "cloudEvents_traceparent": "00-1"})
+        "cloudEvents:type": "t.created", "cloudEvents_partitionkey": "p-1",
+        "cloudEvents_traceparent": "00-1"})
     env = to_envelope("bus", wire(props, b"{}"), "application/octet-stream")
     assert env.id == "evt-1" and env.attributes["ce_type"] == "t.created"
-    assert env.headers["ce-traceparent"] == "00-1" and "cloudEvents:id" not in env.headers
+    assert env.headers["ce-partitionkey"] == "p-1" and "cloudEvents:id" not in env.headers
+    # an invalid trace context is dropped, not carried on: the message starts a new trace
+    assert "ce-traceparent" not in env.headers and "traceparent" not in env.attributes
     structured = b'{"specversion":"1.0","id":"e2","source":"/s","type":"t","data":{"v":1}}'
     env2 = to_envelope("bus", wire(Basic.Properties(content_type="application/cloudevents+json"), structured),
                        "application/octet-stream")
@@ -77,7 +80,7 @@ def test_header_text() -> None:
 
 def test_to_publish_properties_and_refusals() -> None:
     env = Envelope(source="plant", protocol="mqtt", subject="plant/7/alert", body=b"{}",
-                   content_type="application/json", headers={"site": "7", "ce-traceparent": "00-1"},
+                   content_type="application/json", headers={"site": "7", "ce-partitionkey": "p-1"},
                    correlation_id="c-1", reply_to="plant/replies")
     pub = to_publish(env, AmqpTarget(exchange="ex", expiration=1.5, priority=2, message_type="alert"),
                      persistent=True, mandatory=True, max_body=100)
@@ -90,7 +93,7 @@ def test_to_publish_properties_and_refusals() -> None:
     ce = to_publish(env, AmqpTarget(cloudevents=True, persistent=False, mandatory=False), persistent=True,
                     mandatory=True, max_body=100)
     h = ce.properties["headers"]
-    assert h["cloudEvents:id"] == env.id and h["cloudEvents:traceparent"] == "00-1" and "ce-traceparent" not in h
+    assert h["cloudEvents:id"] == env.id and h["cloudEvents:partitionkey"] == "p-1" and "ce-partitionkey" not in h
     assert ce.properties["delivery_mode"] == 1 and not ce.mandatory
     rest = env.evolve(protocol="rest", subject="/a/b")
     assert to_publish(rest, AmqpTarget(), persistent=True, mandatory=True, max_body=100).routing_key == "/a/b"

@@ -75,7 +75,8 @@ def test_real_cloudevents_binary_mode_gives_event_id() -> None:
     env = to_envelope("plant", _incoming(got[0]), "application/octet-stream")
     assert env.id == "evt-1"
     assert env.attributes["ce_source"] == "/sensors/7" and env.attributes["ce_type"] == "com.example.reading"
-    assert env.headers["ce-traceparent"] == "00-abc-01"
+    # "00-abc-01" is no valid trace context: dropped, the message starts a new trace
+    assert "ce-traceparent" not in env.headers and "traceparent" not in env.attributes
     assert env.subject == "sample/ce"
 
 
@@ -167,15 +168,15 @@ def test_target_counts_template_levels_and_checks_static_topics() -> None:
 
 def test_to_publish_maps_envelope_and_refuses_what_cannot_be_published() -> None:
     env = Envelope(source="api", protocol="rest", subject="/x", body=b'{"a":1}', content_type="application/json",
-                   headers={"x-trace": "t1", "ce-traceparent": "00-1"}, correlation_id="c-1", reply_to="r/1")
+                   headers={"x-trace": "t1", "ce-partitionkey": "p-1"}, correlation_id="c-1", reply_to="r/1")
     out = to_publish(env, MqttTarget(topic="a/b", qos=2, retain=True, message_expiry=30), 1, 1024)
     assert (out.topic, out.qos, out.retain, out.payload) == ("a/b", 2, True, b'{"a":1}')
     assert out.content_type == "application/json"
-    assert out.user_properties == [("x-trace", "t1"), ("ce-traceparent", "00-1")]
+    assert out.user_properties == [("x-trace", "t1"), ("ce-partitionkey", "p-1")]
     assert out.correlation_data == b"c-1" and out.response_topic == "r/1" and out.message_expiry == 30
     ce = dict(to_publish(env, MqttTarget(topic="a/b", cloudevents=True), 1, 1024).user_properties)
-    assert ce["specversion"] == "1.0" and ce["id"] == env.id and ce["traceparent"] == "00-1"
-    assert ce["x-trace"] == "t1" and "ce-traceparent" not in ce
+    assert ce["specversion"] == "1.0" and ce["id"] == env.id and ce["partitionkey"] == "p-1"
+    assert ce["x-trace"] == "t1" and "ce-partitionkey" not in ce
     rendered = MqttTarget(topic="p/{{ x }}").model_copy(update={"topic": "p/a/b"})
     with pytest.raises(PermanentError, match="levels"):
         to_publish(env, rendered, 1, 1024)
