@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from gateway.config.models import RetryPolicy
 from gateway.contract import Connector, PermanentError, Target, TargetOptions, TransientError
 from gateway.deadlines import Deadlines
+from gateway.delivery.admission import Admission
 from gateway.delivery.options import DeliveryMetrics, DeliveryOptions, RoutingState
 from gateway.delivery.retry import Admit, CircuitBreaker, CircuitState, backoff
 from gateway.delivery.store import Job, SpoolBackend, SpoolError
@@ -91,6 +92,8 @@ class Dispatcher:
         self.workers: dict[str, Worker] = {}
         #: Jobs waiting per connector: counted on put and settle, resynced from the spool's depth.
         self.pending: dict[str, int] = {}
+        #: New messages wait here for room while a connector's backlog is at its bound.
+        self.admission = Admission(options, self.pending)
         self.closing = False
         self._rng = random.Random()
         self._deadlines = Deadlines()
@@ -129,10 +132,10 @@ class Dispatcher:
         for name in set(names):
             self.worker(name).wake.set()
 
-    def settled(self, connector: str) -> None:
-        n = self.pending.get(connector, 0)
-        if n > 0:
-            self.pending[connector] = n - 1
+    def settled(self, connector: str, count: int = 1) -> None:
+        """``count`` jobs of ``connector`` left the spool (delivered, dropped or dead-lettered)."""
+        self.pending[connector] = max(0, self.pending.get(connector, 0) - count)
+        self.admission.room(connector, count)
 
     def full(self) -> list[str]:
         return sorted(c for c, n in self.pending.items() if n >= self.options.max_pending)
@@ -170,6 +173,7 @@ class Dispatcher:
             self.metrics.spool_depth.labels(name).set(count)
             self.metrics.spool_oldest.labels(name).set(max(0.0, now - oldest) if count else 0.0)
             self.pending[name] = count  # resync: the CLI or other replicas may have changed it
+            self.admission.measured(name, count, oldest if count and oldest > 0 else None)
         for name, w in self.workers.items():
             self.extra.circuit.labels(name).set(CIRCUIT_VALUE[w.breaker.state])
 
@@ -209,7 +213,10 @@ class Dispatcher:
                     await self.spool.attach(w.connector, w.wake.set, self.options.concurrency)
                     attached = True
                 w.wake.clear()
-                room = self.options.concurrency - len(w.inflight)
+                conn = self._connector(w.connector)
+                batching = conn is not None and type(conn).batches
+                limit = self._limit(batching)
+                room = limit - len(w.inflight)
                 jobs: list[Job] = []
                 admit = Admit.WAIT
                 if room > 0:
@@ -222,18 +229,19 @@ class Dispatcher:
                         finally:
                             if not jobs:
                                 w.breaker.cancel_probe()
-                conn = self._connector(w.connector) if admit is Admit.SEND and len(jobs) > 1 else None
-                if conn is not None and type(conn).batches:
-                    self._launch_batch(w, jobs)
+                if batching and admit is Admit.SEND and len(jobs) > 1:
+                    size = self.options.batch
+                    for start in range(0, len(jobs), size):
+                        self._launch_batch(w, jobs[start:start + size])
                 else:
                     for job in jobs:
                         self._launch(w, job, probe=admit is Admit.PROBE)
                 if admit is Admit.SEND and jobs and len(jobs) == room:
                     continue  # there may be more due right now
-                delay = await self._idle(w)
+                delay = await self._idle(w, limit)
                 if delay > 0:
                     try:
-                        if len(w.inflight) >= self.options.concurrency:
+                        if len(w.inflight) >= limit:
                             # Every slot is sending (each under its own deadline) and the first
                             # to finish wakes us: the timer is only a safety net, a loose one will do.
                             with self._deadlines.after(delay):
@@ -249,12 +257,19 @@ class Dispatcher:
                 event(self.log, "spool.read_failed", logging.ERROR, connector=w.connector, error=str(exc))
                 await asyncio.sleep(1.0)
 
-    async def _idle(self, w: Worker) -> float:
+    def _limit(self, batching: bool) -> int:
+        """Jobs a worker has out at once: ``concurrency`` sends, or for a connector that sends in
+        batches, ``batch`` jobs if that is more (one batch being sent while the next gathers:
+        the file sink then pays one fsync per ``batch`` jobs instead of per ``concurrency``)."""
+        opts = self.options
+        return max(opts.concurrency, opts.batch) if batching else opts.concurrency
+
+    async def _idle(self, w: Worker, limit: int) -> float:
         """How long the worker may sleep unless woken (a new job, a finished send)."""
         state = w.breaker.state
         if state is CircuitState.OPEN:
             return max(0.01, w.breaker.wait_time())
-        if len(w.inflight) >= self.options.concurrency or (state is CircuitState.HALF_OPEN and w.breaker.probing):
+        if len(w.inflight) >= limit or (state is CircuitState.HALF_OPEN and w.breaker.probing):
             return 1.0
         nxt = await self.spool.next_due_at(w.connector)
         # Poll at least once a second: the CLI may add jobs (replay) without waking us.
