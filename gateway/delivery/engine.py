@@ -305,8 +305,11 @@ class Delivery:
     async def _admit(self, env: Envelope, connectors: list[str]) -> Outcome | None:
         """Wait for room while a target's backlog is at its admission bound (see
         :mod:`gateway.delivery.admission`); refuse with retry-later when none comes in time."""
+        gate = self.dispatcher.admission
         for name in connectors:
-            why = await self.dispatcher.admission.admit(name)
+            if gate.blocked(name) is None:
+                continue  # the common case, without a coroutine
+            why = await gate.admit(name)
             if why is not None:
                 return self._refuse(env, why, f"delivery to {name!r} is behind; try again shortly", retry_after=1)
         return None
