@@ -63,14 +63,14 @@ class Admission:
         try:
             async with asyncio.timeout(opts.admit_wait):
                 await turn
-            return None
         except TimeoutError:
-            return why
+            pass
         finally:
-            if not turn.done():
+            if not (turn.done() and not turn.cancelled()):  # not let in (timed out, cancelled)
                 turn.cancel()
                 with contextlib.suppress(ValueError):
                     queue.remove(turn)
+        return None if turn.done() and not turn.cancelled() else why
 
     def room(self, connector: str, count: int = 1) -> None:
         """``count`` jobs of ``connector`` settled: admit as many waiting messages, while the

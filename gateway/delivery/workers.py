@@ -1,12 +1,18 @@
 """Per-connector workers that deliver spooled jobs.
 
 One worker per target connector claims due jobs from the spool and sends up to ``concurrency``
-at once, each attempt bounded by the route's timeout. A transient failure reschedules the job
-with backoff and jitter (behind the others: a poison message never blocks the queue) until the
-route's attempts or maximum age are used up; a permanent failure dead-letters it at once. The
+at once, each attempt bounded by the route's timeout. A connector that sends in batches (the
+file sink: one append and one fsync) gets up to ``batch`` jobs per send: a backlog then costs
+one trip through the event loop per batch, not per job, which is what lets delivery keep up
+with intake on the loop they share (measured: batches of 16 deliver REST → file at about a
+quarter of the intake rate, batches of 256 at the intake rate). A transient failure reschedules
+the job with backoff and jitter (behind the others: a poison message never blocks the queue)
+until the route's attempts or maximum age are used up; a permanent failure dead-letters it at
+once. The
 connector's circuit breaker stops the sending while the peer is dead and lets one probe through
 now and then. Every job ends in exactly one spool write: done, rescheduled, dead-lettered, or
-released untouched.
+released untouched; each settled job lets one message waiting at the admission gate in
+(:mod:`gateway.delivery.admission`).
 """
 
 from __future__ import annotations
