@@ -4,7 +4,11 @@ Features: outbound only; one line per envelope (``format: envelope``, the defaul
 subject, headers, attributes, time, body as UTF-8 or base64) or the raw body alone
 (``format: body``); rotation at ``max_bytes`` keeping ``keep`` old files (``x.jsonl.1`` …).
 Delivery guarantee: ``send`` returns only after the line is written and fsync'd; concurrent
-sends share one fsync (group commit). Address form: ``path: var/out/messages.jsonl``.
+sends share one fsync (group commit), and a spooled backlog comes as batches of up to
+``gateway.spool.batch`` lines, one append and one fsync each (``send_batch``): every job of a
+batch is acknowledged only after that fsync, and a failed one leaves them all in the spool. Half
+a line left by a crash mid-append is ended with a newline before the next append. Address
+form: ``path: var/out/messages.jsonl``.
 
 Parts: ``config.py`` holds the options; the writing is in this module. Outbound only, so no
 ``inbound.py``; small enough for no ``outbound.py``; the line is the envelope's JSON or its
@@ -114,9 +118,13 @@ class FileConnector(Connector):
             self._close_file()
             self._rotate()
         if self._fd is None:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
             opened = os.fstat(fd)
             self._fd, self._identity = fd, (opened.st_dev, opened.st_ino)
+            if opened.st_size and os.pread(fd, 1, opened.st_size - 1) != b"\n":
+                # A batch cut short by a crash (kill -9, power) left half a line, never fsync'd nor
+                # acknowledged (its jobs are sent again). End it, so the next line stays whole.
+                data = b"\n" + data
         try:
             view = memoryview(data)
             while view:

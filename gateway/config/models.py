@@ -160,8 +160,17 @@ class SpoolSettings(Strict):
     queue_prefix: str = "gateway"
     #: Back pressure: refuse new messages for a connector with this many deliveries waiting.
     max_pending: int = Field(default=100_000, ge=1)
+    #: Admission: beyond this many deliveries waiting for a connector, a new message for it is
+    #: admitted only as a delivery makes room (it waits up to ``admit_wait``, else is refused).
+    admit_depth: int = Field(default=10_000, ge=1)
+    #: Admission by age: the same once the oldest delivery waiting is this old (0: off).
+    admit_age: Duration = Field(default=0.0, ge=0)
+    #: How long a message waits for room before it is refused with retry-later.
+    admit_wait: Duration = Field(default=1.0, ge=0)
     #: Deliveries in flight per connector.
     concurrency: int = Field(default=16, ge=1, le=1024)
+    #: Jobs one send may carry, for a connector that sends in batches (the file sink).
+    batch: int = Field(default=256, ge=1, le=4096)
     #: How long an ``Idempotency-Key`` is remembered.
     idempotency_window: Duration = 86400.0
 

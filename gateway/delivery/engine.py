@@ -17,7 +17,9 @@ raises: whatever happens becomes an :class:`~gateway.contract.Outcome`.
 
 Back pressure: a message is refused with RETRY (never ACCEPTED) while one of its spooled target
 connectors already has ``max_pending`` jobs waiting, while ``max_inflight`` direct sends are
-out, or while the spool has no room; :attr:`Delivery.pressure` feeds readiness.
+out, or while the spool has no room; :attr:`Delivery.pressure` feeds readiness. Before those
+hard bounds, admission (:mod:`gateway.delivery.admission`) takes spooled messages in at the rate
+their delivery sustains once a target's backlog reaches ``admit_depth``.
 
 Idempotency: a message with ``attributes["idempotency_key"]`` (REST's ``Idempotency-Key``) that
 repeats a key its source used within ``idempotency_window`` gets the first answer again — same
@@ -263,7 +265,8 @@ class Delivery:
                              dead: list[_Dead], wants_reply: bool) -> Outcome:
 
         if spooled or dead:
-            refused = self._check_room(env, {p.spec.connector for p in spooled})
+            targets = sorted({p.spec.connector for p in spooled})
+            refused = self._check_room(env, targets) or await self._admit(env, targets)
             if refused is not None:
                 return refused
         reply: Reply | None = None
@@ -302,6 +305,18 @@ class Delivery:
             self.spool.check_space()
         except SpoolFull as exc:
             return self._refuse(env, "disk", "the spool is full", error=str(exc), retry_after=30)
+        return None
+
+    async def _admit(self, env: Envelope, connectors: list[str]) -> Outcome | None:
+        """Wait for room while a target's backlog is at its admission bound (see
+        :mod:`gateway.delivery.admission`); refuse with retry-later when none comes in time."""
+        gate = self.dispatcher.admission
+        for name in connectors:
+            if gate.blocked(name) is None:
+                continue  # the common case, without a coroutine
+            why = await gate.admit(name)
+            if why is not None:
+                return self._refuse(env, why, f"delivery to {name!r} is behind; try again shortly", retry_after=1)
         return None
 
     async def _store(self, env: Envelope, spooled: list[Planned], dead: list[_Dead],

@@ -26,8 +26,16 @@ class DeliveryOptions:
 
     #: Sends in flight at once per outbound connector.
     concurrency: int = 16
+    #: Jobs one send carries at most, for a connector that sends in batches (``Connector.batches``).
+    batch: int = 256
     #: Spooled jobs waiting per outbound connector before new messages for it are refused.
     max_pending: int = 100_000
+    #: Admission (see :class:`gateway.delivery.admission.Admission`): beyond this many jobs
+    #: waiting for a connector, or once its oldest is ``admit_age`` seconds old (0: off), a new
+    #: message for it waits up to ``admit_wait`` seconds for a delivery to make room.
+    admit_depth: int = 10_000
+    admit_age: float = 0.0
+    admit_wait: float = 1.0
     #: Direct-mode messages being sent at once before new ones are refused.
     max_inflight: int = 1_000
     #: How long an idempotency key is remembered (seconds).
@@ -60,7 +68,7 @@ class DeliveryMetrics:
         self.refused = Counter(
             "gateway_backpressure_refusals_total",
             "Messages refused with a temporary error because a bound was hit, by inbound connector and reason "
-            "(pending, inflight, disk, spool_error, shutdown).",
+            "(backlog, age, pending, inflight, disk, spool_error, shutdown, storm_state).",
             ["connector", "reason"], registry=registry)
         self.duplicates = Counter(
             "gateway_idempotent_duplicates_total",

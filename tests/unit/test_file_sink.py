@@ -85,3 +85,15 @@ async def test_a_batch_is_one_append_in_order_and_fails_as_one(tmp_path: Path) -
         raise AssertionError("a batch that cannot be written must fail")
     finally:
         await broken.close()
+
+
+async def test_half_a_line_left_by_a_crash_does_not_swallow_the_next_line(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"id": "m1"}\n{"id": "m2"')  # a kill -9 cut the last append short
+    out = sink(path)
+    await out.open()
+    await out.send_batch([(env(3), TARGET), (env(4), TARGET)])
+    await out.close()
+    lines = path.read_bytes().splitlines()
+    assert lines[:2] == [b'{"id": "m1"}', b'{"id": "m2"']
+    assert [json.loads(line)["body"] for line in lines[2:]] == ["message 3", "message 4"]
