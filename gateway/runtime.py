@@ -42,6 +42,8 @@ from gateway.registry import Registry
 from gateway.reload import Reloader, ReloadFailed, ReloadRefused, inbound_names, watch
 from gateway.supervisor import ConnectorSlot, Supervisor
 from gateway.watchdog import LoopWatchdog
+from gateway.workers import FORWARD_PATH, WorkerIdentity
+from gateway.workers.forward import Forwarder, receiver
 
 if TYPE_CHECKING:
     from gateway.routing.storm import StormControl
@@ -60,22 +62,35 @@ class Runtime:
     :class:`~gateway.reload.Reloader`, started and stopped in the order above."""
 
     def __init__(self, config: LoadedConfig, *, registry: Registry | None = None, config_path: str | None = None,
-                 log: logging.Logger | None = None):
+                 log: logging.Logger | None = None, worker: WorkerIdentity | None = None):
         self.config = config
         self.registry = registry or Registry()
         self.config_path = config_path
         self.log = log or logging.getLogger("gateway")
         self.metrics = Metrics()
+        #: Which of the gateway's worker processes this is (None: the only process).
+        self.worker = worker
         settings = config.model.gateway
-        self.spool = make_spool(settings.spool)
-        self.http = HttpHub(logging.getLogger("gateway.http"), settings.http)
+        spool_settings = settings.spool
+        if worker is not None and spool_settings.type == "sqlite":
+            spool_settings = spool_settings.model_copy(update={"path": worker.own_file(spool_settings.path)})
+        self.spool = make_spool(spool_settings)
+        self.http = HttpHub(logging.getLogger("gateway.http"), settings.http, reuse_port=worker is not None)
         self.delivery = Delivery(
             state=RoutingState(config.router, settings.unmatched, config.version),
             connector=self._connector_for_send, spool=self.spool, metrics=self.metrics,
             log=logging.getLogger("gateway.delivery"), options=DeliveryOptions.from_settings(settings.spool),
         )
         self.supervisor = Supervisor(http=self.http, delivery=self.delivery, spool=self.spool,
-                                     accepting=self.accepting, log=self.log)
+                                     accepting=self.accepting, log=self.log,
+                                     worker=worker.index if worker else 0, workers=worker.count if worker else 1)
+        self._forwarder: Forwarder | None = None
+        if worker is not None and not worker.owns_storm:
+            self._forwarder = Forwarder(worker.owner_listen, worker.secret)
+            self.delivery.forward_storm = self._forwarder
+        elif worker is not None:
+            self.http.mount(worker.admin_listen, FORWARD_PATH, receiver(self.delivery.deliver, worker.secret),
+                            owner="workers")
         self.started_at = time.time()
         self.stopping = False
         self._stop_event = asyncio.Event()
@@ -147,7 +162,8 @@ class Runtime:
         from gateway.delivery.stormstore import SqliteStormStore
         from gateway.routing.storm import StormControl
 
-        self.storm = StormControl(SqliteStormStore(os.path.join(self.config.model.gateway.state_dir, "storm.db")),
+        store = os.path.join(self.config.model.gateway.state_dir, "storm.db")
+        self.storm = StormControl(SqliteStormStore(self.worker.own_file(store) if self.worker else store),
                                   self.delivery.emit_digest)
         await self.storm.open()
         self.delivery.storm = self.storm
@@ -210,6 +226,8 @@ class Runtime:
         await self.delivery.drain(deadline)
         await self.http.stop()
         await self.supervisor.close()
+        if self._forwarder is not None:
+            await self._forwarder.close()
         if self._gauge_task:
             self._gauge_task.cancel()
         await self.spool.close()
@@ -318,11 +336,12 @@ class RuntimeAdmin:
         return await self._rt.spool.purge(ids, flt)
 
 
-async def serve(config_path: str, registry: Registry | None = None) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads the config. Returns the exit code."""
+async def serve(config_path: str, registry: Registry | None = None, worker: WorkerIdentity | None = None) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the config. Returns the exit code. A worker process
+    (``worker``) serves its admin API on its private address, for the parent to proxy."""
     registry = registry or Registry()
     config = load_config(config_path, registry)
-    runtime = Runtime(config, registry=registry, config_path=config_path)
+    runtime = Runtime(config, registry=registry, config_path=config_path, worker=worker)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, runtime.request_stop)
@@ -336,7 +355,7 @@ async def serve(config_path: str, registry: Registry | None = None) -> int:
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
-        mount_admin(RuntimeAdmin(runtime), runtime.http)
+        mount_admin(RuntimeAdmin(runtime), runtime.http, listen=worker.admin_listen if worker else None)
         await runtime.start()
     except Exception as exc:
         event(runtime.log, "gateway.start_failed", logging.ERROR, error=str(exc))

@@ -35,7 +35,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +102,12 @@ class Delivery:
         self._forgot_at = 0.0
         #: Alert-storm control, set by the runtime.
         self.storm: StormControl | None = None
+        #: Set by the runtime in a worker process that does not hold the storm state (see
+        #: :mod:`gateway.workers`): a message that a storm-controlled route selects is handed to
+        #: this (the worker that does) and its outcome is the answer. It raises when that worker
+        #: cannot be reached; the sender is then asked to retry.
+        self.forward_storm: Callable[[Envelope], Awaitable[Outcome]] | None = None
+        self._storm_routes: tuple[RoutingState | None, bool] = (None, False)
         self._observers: list[Callable[[Envelope, RoutingState, Outcome], None]] = []
 
     def add_observer(self, fn: Callable[[Envelope, RoutingState, Outcome], None]) -> None:
@@ -135,8 +141,8 @@ class Delivery:
         return outcome
 
     async def _deliver(self, env: Envelope, state: RoutingState) -> Outcome:
-        self.metrics.received.labels(env.source).inc()
         if self._closing:
+            self.metrics.received.labels(env.source).inc()
             return self._answer(env, self._refuse(env, "shutdown", "gateway is shutting down"))
         if len(env.body) > PARSE_INLINE_BYTES and state.router.reads_data(env.source):
             # Routing reads ``data`` without awaiting: parse a large body first, JSON in steps that
@@ -147,10 +153,27 @@ class Delivery:
                     await asyncio.sleep(0)
             elif "data" not in env.__dict__:
                 await asyncio.to_thread(env.data_or_none)
+        if self.forward_storm is not None and self._selects_storm(env, state):
+            # Counted by the worker that decides it, so that the workers' metrics add up.
+            try:
+                return await self.forward_storm(env)
+            except Exception as exc:
+                self.metrics.received.labels(env.source).inc()
+                return self._answer(env, self._refuse(env, "storm_state", "cannot decide the message now",
+                                                      error=f"storm worker: {exc}", retry_after=1))
+        self.metrics.received.labels(env.source).inc()
         key = env.attributes.get("idempotency_key")
         if isinstance(key, str) and key:
             return self._answer(env, await self._deliver_once(env, state, key))
         return self._answer(env, await self._route(env, state, None))
+
+    def _selects_storm(self, env: Envelope, state: RoutingState) -> bool:
+        """Whether a route with storm control would take ``env`` (only asked with forwarding on)."""
+        seen, any_storm = self._storm_routes
+        if seen is not state:
+            any_storm = any(r.storm is not None for r in state.router.routes)
+            self._storm_routes = (state, any_storm)
+        return any_storm and any(s.route.storm is not None for s in state.router.select(env))
 
     async def _deliver_once(self, env: Envelope, state: RoutingState, key: str) -> Outcome:
         ident = (env.source, key)
