@@ -90,16 +90,16 @@ def usable_cores() -> int:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
-    quota = _cgroup_quota()
+    quota = cgroup_quota()
     if quota is not None:
         cores = min(cores, max(1, math.ceil(quota)))
     return max(1, cores)
 
 
-def _cgroup_quota() -> float | None:
+def cgroup_quota(root: str = "/sys/fs/cgroup") -> float | None:
     """CPUs the cgroup's CFS quota allows, or None when unlimited or unknown."""
     try:
-        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as fh:
+        with open(os.path.join(root, "cpu.max"), encoding="ascii") as fh:
             quota, _, period = fh.read().strip().partition(" ")
         if quota != "max" and period:
             return int(quota) / int(period)
@@ -107,9 +107,9 @@ def _cgroup_quota() -> float | None:
     except (OSError, ValueError):
         pass
     try:
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", encoding="ascii") as fh:
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us"), encoding="ascii") as fh:
             v1_quota = int(fh.read().strip())
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us", encoding="ascii") as fh:
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us"), encoding="ascii") as fh:
             v1_period = int(fh.read().strip())
     except (OSError, ValueError):
         return None
