@@ -41,7 +41,7 @@ ROUTE_DEAD_LETTER_REASONS = ("permanent", "attempts", "max_age", "template", "pa
 #: ... and of ``route=""``: unmatched messages, digests of a removed route.
 UNMATCHED_DEAD_LETTER_REASONS = ("unmatched", "orphaned")
 #: ``gateway_backpressure_refusals_total{reason}``: why a message was refused with a temporary error.
-REFUSAL_REASONS = ("pending", "inflight", "disk", "spool_error", "shutdown", "storm_state")
+REFUSAL_REASONS = ("pending", "inflight", "disk", "spool_error", "shutdown", "storm_state", "worker")
 #: ``gateway_delivery_dropped_total{reason}``: why a delivery on a route with ``dead_letter: false`` ended.
 DROP_REASONS = ("permanent", "attempts", "max_age", "connector_missing")
 #: ``gateway_config_reloads_total{outcome}``.

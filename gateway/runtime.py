@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -85,11 +86,12 @@ class Runtime:
                                      accepting=self.accepting, log=self.log,
                                      worker=worker.index if worker else 0, workers=worker.count if worker else 1)
         self._forwarder: Forwarder | None = None
-        if worker is not None and not worker.owns_storm:
-            self._forwarder = Forwarder(worker.owner_listen, worker.secret)
-            self.delivery.forward_storm = self._forwarder
-        elif worker is not None:
-            self.http.mount(worker.admin_listen, FORWARD_PATH, receiver(self.delivery.deliver, worker.secret),
+        if worker is not None:
+            self._forwarder = Forwarder(worker.peers, worker.secret)
+            self.delivery.forward = self._forwarder
+            self.delivery.worker, self.delivery.workers = worker.index, worker.count
+            self.http.mount(worker.admin_listen, FORWARD_PATH,
+                            receiver(functools.partial(self.delivery.deliver, here=True), worker.secret),
                             owner="workers")
         self.started_at = time.time()
         self.stopping = False

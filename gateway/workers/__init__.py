@@ -12,9 +12,10 @@ A worker learns who it is from the environment the parent gives it (:class:`Work
 * its private admin address (loopback), which the parent proxies and scrapes;
 * its own SQLite spool and storm store (the configured file for worker 0, ``name.w<index>.db``
   beside it for the others), so a restarted worker with the same index delivers what it spooled;
-* worker 0's private address and a secret: a message for a route with storm control (dedupe,
-  throttle, digest, alarm) is decided by worker 0, which holds that state; the others forward it
-  there (:mod:`gateway.workers.forward`).
+* every worker's private address and a secret: a message for a route with storm control (dedupe,
+  throttle, digest, alarm) is decided by worker 0, which holds that state, and a message with an
+  ``Idempotency-Key`` by the worker its key hashes to, whose spool remembers the key; the others
+  forward it there (:mod:`gateway.workers.forward`).
 
 This module reads the environment and the machine only; it imports nothing of the runtime.
 """
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 _ENV_INDEX = "GATEWAY_WORKER_INDEX"
 _ENV_COUNT = "GATEWAY_WORKER_COUNT"
 _ENV_ADMIN = "GATEWAY_WORKER_ADMIN"
-_ENV_OWNER = "GATEWAY_WORKER_OWNER"
+_ENV_PEERS = "GATEWAY_WORKER_PEERS"
 _ENV_SECRET = "GATEWAY_WORKER_SECRET"  # noqa: S105 - the name of a variable, not a secret
 
 #: The header a worker's forwarded message carries the secret in.
@@ -45,8 +46,9 @@ class WorkerIdentity:
     count: int
     #: This worker's private admin listener (``127.0.0.1:PORT``), served instead of ``gateway.admin.listen``.
     admin_listen: str
-    #: Worker 0's private admin listener: where storm-bound messages are forwarded.
-    owner_listen: str
+    #: Every worker's private admin listener, by index: where a message another worker owns is
+    #: forwarded (see :meth:`gateway.delivery.engine.Delivery._owner`).
+    peers: tuple[str, ...]
     #: Proves a forwarded message comes from a sibling worker.
     secret: str
 
@@ -56,18 +58,13 @@ class WorkerIdentity:
         if _ENV_INDEX not in os.environ:
             return None
         return cls(index=int(os.environ[_ENV_INDEX]), count=int(os.environ[_ENV_COUNT]),
-                   admin_listen=os.environ[_ENV_ADMIN], owner_listen=os.environ[_ENV_OWNER],
+                   admin_listen=os.environ[_ENV_ADMIN], peers=tuple(os.environ[_ENV_PEERS].split(",")),
                    secret=os.environ[_ENV_SECRET])
 
     def env(self) -> dict[str, str]:
         """The environment variables that carry this identity to the worker process."""
         return {_ENV_INDEX: str(self.index), _ENV_COUNT: str(self.count), _ENV_ADMIN: self.admin_listen,
-                _ENV_OWNER: self.owner_listen, _ENV_SECRET: self.secret}
-
-    @property
-    def owns_storm(self) -> bool:
-        """Worker 0 decides every storm-controlled route; the others forward to it."""
-        return self.index == 0
+                _ENV_PEERS: ",".join(self.peers), _ENV_SECRET: self.secret}
 
     def own_file(self, path: str) -> str:
         """This worker's copy of a per-process state file: ``path`` itself for worker 0 (so one

@@ -1,4 +1,4 @@
-"""Storm-bound messages between worker processes: the other workers hand them to worker 0.
+"""Messages between worker processes: each is routed in the worker that owns its state.
 
 Storm control (dedupe, throttle, digest, alarm: :mod:`gateway.routing.storm`) decides from state
 it holds in memory and keeps in its store; two processes deciding from two copies would each let
@@ -9,7 +9,10 @@ routed as if it had arrived there; worker 0's outcome is the answer to the sende
 acknowledged only once worker 0 has taken responsibility for it (spooled, folded into a digest,
 suppressed). When worker 0 cannot be reached (restarting), the sender is asked to retry.
 
-Messages no storm route selects never leave the worker that received them.
+An ``Idempotency-Key`` is remembered in the spool of the worker that took the message; a retry
+of it may come on another connection, to another worker. So a keyed message is routed by the
+worker its (source, key) hashes to, whichever took it. Other messages never leave the worker
+that received them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import base64
 import hmac
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -56,8 +59,9 @@ def outcome_from_json(raw: Mapping[str, Any]) -> Outcome:
 
 def receiver(deliver: Callable[[Envelope], Awaitable[Outcome]], secret: str) -> Callable[
         [Scope, Receive, Send], Awaitable[None]]:
-    """The ASGI app worker 0 serves at :data:`~gateway.workers.FORWARD_PATH`: routes a sibling's
-    envelope with ``deliver`` and answers its outcome as JSON."""
+    """The ASGI app every worker serves at :data:`~gateway.workers.FORWARD_PATH` on its private
+    listener: routes a sibling's envelope with ``deliver`` (here, whatever its owner) and answers
+    its outcome as JSON."""
     expected = secret.encode()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -81,20 +85,20 @@ def receiver(deliver: Callable[[Envelope], Awaitable[Outcome]], secret: str) -> 
 
 
 class Forwarder:
-    """A worker's way to worker 0: :meth:`__call__` is :attr:`Delivery.forward_storm`."""
+    """A worker's way to its siblings: :meth:`__call__` is :attr:`Delivery.forward`."""
 
-    def __init__(self, owner_listen: str, secret: str):
-        self.url = f"http://{owner_listen}{FORWARD_PATH}"
+    def __init__(self, peers: Sequence[str], secret: str):
+        self.urls = [f"http://{listen}{FORWARD_PATH}" for listen in peers]
         self.secret = secret
         self._session: aiohttp.ClientSession | None = None
 
-    async def __call__(self, env: Envelope) -> Outcome:
+    async def __call__(self, env: Envelope, worker: int) -> Outcome:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=_TIMEOUT))
-        async with self._session.post(self.url, data=env.to_json().encode(), headers={
+        async with self._session.post(self.urls[worker], data=env.to_json().encode(), headers={
                 SECRET_HEADER: self.secret, "content-type": "application/json"}) as resp:
             if resp.status != 200:
-                raise ConnectionError(f"worker 0 answered {resp.status}")
+                raise ConnectionError(f"answered {resp.status}")
             return outcome_from_json(await resp.json())
 
     async def close(self) -> None:

@@ -142,9 +142,8 @@ class Parent:
         self.stopping = False
         self._stop = asyncio.Event()
         secret = secrets.token_urlsafe(32)
-        ports = [_free_port() for _ in range(count)]
-        self.workers = [_Worker(WorkerIdentity(i, count, f"127.0.0.1:{ports[i]}", f"127.0.0.1:{ports[0]}", secret))
-                        for i in range(count)]
+        peers = tuple(f"127.0.0.1:{_free_port()}" for _ in range(count))
+        self.workers = [_Worker(WorkerIdentity(i, count, peers[i], peers, secret)) for i in range(count)]
         settings = config.model.gateway
         admin = parse_listen(settings.admin.listen)  # the data plane's bounds are the workers' business
         self.http = HttpHub(logging.getLogger("gateway.http"),

@@ -235,3 +235,18 @@ async def test_a_storm_dedupe_holds_across_workers(tmp_path: Path) -> None:
         assert len(jsonl(tmp_path / "out.jsonl")) == 1, "one message passes the dedupe, whichever worker took it"
         assert sum(each) == 40
         assert await gw.metric("gateway_messages_routed_total", {"route": "alerts", "outcome": "suppressed"}) == 39
+
+
+async def test_an_idempotency_key_holds_across_workers(tmp_path: Path) -> None:
+    async with workers(tmp_path, REST_TO_FILE) as gw:
+        ids = set()
+        for _ in range(20):  # each on a new connection: the kernel deals them to both workers
+            async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{gw.port}/in/x", json={"n": 1},
+                                                            headers={"Idempotency-Key": "order-17"}) as resp:
+                assert resp.status == 202
+                ids.add((await resp.json())["id"])
+        assert len(ids) == 1, "every retry is answered with the first message's id"
+        await asyncio.sleep(0.5)
+        assert len(jsonl(tmp_path / "out.jsonl")) == 1
+        each = await gw.per_worker("gateway_messages_received_total", {"connector": "in"})
+        assert sum(each) == 20 and 20 in each, f"one worker owns the key and routes every retry: {each}"

@@ -47,15 +47,17 @@ def test_merged_metrics_add_counters_and_histograms_and_keep_gauges_meaningful()
 
 
 def test_each_worker_has_its_own_state_files_worker_0_the_configured_ones() -> None:
-    w0 = WorkerIdentity(0, 2, "127.0.0.1:1", "127.0.0.1:1", "s")
-    w1 = WorkerIdentity(1, 2, "127.0.0.1:2", "127.0.0.1:1", "s")
+    peers = ("127.0.0.1:1", "127.0.0.1:2")
+    w0 = WorkerIdentity(0, 2, peers[0], peers, "s")
+    w1 = WorkerIdentity(1, 2, peers[1], peers, "s")
     assert w0.own_file("var/spool.db") == "var/spool.db"
     assert w1.own_file("var/spool.db") == "var/spool.w1.db"
     assert WorkerIdentity(**{**w1.__dict__}) == w1
 
 
 def test_the_environment_carries_the_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    w = WorkerIdentity(1, 3, "127.0.0.1:2", "127.0.0.1:1", "secret")
+    peers = ("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3")
+    w = WorkerIdentity(1, 3, peers[1], peers, "secret")
     assert WorkerIdentity.from_env() is None
     for k, v in w.env().items():
         monkeypatch.setenv(k, v)
