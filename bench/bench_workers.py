@@ -126,14 +126,16 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--pin-load", default=None, help="run wrk on this CPU only (taskset -c)")
     ap.add_argument("--scenarios", default="file,mqtt")
+    ap.add_argument("--dir", default=None, help="where the spools and sink files go (default: a temporary "
+                    "directory; /dev/shm takes the disk's fsync out of the comparison)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
-    work = Path(tempfile.mkdtemp(prefix="bench-workers-"))
+    work = Path(tempfile.mkdtemp(prefix="bench-workers-", dir=args.dir))
     script = work / "post.lua"
     script.write_text(LUA)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    print(f"cores usable: {len(os.sched_getaffinity(0))}, wrk pinned to: {args.pin_load or 'no'}, "
+    print(f"cores usable: {len(os.sched_getaffinity(0))}, wrk pinned to: {args.pin_load or 'no'}, files in {work}, "
           f"{args.rounds} rounds of {args.seconds}s, {args.connections} connections")
     verdicts = []
     for scenario in args.scenarios.split(","):

@@ -49,14 +49,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_issues(exc, False)
         return 1
-    logs.setup(config.model.gateway.log.level, config.model.gateway.log.format)
+    worker = WorkerIdentity.from_env()
+    logs.setup(config.model.gateway.log.level, config.model.gateway.log.format,
+               worker=worker.index if worker is not None else None)
     try:
         import uvloop
 
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover
         runner = asyncio.run
-    worker = WorkerIdentity.from_env()
     if worker is not None:  # started by a parent: one of its workers
         return int(runner(serve(args.config, worker=worker)))
     count = resolve_count(args.workers if args.workers is not None else config.model.gateway.workers)

@@ -98,7 +98,11 @@ class Runtime:
         self._stop_event = asyncio.Event()
         self._gauge_task: asyncio.Task[None] | None = None
         self.storm: StormControl | None = None
-        self.reloader = Reloader(self)
+        # The admin API (worker 0's, behind the parent) shows the history: the other workers,
+        # which apply the same versions, keep theirs apart rather than write into one index.
+        history = (os.path.join(settings.state_dir, f".history.w{worker.index}")
+                   if worker is not None and worker.index else None)
+        self.reloader = Reloader(self, history_dir=history)
         self.watchdog = LoopWatchdog(self.metrics.loop_lag, logging.getLogger("gateway.loop"),
                                      warn_after=settings.loop_warn_after)
 
@@ -365,8 +369,11 @@ async def serve(config_path: str, registry: Registry | None = None, worker: Work
         return 1
     _tune_gc()
     watcher = asyncio.create_task(_watch(runtime, config_path), name="config-watch")
+    orphaned = asyncio.create_task(_orphan_watch(runtime), name="orphan-watch") if worker else None
     await runtime.wait()
     watcher.cancel()
+    if orphaned is not None:
+        orphaned.cancel()
     await runtime.stop()
     return 0
 
@@ -387,6 +394,16 @@ def _tune_gc() -> None:
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(_GC_YOUNG, older, oldest)
+
+
+async def _orphan_watch(runtime: Runtime) -> None:
+    """A worker whose parent died (killed with SIGKILL: it could not stop its workers) stops
+    itself, draining as on SIGTERM, rather than hold the ports and spool a new parent needs."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    event(runtime.log, "worker.orphaned", logging.WARNING, parent=parent)
+    runtime.request_stop()
 
 
 async def _watch(runtime: Runtime, path: str) -> None:

@@ -139,7 +139,6 @@ class Parent:
     def __init__(self, config_path: str, config: LoadedConfig, count: int):
         self.config_path = config_path
         self.config = config
-        self.stopping = False
         self._stop = asyncio.Event()
         secret = secrets.token_urlsafe(32)
         peers = tuple(f"127.0.0.1:{_free_port()}" for _ in range(count))
@@ -152,6 +151,11 @@ class Parent:
         self._max_body = settings.admin.max_config_bytes + 64 * 1024
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def stopping(self) -> bool:
+        """Set by SIGTERM/SIGINT: from then on no worker is started again."""
+        return self._stop.is_set()
 
     # --- processes ---------------------------------------------------------------------------------
 
@@ -203,7 +207,7 @@ class Parent:
 
     async def stop(self) -> None:
         """SIGTERM to every worker; each drains as one gateway does. Killed if it outlasts its drain."""
-        self.stopping = True
+        self._stop.set()
         event(log, "workers.stopping")
         self._signal_workers(signal.SIGTERM)
         grace = self.config.model.gateway.drain + 20.0

@@ -59,12 +59,15 @@ class Workers:
         await wait_for(self.all_ready, 30, 0.1, what="every worker ready")
 
     async def stop(self) -> int:
+        """SIGTERM to the parent; its exit code, once no worker is left either."""
         assert self.proc is not None
+        pids = [w["pid"] for w in (await self.readyz())["workers"]] if self.proc.returncode is None else []
         if self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(self.proc.wait(), 40)
         await self.session.close()
         self.log.close()
+        assert not [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)], "a worker outlived"
         return code
 
     async def readyz(self) -> dict[str, Any]:
@@ -101,6 +104,13 @@ class Workers:
                     f"http://127.0.0.1:{self.port}{path}", json={"i": i, "key": key or str(i)}) as resp:
                 statuses.append(resp.status)
         return statuses
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
 
 
 @asynccontextmanager
