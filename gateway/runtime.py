@@ -44,7 +44,7 @@ from gateway.reload import Reloader, ReloadFailed, ReloadRefused, inbound_names,
 from gateway.supervisor import ConnectorSlot, Supervisor
 from gateway.watchdog import LoopWatchdog
 from gateway.workers import FORWARD_PATH, WorkerIdentity
-from gateway.workers.forward import Forwarder, receiver
+from gateway.workers.forward import Forwarder, ParentMount, receiver
 
 if TYPE_CHECKING:
     from gateway.routing.storm import StormControl
@@ -361,7 +361,10 @@ async def serve(config_path: str, registry: Registry | None = None, worker: Work
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
-        mount_admin(RuntimeAdmin(runtime), runtime.http, listen=worker.admin_listen if worker else None)
+        if worker is None:
+            mount_admin(RuntimeAdmin(runtime), runtime.http)
+        else:  # behind the parent's admin port, which says who the client is
+            mount_admin(RuntimeAdmin(runtime), ParentMount(runtime.http, worker.secret), listen=worker.admin_listen)
         await runtime.start()
     except Exception as exc:
         event(runtime.log, "gateway.start_failed", logging.ERROR, error=str(exc))

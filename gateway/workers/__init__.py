@@ -34,7 +34,9 @@ _ENV_SECRET = "GATEWAY_WORKER_SECRET"  # noqa: S105 - the name of a variable, no
 
 #: The header a worker's forwarded message carries the secret in.
 SECRET_HEADER = "x-gateway-worker-secret"  # noqa: S105 - a header name
-#: Where worker 0 takes forwarded messages, on its private admin address.
+#: The client a proxied admin request came from (``host port``), which the parent tells its worker.
+CLIENT_HEADER = "x-gateway-client"
+#: Where a worker takes forwarded messages, on its private admin address.
 FORWARD_PATH = "/_worker/deliver"
 
 

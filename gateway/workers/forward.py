@@ -28,7 +28,7 @@ import aiohttp
 from gateway.contract import Outcome, Reply, Status
 from gateway.envelope import Envelope
 from gateway.http import BodyTooLarge, ClientDisconnected, Receive, Scope, Send, read_body, send_problem
-from gateway.workers import FORWARD_PATH, SECRET_HEADER
+from gateway.workers import CLIENT_HEADER, FORWARD_PATH, SECRET_HEADER
 
 #: A forwarded envelope comes from a sibling worker that already took it whole: bounded only so
 #: that a bug cannot make worker 0 buffer without end.
@@ -105,3 +105,48 @@ class Forwarder:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def client_from_parent(app: ASGIApp, secret: str) -> ASGIApp:
+    """``app`` (a worker's admin API) seeing the client the parent proxied for, not the parent.
+
+    Every proxied request reaches the worker from 127.0.0.1; the admin API lets loopback clients
+    in when no token is configured and counts failed logins per client address, so it must see
+    the real one. The parent sends it in :data:`~gateway.workers.CLIENT_HEADER` beside the secret;
+    a request without the right secret keeps its own address (a local process on the private
+    port) and both headers are removed either way.
+    """
+    expected = secret.encode()
+    names = {SECRET_HEADER.encode(), CLIENT_HEADER.encode()}
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = scope.get("headers") or []
+            ours = {k: v for k, v in headers if k in names}
+            if ours:
+                scope = {**scope, "headers": [(k, v) for k, v in headers if k not in names]}
+                given = ours.get(SECRET_HEADER.encode(), b"")
+                host, _, port = ours.get(CLIENT_HEADER.encode(), b"").decode("latin-1").rpartition(" ")
+                if hmac.compare_digest(given, expected) and host and port.isdigit():
+                    scope["client"] = (host, int(port))
+        await app(scope, receive, send)
+
+    return wrapped
+
+
+class ParentMount:
+    """The :class:`~gateway.contract.HttpMount` a worker mounts its admin API through: each app
+    wrapped by :func:`client_from_parent`."""
+
+    def __init__(self, http: Any, secret: str):
+        self.http = http
+        self.secret = secret
+
+    def mount(self, listen: str, prefix: str, app: Any, *, owner: str) -> None:
+        self.http.mount(listen, prefix, client_from_parent(app, self.secret), owner=owner)
+
+    def unmount(self, listen: str, prefix: str) -> None:
+        self.http.unmount(listen, prefix)

@@ -11,7 +11,8 @@ bounds and TLS) it answers:
   (counters, histograms and most gauges summed; ``gateway_ready`` and ``gateway_connector_up``
   the minimum, ``gateway_config_info``, ``gateway_routes_loaded`` and the oldest spool age the
   maximum), plus ``gateway_workers`` and ``gateway_worker_restarts_total``;
-* everything else (the admin API and editor) is proxied to worker 0. After a request that may
+* everything else (the admin API and editor) is proxied to worker 0, which is told the client's
+  address (its loopback rule and login limits apply to the real client, not to the parent). After a request that may
   have changed the config (any successful one that is not a read), every other worker is told to
   reload the file (SIGHUP) and the answer waits until each runs worker 0's version: it says so in
   ``X-Gateway-Workers`` (``confirmed 2/2 <version>``) and, for a JSON object, in ``workers``.
@@ -58,7 +59,7 @@ from gateway.http import (
 from gateway.logs import event
 from gateway.metrics import CONTENT_TYPE
 from gateway.tasks import Backoff
-from gateway.workers import FORWARD_PATH, WorkerIdentity
+from gateway.workers import CLIENT_HEADER, FORWARD_PATH, SECRET_HEADER, WorkerIdentity
 
 log = logging.getLogger("gateway.workers")
 
@@ -72,6 +73,8 @@ _STABLE_AFTER = 60.0
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
                          b"proxy-authorization", b"proxy-authenticate", b"host", b"content-length",
                          b"date", b"server"})
+#: Headers only the parent sets (an outside client's are dropped).
+_OURS = frozenset({SECRET_HEADER.encode(), CLIENT_HEADER.encode()})
 #: Paths whose successful non-read requests cannot change the config: no reload round after them.
 _NOT_CONFIG = ("/api/dead-letters", "/api/login", "/api/logout", "/api/routes/validate", "/api/routes/test")
 
@@ -310,7 +313,10 @@ class Parent:
         query = scope.get("query_string", b"").decode("latin-1")
         url = owner.url + scope.get("raw_path", scope["path"].encode()).decode("latin-1") + (f"?{query}" if query
                                                                                           else "")
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in _HOP_BY_HOP]
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
+                   if k not in _HOP_BY_HOP and k not in _OURS]
+        client = scope.get("client") or ("", 0)
+        headers += [(SECRET_HEADER, owner.identity.secret), (CLIENT_HEADER, f"{client[0]} {client[1]}")]
         try:
             async with self._session.request(method, url, data=body, headers=headers, allow_redirects=False,
                                              timeout=aiohttp.ClientTimeout(total=300)) as resp:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 import textwrap
 from collections.abc import AsyncIterator
@@ -35,7 +36,7 @@ GATEWAY = str(Path(sys.executable).with_name("gateway"))
 class Workers:
     """A ``gateway run --workers N`` process and its admin port."""
 
-    def __init__(self, tmp_path: Path, body: str, workers: int = 2):
+    def __init__(self, tmp_path: Path, body: str, workers: int = 2, admin_host: str = "127.0.0.1"):
         self.admin = free_port()
         self.port = free_port()
         self.path = tmp_path / "routes.yaml"
@@ -43,7 +44,7 @@ class Workers:
         self.workers = workers
         self.path.write_text(
             "gateway:\n"
-            f'  admin: {{listen: "127.0.0.1:{self.admin}"}}\n'
+            f'  admin: {{listen: "{admin_host}:{self.admin}"}}\n'
             f'  spool: {{path: "{tmp_path / "spool.db"}", min_free_bytes: 0}}\n'
             f'  state_dir: "{tmp_path / "state"}"\n'
             "  drain: 5s\n"
@@ -114,8 +115,8 @@ def _state(pid: int) -> str:
 
 
 @asynccontextmanager
-async def workers(tmp_path: Path, body: str, n: int = 2) -> AsyncIterator[Workers]:
-    gw = Workers(tmp_path, body, n)
+async def workers(tmp_path: Path, body: str, n: int = 2, admin_host: str = "127.0.0.1") -> AsyncIterator[Workers]:
+    gw = Workers(tmp_path, body, n, admin_host)
     try:
         await gw.start()
         yield gw
@@ -260,3 +261,31 @@ async def test_an_idempotency_key_holds_across_workers(tmp_path: Path) -> None:
         assert len(jsonl(tmp_path / "out.jsonl")) == 1
         each = await gw.per_worker("gateway_messages_received_total", {"connector": "in"})
         assert sum(each) == 20 and 20 in each, f"one worker owns the key and routes every retry: {each}"
+
+
+def _own_address() -> str | None:
+    """An address of this machine other than loopback, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing address
+        except OSError:
+            return None
+        address: str = s.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+async def test_the_admin_api_behind_the_parent_sees_the_real_client(tmp_path: Path) -> None:
+    """No tokens: the admin API is open to loopback only. Every proxied request reaches worker 0
+    from the parent on 127.0.0.1; a client on another address must still be refused."""
+    address = _own_address()
+    if address is None:
+        pytest.skip("this machine has no address but loopback")
+    async with workers(tmp_path, REST_TO_FILE, admin_host="0.0.0.0") as gw:
+        async with gw.session.get(f"http://127.0.0.1:{gw.admin}/api/whoami") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["via"] == "loopback"
+        async with gw.session.get(f"http://{address}:{gw.admin}/api/whoami") as resp:
+            assert resp.status == 403
+        async with gw.session.get(f"http://{address}:{gw.admin}/api/whoami",
+                                  headers={"x-gateway-client": "127.0.0.1 1"}) as resp:
+            assert resp.status == 403, "a client cannot claim an address"
