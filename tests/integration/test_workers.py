@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.faultproxy import HttpSink
 from tests.gwtest import free_port, jsonl, wait_for
-from tests.integration.test_mqtt_amqp import mqtt_probe, require_port, unique
+from tests.integration.test_mqtt_amqp import amqp_channel, mqtt_probe, require_port, unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -289,3 +289,28 @@ async def test_the_admin_api_behind_the_parent_sees_the_real_client(tmp_path: Pa
         async with gw.session.get(f"http://{address}:{gw.admin}/api/whoami",
                                   headers={"x-gateway-client": "127.0.0.1 1"}) as resp:
             assert resp.status == 403, "a client cannot claim an address"
+
+
+async def test_amqp_consumers_compete_each_message_once(tmp_path: Path) -> None:
+    import aio_pika
+
+    queue = unique("workers")
+    body = f"""
+    connectors:
+      bus: {{type: amqp, queue: {{name: {queue}, queue_type: classic, durable: false}}, prefetch: 10}}
+      out: {{type: file, path: "TMP/out.jsonl"}}
+    routes:
+      - name: r
+        from: bus
+        to: [{{connector: out}}]
+    """
+    async with workers(tmp_path, body) as gw, amqp_channel() as channel:
+        for i in range(200):
+            await channel.default_exchange.publish(aio_pika.Message(json.dumps({"i": i}).encode(),
+                                                                    content_type="application/json"), queue)
+        await wait_for(lambda: len(jsonl(tmp_path / "out.jsonl")) >= 200, 20, what="200 messages")
+        await asyncio.sleep(0.5)  # a duplicate would arrive now
+        lines = jsonl(tmp_path / "out.jsonl")
+        assert sorted(json.loads(line["body"])["i"] for line in lines) == list(range(200))
+        each = await gw.per_worker("gateway_messages_received_total", {"connector": "bus"})
+        assert all(n > 0 for n in each), f"both workers consume from the queue: {each}"
