@@ -314,3 +314,26 @@ async def test_amqp_consumers_compete_each_message_once(tmp_path: Path) -> None:
         assert sorted(json.loads(line["body"])["i"] for line in lines) == list(range(200))
         each = await gw.per_worker("gateway_messages_received_total", {"connector": "bus"})
         assert all(n > 0 for n in each), f"both workers consume from the queue: {each}"
+
+
+async def test_two_workers_share_the_smtp_port(tmp_path: Path) -> None:
+    import smtplib
+
+    body = """
+    connectors:
+      mail-in: {type: smtp, listen: "127.0.0.1:PORT", recipients: ["example.com"]}
+      out: {type: file, path: "TMP/out.jsonl"}
+    routes:
+      - {name: mail, from: mail-in, to: [{connector: out}]}
+    """
+
+    def send(n: int) -> None:
+        for i in range(n):  # a connection each: the kernel deals connections, not messages
+            with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as s:
+                s.sendmail("a@client.test", ["b@example.com"], f"Subject: {i}\r\n\r\nmail {i}\r\n")
+
+    async with workers(tmp_path, body) as gw:
+        await asyncio.to_thread(send, 30)
+        await wait_for(lambda: len(jsonl(tmp_path / "out.jsonl")) == 30, 10, what="30 mails")
+        each = await gw.per_worker("gateway_messages_received_total", {"connector": "mail-in"})
+        assert all(n > 0 for n in each) and sum(each) == 30, each
