@@ -24,7 +24,7 @@ from typing import Any
 from gateway.config.loader import LoadedConfig, load_config
 from gateway.config.yamlsrc import ConfigError, load_data
 from gateway.registry import Registry
-from gateway.workers import WorkerIdentity, resolve_count
+from gateway.workers import EXIT_START_FAILED, WorkerIdentity, resolve_count
 
 
 def _default_config() -> str:
@@ -59,7 +59,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     if worker is not None:  # started by a parent: one of its workers
-        return int(runner(serve(args.config, worker=worker)))
+        code = int(runner(serve(args.config, worker=worker)))
+        return EXIT_START_FAILED if code == 1 else code
     count = resolve_count(args.workers if args.workers is not None else config.model.gateway.workers)
     if count > 1:
         from gateway.workers.parent import run_parent

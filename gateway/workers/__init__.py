@@ -34,6 +34,9 @@ _ENV_SECRET = "GATEWAY_WORKER_SECRET"  # noqa: S105 - the name of a variable, no
 
 #: The header a worker's forwarded message carries the secret in.
 SECRET_HEADER = "x-gateway-worker-secret"  # noqa: S105 - a header name
+#: A worker's exit code when it could not start (a port taken, a spool that cannot open): the
+#: parent gives up when a worker's first start ends so, as one process would exit 1.
+EXIT_START_FAILED = 3
 #: The client a proxied admin request came from (``host port``), which the parent tells its worker.
 CLIENT_HEADER = "x-gateway-client"
 #: Where a worker takes forwarded messages, on its private admin address.

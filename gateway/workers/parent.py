@@ -19,6 +19,8 @@ bounds and TLS) it answers:
 
 A worker that exits unasked is started again with the same index (its spool, its MQTT client id)
 after a backoff that grows from half a second to 30 s and resets once it has run for a minute.
+A worker whose first start fails (a port taken, a spool that cannot open) stops the gateway, which
+exits 1 as one process would.
 SIGTERM/SIGINT stop the workers (each drains as a single gateway does) and then the parent;
 SIGHUP is passed on to every worker.
 """
@@ -59,7 +61,7 @@ from gateway.http import (
 from gateway.logs import event
 from gateway.metrics import CONTENT_TYPE
 from gateway.tasks import Backoff
-from gateway.workers import CLIENT_HEADER, FORWARD_PATH, SECRET_HEADER, WorkerIdentity
+from gateway.workers import CLIENT_HEADER, EXIT_START_FAILED, FORWARD_PATH, SECRET_HEADER, WorkerIdentity
 
 log = logging.getLogger("gateway.workers")
 
@@ -154,6 +156,8 @@ class Parent:
         self._max_body = settings.admin.max_config_bytes + 64 * 1024
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        #: A worker's first start failed: the gateway stops and exits 1.
+        self._failed = False
 
     @property
     def stopping(self) -> bool:
@@ -178,7 +182,7 @@ class Parent:
         self._tasks = [asyncio.create_task(self._keep(w), name=f"worker-{w.identity.index}") for w in self.workers]
         await self._stop.wait()
         await self.stop()
-        return 0
+        return 1 if self._failed else 0
 
     async def _keep(self, w: _Worker) -> None:
         """Run worker ``w``, and again after a backoff each time it exits unasked."""
@@ -192,6 +196,13 @@ class Parent:
             event(log, "worker.started", worker=index, pid=w.proc.pid)
             code = await w.proc.wait()
             if self.stopping:
+                return
+            if code == EXIT_START_FAILED and w.restarts == 0:
+                # What stops a first start (a port taken, a spool that cannot open) is not cured
+                # by starting again: fail as one process would.
+                event(log, "worker.start_failed", logging.ERROR, worker=index, pid=w.proc.pid)
+                self._failed = True
+                self._stop.set()
                 return
             if time.monotonic() - started >= _STABLE_AFTER:
                 backoff.reset()

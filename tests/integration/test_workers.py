@@ -337,3 +337,16 @@ async def test_two_workers_share_the_smtp_port(tmp_path: Path) -> None:
         await wait_for(lambda: len(jsonl(tmp_path / "out.jsonl")) == 30, 10, what="30 mails")
         each = await gw.per_worker("gateway_messages_received_total", {"connector": "mail-in"})
         assert all(n > 0 for n in each) and sum(each) == 30, each
+
+
+async def test_a_port_taken_at_start_fails_the_gateway_as_one_process_would(tmp_path: Path) -> None:
+    gw = Workers(tmp_path, REST_TO_FILE)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", gw.port))
+        taken.listen()
+        proc = await asyncio.create_subprocess_exec(GATEWAY, "run", "--config", str(gw.path), "--workers", "2",
+                                                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    await gw.session.close()
+    assert proc.returncode == 1
+    assert b"worker.start_failed" in err
