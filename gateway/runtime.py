@@ -73,7 +73,7 @@ class Runtime:
         self.worker = worker
         settings = config.model.gateway
         spool_settings = settings.spool
-        if worker is not None and spool_settings.type == "sqlite":
+        if worker is not None:  # its own file (with the RabbitMQ spool: its dead letters and keys)
             spool_settings = spool_settings.model_copy(update={"path": worker.own_file(spool_settings.path)})
         self.spool = make_spool(spool_settings)
         self.http = HttpHub(logging.getLogger("gateway.http"), settings.http, reuse_port=worker is not None)

@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.faultproxy import HttpSink
 from tests.gwtest import free_port, jsonl, wait_for
+from tests.integration.test_durability_rabbit import URL, delete_topology, prefix  # noqa: F401 - fixture
 from tests.integration.test_mqtt_amqp import amqp_channel, mqtt_probe, require_port, unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -36,7 +37,8 @@ GATEWAY = str(Path(sys.executable).with_name("gateway"))
 class Workers:
     """A ``gateway run --workers N`` process and its admin port."""
 
-    def __init__(self, tmp_path: Path, body: str, workers: int = 2, admin_host: str = "127.0.0.1"):
+    def __init__(self, tmp_path: Path, body: str, workers: int = 2, admin_host: str = "127.0.0.1",
+                 spool: str = ""):
         self.admin = free_port()
         self.port = free_port()
         self.path = tmp_path / "routes.yaml"
@@ -45,7 +47,7 @@ class Workers:
         self.path.write_text(
             "gateway:\n"
             f'  admin: {{listen: "{admin_host}:{self.admin}"}}\n'
-            f'  spool: {{path: "{tmp_path / "spool.db"}", min_free_bytes: 0}}\n'
+            f'  spool: {{path: "{tmp_path / "spool.db"}", min_free_bytes: 0{spool}}}\n'
             f'  state_dir: "{tmp_path / "state"}"\n'
             "  drain: 5s\n"
             + textwrap.dedent(body).replace("PORT", str(self.port)).replace("TMP", str(tmp_path)))
@@ -115,8 +117,9 @@ def _state(pid: int) -> str:
 
 
 @asynccontextmanager
-async def workers(tmp_path: Path, body: str, n: int = 2, admin_host: str = "127.0.0.1") -> AsyncIterator[Workers]:
-    gw = Workers(tmp_path, body, n, admin_host)
+async def workers(tmp_path: Path, body: str, n: int = 2, admin_host: str = "127.0.0.1",
+                  spool: str = "") -> AsyncIterator[Workers]:
+    gw = Workers(tmp_path, body, n, admin_host, spool)
     try:
         await gw.start()
         yield gw
@@ -171,6 +174,21 @@ async def test_a_reload_through_the_admin_api_reaches_every_worker(tmp_path: Pat
 
 
 async def test_a_killed_worker_is_restarted_and_delivers_its_spool(tmp_path: Path) -> None:
+    await _kill_a_worker(tmp_path, "")
+
+
+async def test_a_killed_worker_with_the_rabbitmq_spool_loses_nothing(
+        tmp_path: Path, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811 - fixture
+    monkeypatch.setenv("SPOOL_AMQP_URL", URL)
+    try:
+        await _kill_a_worker(tmp_path, f', type: rabbitmq, url: "${{SPOOL_AMQP_URL}}", queue_prefix: {prefix}')
+    finally:
+        await delete_topology(prefix, ["sink"])
+
+
+async def _kill_a_worker(tmp_path: Path, spool: str) -> None:
+    """40 messages acknowledged while the sink fails, worker 1 killed with SIGKILL and restarted
+    by the parent; once the sink recovers, every acknowledged message reaches it."""
     async with HttpSink() as sink:
         sink.status = 503  # every send fails: acknowledged messages wait in the spools
         body = f"""
@@ -184,7 +202,7 @@ async def test_a_killed_worker_is_restarted_and_delivers_its_spool(tmp_path: Pat
             to: [{{connector: sink, path: /got}}]
             on_failure: {{retry: {{attempts: 1000, initial: 0.05, max: 0.3, max_age: 1h}}}}
         """
-        async with workers(tmp_path, body) as gw:
+        async with workers(tmp_path, body, spool=spool) as gw:
             statuses = await gw.post(40)
             assert statuses == [202] * 40
             doomed = (await gw.readyz())["workers"][1]
