@@ -130,6 +130,10 @@ class Metrics:
             "gateway_config_reloads_total", "Config reload attempts (outcome: applied, invalid, failed).",
             ["outcome"], registry=r)
         self.ready = Gauge("gateway_ready", "1 when the gateway reports ready.", registry=r)
+        self.forwarded = Counter(
+            "gateway_messages_forwarded_total",
+            "Messages a worker process took and handed to the worker that owns their state (gateway.workers).",
+            ["connector"], registry=r)
         self.loop_lag = Histogram(
             "gateway_event_loop_lag_seconds",
             "How much later than asked the event loop ran the watchdog's timer (ten times a second): "

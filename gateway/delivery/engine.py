@@ -163,7 +163,9 @@ class Delivery:
             if owner != self.worker:
                 # Counted by the worker that decides it, so that the workers' metrics add up.
                 try:
-                    return await self.forward(env, owner)
+                    outcome = await self.forward(env, owner)
+                    self.metrics.forwarded.labels(env.source).inc()
+                    return outcome
                 except Exception as exc:
                     self.metrics.received.labels(env.source).inc()
                     return self._answer(env, self._refuse(env, "worker", "cannot decide the message now",

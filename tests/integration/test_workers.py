@@ -260,6 +260,7 @@ async def test_a_storm_dedupe_holds_across_workers(tmp_path: Path) -> None:
         statuses = await gw.post(40, key="same")
         assert all(s in (200, 202) for s in statuses), statuses
         each = await gw.per_worker("gateway_inbound_outcomes_total", {"connector": "in"})
+        assert (await gw.per_worker("gateway_messages_forwarded_total", {"connector": "in"}))[1] > 0
         await asyncio.sleep(0.5)
         assert len(jsonl(tmp_path / "out.jsonl")) == 1, "one message passes the dedupe, whichever worker took it"
         assert sum(each) == 40
@@ -368,3 +369,30 @@ async def test_a_port_taken_at_start_fails_the_gateway_as_one_process_would(tmp_
     await gw.session.close()
     assert proc.returncode == 1
     assert b"worker.start_failed" in err
+
+
+async def test_a_throttle_digest_counts_the_messages_of_both_workers(tmp_path: Path) -> None:
+    body = """
+    connectors:
+      in: {type: rest, listen: "127.0.0.1:PORT", auth: {type: none}, endpoints: [{path: "/in/**", methods: [POST]}]}
+      out: {type: file, path: "TMP/out.jsonl"}
+    routes:
+      - name: alerts
+        from: in
+        throttle: {key: "{{ data.key }}", limit: 1, window: 3s, then: digest}
+        to:
+          - connector: out
+            format: body
+            body: >-
+              {% if data.digest is defined %}digest count={{ data.digest.count }}{% else %}alert{% endif %}
+    """
+    async with workers(tmp_path, body) as gw:
+        assert await gw.post(30, key="boiler-7") == [202] * 30
+        each = await gw.per_worker("gateway_inbound_outcomes_total", {"connector": "in", "outcome": "accepted"})
+        forwarded = await gw.per_worker("gateway_messages_forwarded_total", {"connector": "in"})
+        assert forwarded[0] == 0 and forwarded[1] > 0, f"worker 1 took some and handed them to worker 0: {forwarded}"
+        assert each == [30, 0], "worker 0 decided them all"
+        await wait_for(lambda: len((tmp_path / "out.jsonl").read_text().splitlines()) >= 2
+                       if (tmp_path / "out.jsonl").exists() else False, 15, what="the alert and its digest")
+        await asyncio.sleep(0.5)
+        assert (tmp_path / "out.jsonl").read_text().splitlines() == ["alert", "digest count=29"]
