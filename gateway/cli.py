@@ -1,6 +1,6 @@
 """The ``gateway`` command.
 
-    gateway run [--config routes.yaml]
+    gateway run [--config routes.yaml] [--workers N|auto]
     gateway validate FILE [--json]
     gateway schema
     gateway routes test FILE (--message SAMPLE | --tests TESTS)
@@ -24,6 +24,7 @@ from typing import Any
 from gateway.config.loader import LoadedConfig, load_config
 from gateway.config.yamlsrc import ConfigError, load_data
 from gateway.registry import Registry
+from gateway.workers import EXIT_START_FAILED, WorkerIdentity, resolve_count
 
 
 def _default_config() -> str:
@@ -48,14 +49,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_issues(exc, False)
         return 1
-    logs.setup(config.model.gateway.log.level, config.model.gateway.log.format)
+    worker = WorkerIdentity.from_env()
+    logs.setup(config.model.gateway.log.level, config.model.gateway.log.format,
+               worker=worker.index if worker is not None else None)
     try:
         import uvloop
 
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover
         runner = asyncio.run
+    if worker is not None:  # started by a parent: one of its workers
+        code = int(runner(serve(args.config, worker=worker)))
+        return EXIT_START_FAILED if code == 1 else code
+    count = resolve_count(args.workers if args.workers is not None else config.model.gateway.workers)
+    if count > 1:
+        from gateway.workers.parent import run_parent
+
+        return int(runner(run_parent(args.config, config, count)))
     return int(runner(serve(args.config)))
+
+
+def _workers_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if value.isdigit() and 1 <= int(value) <= 256:
+        return int(value)
+    raise argparse.ArgumentTypeError("a number of worker processes (1-256) or auto")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -223,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the gateway")
     run.add_argument("--config", "-c", default=_default_config(), help="routes.yaml (default: $GATEWAY_CONFIG "
                      "or ./routes.yaml)")
+    run.add_argument("--workers", "-w", type=_workers_arg, default=None,
+                     help="worker processes: a number, or auto for the usable cores (default: gateway.workers, 1)")
     run.set_defaults(fn=cmd_run)
 
     val = sub.add_parser("validate", help="check a routes.yaml; exit 1 with every problem and its line")

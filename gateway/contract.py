@@ -248,6 +248,12 @@ class ConnectorContext:
     #: durably stored (then acknowledge), or RETRY when it could not be (do not acknowledge).
     #: ``reason`` is a short label (``too_large``); ``error`` the human-readable detail.
     dead_letter: Callable[[Envelope, str, str], Awaitable[Outcome]] | None = None
+    #: This process's index among the gateway's worker processes (``gateway.workers``), and how
+    #: many there are: a connector whose inbound side is shared (:attr:`Connector.shares_inbound`)
+    #: gives each worker its own identity at the peer (an MQTT client id) and binds ports with
+    #: ``SO_REUSEPORT`` when ``workers > 1``.
+    worker: int = 0
+    workers: int = 1
 
 
 class Connector:
@@ -278,6 +284,11 @@ class Connector:
     #: Spooled jobs for this connector go to :meth:`send_batch` several at a time (when more than
     #: one is due), not to :meth:`send` one by one.
     batches: ClassVar[bool] = False
+    #: Several worker processes (``gateway.workers``) may take this kind's inbound messages at
+    #: once: a port shared with ``SO_REUSEPORT``, an MQTT shared subscription, competing AMQP
+    #: consumers. A kind that is not shared (a mailbox poller, one XMPP session) listens in worker
+    #: 0 only; every worker still sends with it.
+    shares_inbound: ClassVar[bool] = False
     #: Subject matching style for routes reading from this kind: "topic" (MQTT + and #),
     #: "dotted" (AMQP * and #) or "glob" (paths, mail addresses).
     subject_syntax: ClassVar[str] = "glob"

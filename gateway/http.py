@@ -421,8 +421,12 @@ class _Listener:
 class HttpHub:
     """Implements :class:`gateway.contract.HttpMount`."""
 
-    def __init__(self, log: logging.Logger, limits: Mapping[str, HttpListenerSettings] | None = None):
+    def __init__(self, log: logging.Logger, limits: Mapping[str, HttpListenerSettings] | None = None, *,
+                 reuse_port: bool = False):
         self.log = log
+        #: Bind with ``SO_REUSEPORT``: the gateway's worker processes share each port, and the
+        #: kernel spreads new connections between them (``gateway.workers``).
+        self.reuse_port = reuse_port
         self._listeners: dict[str, _Listener] = {}
         #: Bounds per listen address (``gateway.http``), keyed by (host, port) so that
         #: ``":8080"`` and ``"0.0.0.0:8080"`` name one listener.
@@ -488,6 +492,8 @@ class HttpHub:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:

@@ -47,10 +47,24 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup(level: str = "info", fmt: str = "auto") -> None:
+class _WorkerField(logging.Filter):
+    """Adds ``worker=<index>`` to every line of a worker process (they share the parent's stderr)."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.fields = {**(getattr(record, "fields", None) or {}), "worker": self.index}
+        return True
+
+
+def setup(level: str = "info", fmt: str = "auto", *, worker: int | None = None) -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
+    if worker is not None:
+        handler.addFilter(_WorkerField(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -42,7 +42,8 @@ ROUTE_DEAD_LETTER_REASONS = ("permanent", "attempts", "max_age", "template", "pa
 #: ... and of ``route=""``: unmatched messages, digests of a removed route.
 UNMATCHED_DEAD_LETTER_REASONS = ("unmatched", "orphaned")
 #: ``gateway_backpressure_refusals_total{reason}``: why a message was refused with a temporary error.
-REFUSAL_REASONS = ("backlog", "age", "pending", "inflight", "disk", "spool_error", "shutdown", "storm_state")
+REFUSAL_REASONS = ("backlog", "age", "pending", "inflight", "disk", "spool_error", "shutdown", "storm_state",
+                   "worker")
 #: ``gateway_delivery_dropped_total{reason}``: why a delivery on a route with ``dead_letter: false`` ended.
 DROP_REASONS = ("permanent", "attempts", "max_age", "connector_missing")
 #: ``gateway_config_reloads_total{outcome}``.
@@ -131,6 +132,10 @@ class Metrics:
             "gateway_config_reloads_total", "Config reload attempts (outcome: applied, invalid, failed).",
             ["outcome"], registry=r)
         self.ready = Gauge("gateway_ready", "1 when the gateway reports ready.", registry=r)
+        self.forwarded = Counter(
+            "gateway_messages_forwarded_total",
+            "Messages a worker process took and handed to the worker that owns their state (gateway.workers).",
+            ["connector"], registry=r)
         self.loop_lag = Histogram(
             "gateway_event_loop_lag_seconds",
             "How much later than asked the event loop ran the watchdog's timer (ten times a second): "

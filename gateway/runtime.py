@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -43,6 +44,8 @@ from gateway.reload import Reloader, ReloadFailed, ReloadRefused, inbound_names,
 from gateway.supervisor import ConnectorSlot, Supervisor
 from gateway.tracing import build as build_tracing
 from gateway.watchdog import LoopWatchdog
+from gateway.workers import FORWARD_PATH, WorkerIdentity
+from gateway.workers.forward import Forwarder, ParentMount, receiver
 
 if TYPE_CHECKING:
     from gateway.routing.storm import StormControl
@@ -61,28 +64,46 @@ class Runtime:
     :class:`~gateway.reload.Reloader`, started and stopped in the order above."""
 
     def __init__(self, config: LoadedConfig, *, registry: Registry | None = None, config_path: str | None = None,
-                 log: logging.Logger | None = None):
+                 log: logging.Logger | None = None, worker: WorkerIdentity | None = None):
         self.config = config
         self.registry = registry or Registry()
         self.config_path = config_path
         self.log = log or logging.getLogger("gateway")
         self.metrics = Metrics()
+        #: Which of the gateway's worker processes this is (None: the only process).
+        self.worker = worker
         settings = config.model.gateway
-        self.spool = make_spool(settings.spool)
-        self.http = HttpHub(logging.getLogger("gateway.http"), settings.http)
+        spool_settings = settings.spool
+        if worker is not None:  # its own file (with the RabbitMQ spool: its dead letters and keys)
+            spool_settings = spool_settings.model_copy(update={"path": worker.own_file(spool_settings.path)})
+        self.spool = make_spool(spool_settings)
+        self.http = HttpHub(logging.getLogger("gateway.http"), settings.http, reuse_port=worker is not None)
         self.delivery = Delivery(
             state=RoutingState(config.router, settings.unmatched, config.version),
             connector=self._connector_for_send, spool=self.spool, metrics=self.metrics,
             log=logging.getLogger("gateway.delivery"), options=DeliveryOptions.from_settings(settings.spool),
         )
         self.supervisor = Supervisor(http=self.http, delivery=self.delivery, spool=self.spool,
-                                     accepting=self.accepting, log=self.log)
+                                     accepting=self.accepting, log=self.log,
+                                     worker=worker.index if worker else 0, workers=worker.count if worker else 1)
+        self._forwarder: Forwarder | None = None
+        if worker is not None:
+            self._forwarder = Forwarder(worker.peers, worker.secret)
+            self.delivery.forward = self._forwarder
+            self.delivery.worker, self.delivery.workers = worker.index, worker.count
+            self.http.mount(worker.admin_listen, FORWARD_PATH,
+                            receiver(functools.partial(self.delivery.deliver, here=True), worker.secret),
+                            owner="workers")
         self.started_at = time.time()
         self.stopping = False
         self._stop_event = asyncio.Event()
         self._gauge_task: asyncio.Task[None] | None = None
         self.storm: StormControl | None = None
-        self.reloader = Reloader(self)
+        # The admin API (worker 0's, behind the parent) shows the history: the other workers,
+        # which apply the same versions, keep theirs apart rather than write into one index.
+        history = (os.path.join(settings.state_dir, f".history.w{worker.index}")
+                   if worker is not None and worker.index else None)
+        self.reloader = Reloader(self, history_dir=history)
         self.watchdog = LoopWatchdog(self.metrics.loop_lag, logging.getLogger("gateway.loop"),
                                      warn_after=settings.loop_warn_after)
 
@@ -151,7 +172,8 @@ class Runtime:
         from gateway.delivery.stormstore import SqliteStormStore
         from gateway.routing.storm import StormControl
 
-        self.storm = StormControl(SqliteStormStore(os.path.join(self.config.model.gateway.state_dir, "storm.db")),
+        store = os.path.join(self.config.model.gateway.state_dir, "storm.db")
+        self.storm = StormControl(SqliteStormStore(self.worker.own_file(store) if self.worker else store),
                                   self.delivery.emit_digest)
         await self.storm.open()
         self.delivery.storm = self.storm
@@ -214,6 +236,8 @@ class Runtime:
         await self.delivery.drain(deadline)
         await self.http.stop()
         await self.supervisor.close()
+        if self._forwarder is not None:
+            await self._forwarder.close()
         if self._gauge_task:
             self._gauge_task.cancel()
         await self.spool.close()
@@ -323,11 +347,12 @@ class RuntimeAdmin:
         return await self._rt.spool.purge(ids, flt)
 
 
-async def serve(config_path: str, registry: Registry | None = None) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads the config. Returns the exit code."""
+async def serve(config_path: str, registry: Registry | None = None, worker: WorkerIdentity | None = None) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the config. Returns the exit code. A worker process
+    (``worker``) serves its admin API on its private address, for the parent to proxy."""
     registry = registry or Registry()
     config = load_config(config_path, registry)
-    runtime = Runtime(config, registry=registry, config_path=config_path)
+    runtime = Runtime(config, registry=registry, config_path=config_path, worker=worker)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, runtime.request_stop)
@@ -341,7 +366,10 @@ async def serve(config_path: str, registry: Registry | None = None) -> int:
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
-        mount_admin(RuntimeAdmin(runtime), runtime.http)
+        if worker is None:
+            mount_admin(RuntimeAdmin(runtime), runtime.http)
+        else:  # behind the parent's admin port, which says who the client is
+            mount_admin(RuntimeAdmin(runtime), ParentMount(runtime.http, worker.secret), listen=worker.admin_listen)
         await runtime.start()
     except Exception as exc:
         event(runtime.log, "gateway.start_failed", logging.ERROR, error=str(exc))
@@ -349,8 +377,11 @@ async def serve(config_path: str, registry: Registry | None = None) -> int:
         return 1
     _tune_gc()
     watcher = asyncio.create_task(_watch(runtime, config_path), name="config-watch")
+    orphaned = asyncio.create_task(_orphan_watch(runtime), name="orphan-watch") if worker else None
     await runtime.wait()
     watcher.cancel()
+    if orphaned is not None:
+        orphaned.cancel()
     await runtime.stop()
     return 0
 
@@ -371,6 +402,16 @@ def _tune_gc() -> None:
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(_GC_YOUNG, older, oldest)
+
+
+async def _orphan_watch(runtime: Runtime) -> None:
+    """A worker whose parent died (killed with SIGKILL: it could not stop its workers) stops
+    itself, draining as on SIGTERM, rather than hold the ports and spool a new parent needs."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    event(runtime.log, "worker.orphaned", logging.WARNING, parent=parent)
+    runtime.request_stop()
 
 
 async def _watch(runtime: Runtime, path: str) -> None:

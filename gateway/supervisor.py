@@ -82,8 +82,10 @@ class Supervisor:
     """
 
     def __init__(self, *, http: HttpHub, delivery: Delivery, spool: SpoolBackend,
-                 accepting: Callable[[], bool], log: logging.Logger):
+                 accepting: Callable[[], bool], log: logging.Logger, worker: int = 0, workers: int = 1):
         self.http = http
+        #: This process's index among the gateway's worker processes, and their number.
+        self.worker, self.workers = worker, workers
         self.delivery = delivery
         self.spool = spool
         self.accepting = accepting
@@ -94,6 +96,15 @@ class Supervisor:
         self.stopping = False
         self._rng = random.Random()
 
+    def _inbound_here(self, config: LoadedConfig) -> set[str]:
+        """The route sources that listen in this process: all of them in worker 0, only those
+        whose kind shares its inbound side (:attr:`~gateway.contract.Connector.shares_inbound`)
+        in the other workers (two processes polling one mailbox would take each mail twice)."""
+        names = inbound_names(config)
+        if self.worker == 0:
+            return set(names)
+        return {n for n in names if config.kinds[n].shares_inbound}
+
     def connector(self, name: str) -> Connector | None:
         slot = self.slots.get(name)
         return slot.connector if slot is not None else None
@@ -103,7 +114,8 @@ class Supervisor:
         state_dir = os.path.join(config.model.gateway.state_dir, name)
         ctx = ConnectorContext(name=name, logger=logging.getLogger(f"gateway.connector.{name}"),
                                http=http or self.http, state_dir=state_dir, accepting=self.accepting,
-                               dead_letter=self.delivery.dead_letter_inbound)
+                               dead_letter=self.delivery.dead_letter_inbound, worker=self.worker,
+                               workers=self.workers)
         return cls(config.connectors[name], ctx)
 
     # --- start and stop ------------------------------------------------------------------------
@@ -112,7 +124,7 @@ class Supervisor:
         """Make every connector of ``config``, open them all (outbound first: every connector opens
         before any inbound listens), start delivery to the outbound ones, then listen; returns once
         the inbound ones have settled (up or down) or after about a second."""
-        inbound = inbound_names(config)
+        inbound = self._inbound_here(config)
         for name in config.connectors:
             self.slots[name] = ConnectorSlot(name, self.make(name, config), inbound=name in inbound)
         await asyncio.gather(*(self.open(slot) for slot in self.slots.values()))
@@ -198,7 +210,7 @@ class Supervisor:
         and before those drain. Unchanged connectors are not touched. Returns the slots that
         (re)started or started listening, each in the state it reached.
         """
-        new_in = inbound_names(new)
+        new_in = self._inbound_here(new)
         # 1. Added connectors open first: the new routes may name them from the first message on.
         added = {n: ConnectorSlot(n, self.make(n, new, http=self.mounts.for_connector()), inbound=n in new_in)
                  for n in sorted(plan.added)}
@@ -229,7 +241,7 @@ class Supervisor:
         # 5. Listen: replacements, additions, and unchanged connectors that became a route's source.
         for name in sorted(set(fresh) | plan.start_listening):
             slot = self.slots[name]
-            if name in plan.start_listening:
+            if name in plan.start_listening and name in new_in:
                 slot.inbound = True
             if slot.inbound and slot.state != "down" and (slot.task is None or slot.task.done()):
                 self.listen(slot)

@@ -66,6 +66,7 @@ __all__ = ["AmqpConfig", "AmqpConnector", "AmqpTarget"]
 # resume and reset all three.
 class AmqpConnector(AmqpInbound, AmqpOutbound):
     kind = "amqp"
+    shares_inbound = True
     Config = AmqpConfig
     Options = AmqpTarget
     supports_inbound = True

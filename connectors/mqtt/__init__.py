@@ -78,6 +78,7 @@ __all__ = ["MqttConfig", "MqttConnector", "MqttTarget"]
 # callbacks touch all three.
 class MqttConnector(MqttInbound, MqttOutbound):
     kind = "mqtt"
+    shares_inbound = True
     Config = MqttConfig
     Options = MqttTarget
     supports_inbound = True

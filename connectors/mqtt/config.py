@@ -55,12 +55,14 @@ class MqttConfig(BrokerConfig):
     url: str = "mqtt://127.0.0.1:1883"
     protocol: Literal["3.1.1", "5"] = "5"
     #: Fixed client id so the broker keeps the session across restarts. Default:
-    #: ``gateway-<connector name>``; give each replica its own (and use ``share``).
+    #: ``gateway-<connector name>``; give each replica its own (and use ``share``). With several
+    #: worker processes (``gateway.workers``) each adds ``-w<index>`` to it.
     client_id: str | None = None
     tls: MqttTls | None = None
     #: Topic filters (``+``/``#`` wildcards) to receive from, as strings or {filter, qos}.
     subscribe: list[str | Subscription] = Field(default_factory=list)
     #: Shared-subscription group: subscribe as ``$share/<group>/<filter>`` so replicas split the load.
+    #: With several worker processes and no group here, they share ``gateway-<connector name>``.
     share: str | None = None
     #: Default QoS for subscriptions and publishes.
     qos: Literal[0, 1, 2] = 1
@@ -127,13 +129,15 @@ class MqttConfig(BrokerConfig):
     def port(self) -> int:
         return urlsplit(self.url).port or (8883 if self.use_tls else 1883)
 
-    def subscriptions(self) -> list[tuple[str, int]]:
-        """(full filter incl. ``$share/...``, qos) for every configured subscription."""
+    def subscriptions(self, share: str | None = None) -> list[tuple[str, int]]:
+        """(full filter incl. ``$share/...``, qos) for every configured subscription; ``share`` is
+        the group when ``share:`` is not configured (the worker processes of one gateway)."""
         out: list[tuple[str, int]] = []
+        group = self.share or share
         for item in self.subscribe:
             f, q = (item, None) if isinstance(item, str) else (item.filter, item.qos)
-            if self.share:
-                f = f"$share/{self.share}/{f}"
+            if group:
+                f = f"$share/{group}/{f}"
             out.append((f, self.qos if q is None else q))
         return out
 

@@ -42,7 +42,9 @@ class MqttConnection(BrokerConnector):
         super().__init__(config, ctx)
         assert isinstance(config, MqttConfig)
         self.cfg = config
-        self.client_id = config.client_id or f"gateway-{ctx.name}"
+        base = config.client_id or f"gateway-{ctx.name}"
+        # The broker allows one session per client id: each worker process needs its own.
+        self.client_id = f"{base}-w{ctx.worker}" if ctx.workers > 1 else base
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._client: GatewayClient | None = None

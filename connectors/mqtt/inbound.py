@@ -67,7 +67,8 @@ class MqttInbound(MqttConnection):
     def _subscribe(self) -> None:
         """Send one SUBSCRIBE for every filter; :meth:`health` stays down until its SUBACK."""
         client = self._client_or_fail()
-        subs = self.cfg.subscriptions()
+        # Several worker processes split the messages of one shared subscription between them.
+        subs = self.cfg.subscriptions(f"gateway-{self.name}" if self.ctx.workers > 1 else None)
         self._sub_pending.clear()
         self._sub_confirmed = False
         self._sub_error = ""

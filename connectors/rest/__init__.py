@@ -41,6 +41,7 @@ __all__ = ["Endpoint", "InboundAuth", "OutboundAuth", "RestConfig", "RestConnect
 # session. They share nothing but the config; this class adds the lifecycle of both.
 class RestConnector(RestInbound, RestOutbound):
     kind = "rest"
+    shares_inbound = True
     Config = RestConfig
     Options = RestTarget
     supports_inbound = True

@@ -77,6 +77,7 @@ __all__ = ["SmtpConfig", "SmtpConnector", "SmtpTarget"]
 
 class SmtpConnector(Connector):
     kind = "smtp"
+    shares_inbound = True
     parsers = PARSERS
     Config = SmtpConfig
     Options = SmtpTarget
@@ -110,7 +111,8 @@ class SmtpConnector(Connector):
         if self._listener is not None and self._listener.serving:
             return
         try:
-            listener = Listener(self.cfg, self.name, self.log, deliver, self.ctx.accepting)
+            listener = Listener(self.cfg, self.name, self.log, deliver, self.ctx.accepting,
+                                workers=self.ctx.workers)
             await listener.start()
         except OSError as exc:  # port taken, certificate unreadable: the supervisor retries
             raise TransientError(f"cannot listen on {self.cfg.listen}: {exc}") from exc

@@ -65,8 +65,10 @@ class Listener:
     """The listening socket, its sessions, and the hand-off of each message to the gateway."""
 
     def __init__(self, cfg: SmtpConfig, name: str, log: logging.Logger, deliver: Deliver,
-                 accepting: Callable[[], bool] = lambda: True):
+                 accepting: Callable[[], bool] = lambda: True, workers: int = 1):
         self.cfg = cfg
+        #: Worker processes of the gateway (``gateway.workers``): more than one share the port.
+        self.workers = workers
         #: The gateway can take responsibility now (spool has room); checked at MAIL.
         self.accepting = accepting
         self.name = name
@@ -94,7 +96,8 @@ class Listener:
         implicit = self.tls_context if self.cfg.implicit_tls else None
         self.server = await loop.create_server(
             self._protocol, host.strip("[]"), int(port), ssl=implicit,
-            ssl_handshake_timeout=self.cfg.idle_timeout if implicit else None, reuse_address=True)
+            ssl_handshake_timeout=self.cfg.idle_timeout if implicit else None, reuse_address=True,
+            reuse_port=self.workers > 1)  # worker processes share the port (gateway.workers)
         event(self.log, "smtp.listening", connector=self.name, listen=self.cfg.listen,
               tls="implicit" if implicit else f"starttls-{self.cfg.inbound_starttls}",
               auth="required" if self.users is not None else "off")

@@ -33,6 +33,7 @@ _WSDL_FETCH_LIMIT = 5 * 1024 * 1024
 
 class SoapConnector(Connector):
     kind = "soap"
+    shares_inbound = True
     Config = SoapConfig
     Options = SoapTarget
     supports_inbound = True

@@ -72,8 +72,9 @@ def build_admin(runtime: AdminPort, live: LiveLog | None = None) -> FastAPI:
     return app
 
 
-def mount_admin(runtime: AdminPort, http: HttpMount) -> None:
-    """Serve the admin app on ``gateway.admin.listen`` through ``http`` (before the listeners start)."""
+def mount_admin(runtime: AdminPort, http: HttpMount, *, listen: str | None = None) -> None:
+    """Serve the admin app on ``gateway.admin.listen`` (or ``listen``: a worker process's private
+    address) through ``http`` (before the listeners start)."""
     live = LiveLog()
     runtime.observe(live.observe)
-    http.mount(runtime.config.model.gateway.admin.listen, "/", build_admin(runtime, live), owner="admin")
+    http.mount(listen or runtime.config.model.gateway.admin.listen, "/", build_admin(runtime, live), owner="admin")

@@ -286,6 +286,18 @@ class GatewaySettings(Strict):
     templates: TemplateSettings = Field(default_factory=TemplateSettings)
     #: OpenTelemetry spans (:class:`TracingSettings`).
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    #: Worker processes, each a whole gateway on its own core (docs/workers.md): a number, or
+    #: ``auto`` for the cores this process may use (CPU affinity bounded by the cgroup's CPU
+    #: quota, i.e. a pod's CPU limit). 1 (the default) is one process and no parent.
+    #: ``gateway run --workers`` overrides it.
+    workers: int | Literal["auto"] = 1
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 256:
+            raise ValueError("workers must be between 1 and 256, or auto")
+        return v
 
     @field_validator("http")
     @classmethod

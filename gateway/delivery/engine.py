@@ -37,7 +37,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +106,13 @@ class Delivery:
         self._forgot_at = 0.0
         #: Alert-storm control, set by the runtime.
         self.storm: StormControl | None = None
+        #: Set by the runtime in each of several worker processes (see :mod:`gateway.workers`):
+        #: ``forward(envelope, worker)`` routes a message in the worker that owns its state and
+        #: returns that worker's outcome, or raises when it cannot be reached (the sender is then
+        #: asked to retry). ``worker`` is this process's index, ``workers`` how many there are.
+        self.forward: Callable[[Envelope, int], Awaitable[Outcome]] | None = None
+        self.worker, self.workers = 0, 1
+        self._storm_routes: tuple[RoutingState | None, bool] = (None, False)
         self._observers: list[Callable[[Envelope, RoutingState, Outcome], None]] = []
         #: The trace context of every hop (and its spans, with ``gateway.tracing``): set by the runtime.
         self.tracing = self.dispatcher.tracing = Tracing()
@@ -125,11 +133,13 @@ class Delivery:
 
     # --- the Deliver callable ----------------------------------------------------------
 
-    async def deliver(self, env: Envelope) -> Outcome:
+    async def deliver(self, env: Envelope, *, here: bool = False) -> Outcome:
+        """Route ``env`` and answer its outcome. ``here``: a message another worker forwarded,
+        routed in this one whatever its owner (the sender chose this worker as the owner)."""
         env, hop = self.tracing.received(env)  # the gateway's own hop: a child of the sender's context
         state = self.state  # one snapshot: this message finishes on the routes it started with
         try:
-            outcome = await self._deliver(env, state)
+            outcome = await self._deliver(env, state, here)
         except Exception as exc:  # never let a bug become a protocol-level 500 with internals
             self.log.exception("delivery.bug", extra={"fields": {"envelope_id": env.id}})
             outcome = self._answer(env, Outcome.retry(env.id, f"internal error ({type(exc).__name__})"))
@@ -141,9 +151,9 @@ class Delivery:
                 self.log.exception("delivery.observer_failed", extra={"fields": {"envelope_id": env.id}})
         return outcome
 
-    async def _deliver(self, env: Envelope, state: RoutingState) -> Outcome:
-        self.metrics.received.labels(env.source).inc()
+    async def _deliver(self, env: Envelope, state: RoutingState, here: bool = False) -> Outcome:
         if self._closing:
+            self.metrics.received.labels(env.source).inc()
             return self._answer(env, self._refuse(env, "shutdown", "gateway is shutting down"))
         if len(env.body) > PARSE_INLINE_BYTES and state.router.reads_data(env.source):
             # Routing reads ``data`` without awaiting: parse a large body first, JSON in steps that
@@ -155,9 +165,38 @@ class Delivery:
             elif "data" not in env.__dict__:
                 await asyncio.to_thread(env.data_or_none)
         key = env.attributes.get("idempotency_key")
+        if self.forward is not None and not here:
+            owner = self._owner(env, state, key if isinstance(key, str) and key else None)
+            if owner != self.worker:
+                # Counted by the worker that decides it, so that the workers' metrics add up.
+                try:
+                    outcome = await self.forward(env, owner)
+                    self.metrics.forwarded.labels(env.source).inc()
+                    return outcome
+                except Exception as exc:
+                    self.metrics.received.labels(env.source).inc()
+                    return self._answer(env, self._refuse(env, "worker", "cannot decide the message now",
+                                                          error=f"worker {owner}: {exc}", retry_after=1))
+        self.metrics.received.labels(env.source).inc()
         if isinstance(key, str) and key:
             return self._answer(env, await self._deliver_once(env, state, key))
         return self._answer(env, await self._route(env, state, None))
+
+    def _owner(self, env: Envelope, state: RoutingState, key: str | None) -> int:
+        """The worker whose state decides ``env``: worker 0 holds all storm state (dedupe, throttle,
+        digest, alarm), so a message a storm-controlled route selects is its; a message with an
+        ``Idempotency-Key`` belongs to the worker its (source, key) hashes to, whose spool has the
+        key's record, so a retry on another connection is still recognised; any other message is
+        routed where it arrived."""
+        seen, any_storm = self._storm_routes
+        if seen is not state:
+            any_storm = any(r.storm is not None for r in state.router.routes)
+            self._storm_routes = (state, any_storm)
+        if any_storm and any(s.route.storm is not None for s in state.router.select(env)):
+            return 0
+        if key is not None:
+            return zlib.crc32(f"{env.source}\0{key}".encode()) % self.workers
+        return self.worker
 
     async def _deliver_once(self, env: Envelope, state: RoutingState, key: str) -> Outcome:
         ident = (env.source, key)
