@@ -1,6 +1,6 @@
 """OpenTelemetry spans for the delivery (``gateway.tracing.enabled``; the ``otel`` extra).
 
-The only module that imports OpenTelemetry, and only :func:`gateway.tracing.build` imports it. It
+The only module that imports OpenTelemetry, and only :func:`gateway.runtime.build_tracing` imports it. It
 records, with the ids the gateway carries (the W3C context in the envelope's attributes):
 
 * one span per inbound message (``CONSUMER`` for brokers and mail, ``SERVER`` for REST and

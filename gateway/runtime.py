@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.admin import ConnectorStatus, mount_admin
 from gateway.config.loader import LoadedConfig, load_config
+from gateway.config.models import TracingSettings
 from gateway.config.yamlsrc import ConfigError
 from gateway.contract import Connector, Outcome
 from gateway.delivery.engine import Delivery, DeliveryOptions, RoutingState
@@ -42,7 +43,7 @@ from gateway.metrics import DROP_REASONS, REFUSAL_REASONS, Metrics
 from gateway.registry import Registry
 from gateway.reload import Reloader, ReloadFailed, ReloadRefused, inbound_names, watch
 from gateway.supervisor import ConnectorSlot, Supervisor
-from gateway.tracing import build as build_tracing
+from gateway.tracing import Tracing, TracingUnavailable
 from gateway.watchdog import LoopWatchdog
 from gateway.workers import FORWARD_PATH, WorkerIdentity
 from gateway.workers.forward import Forwarder, ParentMount, receiver
@@ -56,6 +57,20 @@ T = TypeVar("T")
 def _why_down(name: str, status: dict[str, Any]) -> str:
     detail = status["detail"]
     return f"inbound {name!r} is {status['state']}" + (f": {detail}" if detail and detail != status["state"] else "")
+
+
+def build_tracing(settings: TracingSettings, metrics: Metrics) -> Tracing:
+    """The tracing ``gateway.tracing`` asks for. OpenTelemetry is imported only when it is enabled;
+    enabled without the ``otel`` extra, a start failure that says what to install."""
+    if not settings.enabled:
+        return Tracing()
+    try:
+        from gateway.otel import OtelTracing
+    except ImportError as exc:
+        raise TracingUnavailable(
+            f"gateway.tracing.enabled is true but OpenTelemetry is not installed ({exc.name or exc}): "
+            "pip install 'gateway[otel]', or set gateway.tracing.enabled: false") from None
+    return OtelTracing(settings, metrics)
 
 
 class Runtime:

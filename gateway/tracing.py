@@ -9,8 +9,9 @@ same trace.
 
 This module is the tracing-off path: it never imports OpenTelemetry, and what it adds per
 message is the context handling above (which propagation needs anyway) and a few attribute
-writes. With ``gateway.tracing.enabled``, :func:`build` loads :mod:`gateway.otel`, whose
-:class:`~gateway.otel.OtelTracing` overrides these hooks to record spans with the same ids.
+writes. With ``gateway.tracing.enabled``, the runtime loads :mod:`gateway.otel`
+(:func:`gateway.runtime.build_tracing`), whose :class:`~gateway.otel.OtelTracing` overrides these
+hooks to record spans with the same ids.
 """
 
 from __future__ import annotations
@@ -23,10 +24,8 @@ from gateway import tracecontext
 from gateway.tracecontext import TraceContext
 
 if TYPE_CHECKING:
-    from gateway.config.models import TracingSettings
     from gateway.contract import Connector, Outcome, Reply, Target
     from gateway.envelope import Envelope
-    from gateway.metrics import Metrics
     from gateway.routing.router import CompiledRoute, Planned
 
 
@@ -108,16 +107,3 @@ class Tracing:
 
     def shutdown(self) -> None:
         """Export what is still queued (spans on); called once, when the gateway stops."""
-
-
-def build(settings: TracingSettings, metrics: Metrics) -> Tracing:
-    """The tracing the settings ask for; OpenTelemetry is imported only when they enable it."""
-    if not settings.enabled:
-        return Tracing()
-    try:
-        from gateway.otel import OtelTracing
-    except ImportError as exc:
-        raise TracingUnavailable(
-            f"gateway.tracing.enabled is true but OpenTelemetry is not installed ({exc.name or exc}): "
-            "pip install 'gateway[otel]', or set gateway.tracing.enabled: false") from None
-    return OtelTracing(settings, metrics)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -222,3 +224,29 @@ async def test_with_tracing_off_nothing_is_exported(tmp_path: Path) -> None:
     # The context is still carried: the file line has curl's trace.
     [line] = jsonl(tmp_path / "events.jsonl")
     assert CURL_TRACE in str(line)
+
+
+def test_enabled_without_the_otel_extra_the_gateway_says_what_to_install_and_exits_1(tmp_path: Path) -> None:
+    # A directory first on the path whose opentelemetry.sdk cannot be imported: as if the extra
+    # were not installed (opentelemetry is a namespace package: the first portion found wins).
+    shadow = tmp_path / "shadow" / "opentelemetry" / "sdk"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('no sdk here', name='opentelemetry.sdk')\n")
+    config = tmp_path / "routes.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        gateway:
+          admin: {{listen: "127.0.0.1:{free_port()}"}}
+          spool: {{path: "{tmp_path / 'spool.db'}", min_free_bytes: 0}}
+          state_dir: "{tmp_path / 'state'}"
+          tracing: {{enabled: true}}
+        connectors:
+          api: {{type: rest, listen: "127.0.0.1:{free_port()}", auth: {{type: none}}}}
+          events: {{type: file, path: "{tmp_path / 'events.jsonl'}"}}
+        routes:
+          - {{name: r, from: api, to: [{{connector: events}}]}}
+        """))
+    path = os.pathsep.join([str(tmp_path / "shadow"), os.environ.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "run", "--config", str(config)], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "PYTHONPATH": path}, check=False)
+    assert r.returncode == 1
+    assert "pip install 'gateway[otel]'" in r.stdout + r.stderr

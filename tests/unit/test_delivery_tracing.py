@@ -242,11 +242,10 @@ def test_tracing_off_imports_no_opentelemetry_sdk() -> None:
     """FastAPI (the admin API) imports the OpenTelemetry *API* itself; the gateway adds nothing."""
     code = """
 import json, sys
-from gateway.runtime import Runtime
 from gateway.config.models import TracingSettings
 from gateway.metrics import Metrics
-from gateway.tracing import build
-t = build(TracingSettings(), Metrics())
+from gateway.runtime import build_tracing
+t = build_tracing(TracingSettings(), Metrics())
 print(json.dumps([type(t).__name__, sorted(m for m in sys.modules
                   if m.startswith(("opentelemetry.sdk", "opentelemetry.exporter", "gateway.otel")))]))
 """
@@ -260,9 +259,10 @@ import sys
 sys.modules["opentelemetry.sdk"] = None  # as if gateway[otel] were not installed
 from gateway.config.models import TracingSettings
 from gateway.metrics import Metrics
-from gateway.tracing import TracingUnavailable, build
+from gateway.runtime import build_tracing
+from gateway.tracing import TracingUnavailable
 try:
-    build(TracingSettings(enabled=True), Metrics())
+    build_tracing(TracingSettings(enabled=True), Metrics())
 except TracingUnavailable as exc:
     print(exc)
 """
