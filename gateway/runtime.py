@@ -30,8 +30,10 @@ from gateway.admin import ConnectorStatus, mount_admin
 from gateway.config.loader import LoadedConfig, load_config
 from gateway.config.yamlsrc import ConfigError
 from gateway.contract import Connector, Outcome
+from gateway.delivery.deadletters import MAX_IDS
 from gateway.delivery.engine import Delivery, DeliveryOptions, RoutingState
 from gateway.delivery.options import DeliveryMetrics
+from gateway.delivery.provenance import Provenance
 from gateway.delivery.spools import make_spool
 from gateway.delivery.store import DeadLetter, DeadLetterFilter
 from gateway.envelope import Envelope
@@ -74,6 +76,10 @@ class Runtime:
             connector=self._connector_for_send, spool=self.spool, metrics=self.metrics,
             log=logging.getLogger("gateway.delivery"), options=DeliveryOptions.from_settings(settings.spool),
         )
+        prov = settings.provenance
+        self.provenance = Provenance(settings.provenance_path() if prov.enabled else None, retention=prov.retention,
+                                     max_size=prov.max_size, registry=self.metrics.registry)
+        self.delivery.provenance = self.provenance
         self.supervisor = Supervisor(http=self.http, delivery=self.delivery, spool=self.spool,
                                      accepting=self.accepting, log=self.log)
         self.started_at = time.time()
@@ -144,6 +150,7 @@ class Runtime:
         is served from the same listeners."""
         self.watchdog.start()
         await self.spool.open()
+        await self.provenance.open()
         from gateway.delivery.stormstore import SqliteStormStore
         from gateway.routing.storm import StormControl
 
@@ -213,6 +220,7 @@ class Runtime:
         if self._gauge_task:
             self._gauge_task.cancel()
         await self.spool.close()
+        await self.provenance.close()
         if self.storm is not None:
             await self.storm.store.close()
         await self.watchdog.stop()
@@ -309,10 +317,21 @@ class RuntimeAdmin:
         return await self._rt.spool.dead_letter_by_id(dl_id)
 
     async def replay_dead_letters(self, ids: Sequence[int] | None, flt: DeadLetterFilter | None, *,
-                                  connector: str | None) -> int:
-        targets = await self._rt.spool.replay(ids, flt, connector=connector)
+                                  connector: str | None, by: str = "") -> int:
+        spool, prov = self._rt.spool, self._rt.provenance
+        selected: list[DeadLetter] = []
+        if prov.on:  # which messages these are, for their records (read before they leave the dead letters)
+            if ids is not None:
+                selected = [d for d in [await spool.dead_letter_by_id(i) for i in ids] if d is not None]
+            else:
+                selected = await spool.dead_letters(flt, MAX_IDS)
+        targets = await spool.replay(ids, flt, connector=connector)
         await self._rt.delivery.replayed(targets)
+        prov.replayed((d.envelope_id for d in selected if connector or d.connector), by=by, connector=connector)
         return len(targets)
+
+    async def message_records(self, key: str) -> list[dict[str, Any]]:
+        return await self._rt.provenance.lookup(key)
 
     async def purge_dead_letters(self, ids: Sequence[int] | None, flt: DeadLetterFilter | None) -> int:
         return await self._rt.spool.purge(ids, flt)

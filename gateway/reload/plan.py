@@ -13,7 +13,7 @@ from typing import Any
 from gateway.config.loader import LoadedConfig
 
 #: Gateway settings a reload cannot change in a running process (they need a restart).
-_RESTART_ONLY = (("admin", "listen"), ("spool",), ("state_dir",), ("log",), ("http",))
+_RESTART_ONLY = (("admin", "listen"), ("spool",), ("state_dir",), ("log",), ("http",), ("provenance",))
 
 
 @dataclass(frozen=True)
