@@ -62,6 +62,8 @@ MAX_ENVELOPES = 20
 MAX_EVENTS = 1000
 #: How often the thread deletes what is past the retention or the size.
 _MAINTAIN_EVERY = 30.0
+#: A ``received`` event is dated when the connector took the message, at most this long before it is recorded.
+_RECEIVED_SLACK = 3600.0
 #: How long the loop collects events before handing them to the thread.
 _FLUSH_AFTER = 0.02
 
@@ -168,7 +170,8 @@ class Provenance:
             fields["duplicate_of"] = env.id
         now = time.time()
         at = env.time.timestamp()  # when the connector took it (a sender's own time if long ago: now)
-        self._add(at if now - 3600 < at <= now else now, outcome.envelope_id or env.id, "received", fields, keys)
+        at = at if now - _RECEIVED_SLACK < at <= now else now
+        self._add(at, outcome.envelope_id or env.id, "received", fields, keys)
 
     def route(self, envelope_id: str, route: str, outcome: str, detail: str = "") -> None:
         """A route decision: matched, unmatched, dropped, suppressed, digested, rejected."""
@@ -338,7 +341,8 @@ class Provenance:
             if _live_bytes(db) <= self.max_size * 0.9:
                 break
         oldest = db.execute("SELECT at FROM event ORDER BY seq LIMIT 1").fetchone()
-        _delete_before(db, "key", _first_seq_at(db, "key", oldest[0] if oldest else time.time()))
+        # a key's time is its message's reception, up to an hour before the events recorded with it
+        _delete_before(db, "key", _first_seq_at(db, "key", (oldest[0] if oldest else time.time()) - _RECEIVED_SLACK))
         if self.metrics is not None:
             self.metrics.bytes.set(_live_bytes(db))
 
@@ -427,7 +431,8 @@ def read(path: str, key: str) -> list[dict[str, Any]]:
                     fields = {"data": data}
                 events.append({"time": datetime.fromtimestamp(at, UTC).isoformat(), "at": at, "kind": kind,
                                **fields})
-            out.append({"envelope_id": envelope_id, "events": events})
+            if events:  # (a key outlives its events by up to an hour)
+                out.append({"envelope_id": envelope_id, "events": events})
         return out
     finally:
         with contextlib.suppress(sqlite3.Error):

@@ -60,14 +60,18 @@ async def test_a_message_is_found_by_each_of_its_ids(tmp_path: Path) -> None:
 
 async def test_records_survive_a_reopen_and_a_trace_id_names_every_message_of_the_trace(tmp_path: Path) -> None:
     prov = await _store(tmp_path)
-    first, second = _env(attributes={"traceparent": TRACEPARENT}), _env(attributes={"traceparent": TRACEPARENT})
+    first = _env(attributes={"traceparent": TRACEPARENT, "idempotency_key": "k-1"})
+    second = _env(attributes={"traceparent": TRACEPARENT})
+    prov.route(first.id, "orders", "matched")  # recorded before the message's answer, dated after its arrival
     prov.received(first, Outcome.accepted(first.id))
     await prov.close()
-    prov = await _store(tmp_path)
+    prov = await _store(tmp_path)  # tidies up on open: nothing here is past a bound
     prov.received(second, Outcome.accepted(second.id))
     found = await prov.lookup(TRACE)  # the running gateway's lookup: sees what it just recorded
     await prov.close()
     assert [r["envelope_id"] for r in found] == [second.id, first.id]
+    [record] = read(str(tmp_path / "provenance.db"), "k-1")
+    assert [e["kind"] for e in record["events"]] == ["received", "route"]
 
 
 async def test_events_past_the_retention_are_deleted(tmp_path: Path) -> None:
