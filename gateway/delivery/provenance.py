@@ -12,8 +12,8 @@ whole ``traceparent``), or by the message's own id: ``Message-ID``, the MQTT/AMQ
 the AMQP message id or the ``Idempotency-Key``; all of them are indexed.
 
 Cost and failure: the delivery calls the recording methods on the event loop; each appends one
-tuple to a list. Every 20 ms the list goes to one thread (:class:`~gateway.groupthread.GroupThread`)
-that encodes and inserts it in one transaction (WAL, ``synchronous=NORMAL``: a record survives a
+tuple to a list. Every 100 ms the list goes to one thread (:class:`~gateway.groupthread.GroupThread`)
+that encodes and inserts it in one transaction, one row per envelope (WAL, ``synchronous=NORMAL``: a record survives a
 crash of the process, the last fraction of a second may not survive a power cut). Provenance is
 best-effort: a store that is full, slow or failing never refuses or delays a message; what it
 could not keep is counted in ``gateway_provenance_failures_total`` and logged (at most once a
@@ -65,19 +65,30 @@ _MAINTAIN_EVERY = 30.0
 #: A ``received`` event is dated when the connector took the message, at most this long before it is recorded.
 _RECEIVED_SLACK = 3600.0
 #: How long the loop collects events before handing them to the thread.
-_FLUSH_AFTER = 0.02
+_FLUSH_AFTER = 0.1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS event (
-    seq INTEGER PRIMARY KEY, envelope_id TEXT NOT NULL, at REAL NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL);
+    seq INTEGER PRIMARY KEY, envelope_id TEXT NOT NULL, at REAL NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS event_envelope ON event (envelope_id);
 CREATE TABLE IF NOT EXISTS key (
     seq INTEGER PRIMARY KEY, value TEXT NOT NULL, kind TEXT NOT NULL, envelope_id TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS key_value ON key (value);
 """
 
-#: (time, envelope id, kind, fields, lookup keys as (kind, value) or None)
-_Row = tuple[float, str, str, dict[str, Any], list[tuple[str, str]] | None]
+#: (time, envelope id, kind, the values of FIELDS[kind], lookup keys as (kind, value) or None)
+_Row = tuple[float, str, str, tuple[Any, ...], list[tuple[str, str]] | None]
+
+#: The fields of each kind of event, in the order they are stored: positional, the encoding and
+#: the bytes on disk are a third of named ones (``ids`` is a list of (kind, value); ``ms`` seconds).
+FIELDS = {
+    "received": ("connector", "protocol", "subject", "status", "reason", "ids", "duplicate_of"),
+    "route": ("route", "outcome", "detail"),
+    "attempt": ("route", "connector", "attempt", "outcome", "answer", "mode", "ms"),
+    "dead_letter": ("route", "connector", "reason", "error"),
+    "dropped": ("route", "connector", "reason", "error"),
+    "replay": ("by", "connector"),
+}
 
 
 class ProvenanceMetrics:
@@ -157,30 +168,29 @@ class Provenance:
             trace = ctx.trace_id if ctx is not None else None
         keys = [("trace_id", trace)] if trace else []
         attrs = env.attributes
-        for kind, value in (("message_id", env.headers.get("message-id")), ("correlation_id", env.correlation_id),
-                            ("idempotency_key", attrs.get("idempotency_key")),
-                            ("amqp_message_id", attrs.get("amqp.message_id"))):
-            if isinstance(value, str) and value:
-                keys.append((kind, _key(value)))
-        fields: dict[str, Any] = {"connector": env.source, "protocol": env.protocol, "subject": env.subject[:MAX_TEXT],
-                                  "status": outcome.status.value, "ids": dict(keys)}
-        if outcome.reason:
-            fields["reason"] = outcome.reason[:MAX_TEXT]
-        if outcome.envelope_id and outcome.envelope_id != env.id:
-            fields["duplicate_of"] = env.id
+        if env.headers or env.correlation_id or attrs:
+            for kind, value in (("message_id", env.headers.get("message-id")), ("correlation_id", env.correlation_id),
+                                ("idempotency_key", attrs.get("idempotency_key")),
+                                ("amqp_message_id", attrs.get("amqp.message_id"))):
+                if isinstance(value, str) and value:
+                    keys.append((kind, _key(value)))
+        envelope_id = outcome.envelope_id or env.id
         now = time.time()
         at = env.time.timestamp()  # when the connector took it (a sender's own time if long ago: now)
         at = at if now - _RECEIVED_SLACK < at <= now else now
-        self._add(at, outcome.envelope_id or env.id, "received", fields, keys)
+        self._buf.append((at, envelope_id, "received", (
+            env.source, env.protocol, env.subject[:MAX_TEXT], outcome.status.value, outcome.reason[:MAX_TEXT],
+            keys or None, env.id if envelope_id != env.id else None), keys or None))
+        if self._flush_timer is None:
+            self._schedule()
 
     def route(self, envelope_id: str, route: str, outcome: str, detail: str = "") -> None:
         """A route decision: matched, unmatched, dropped, suppressed, digested, rejected."""
         if self._thread is None:
             return
-        fields = {"route": route, "outcome": outcome}
-        if detail:
-            fields["detail"] = detail[:MAX_TEXT]
-        self._add(time.time(), envelope_id, "route", fields)
+        self._buf.append((time.time(), envelope_id, "route", (route, outcome, detail[:MAX_TEXT]), None))
+        if self._flush_timer is None:
+            self._schedule()
 
     def direct(self, plans: Sequence[Planned], results: Sequence[Any], started: float) -> None:
         """The direct sends of one message (started at ``started``, epoch seconds), each with its
@@ -202,7 +212,7 @@ class Provenance:
         if self._thread is None:
             return
         self._add(time.time(), envelope_id, "dead_letter" if kept else "dropped",
-                  {"route": route, "connector": connector, "reason": reason, "error": error[:MAX_TEXT]})
+                  (route, connector, reason, error[:MAX_TEXT]))
 
     def replayed(self, envelope_ids: Iterable[str], *, by: str, connector: str | None) -> None:
         """Dead letters put back for delivery by ``by`` (to ``connector`` instead of their own)."""
@@ -210,7 +220,7 @@ class Provenance:
             return
         now = time.time()
         for envelope_id in envelope_ids:
-            self._add(now, envelope_id, "replay", {"by": by, "connector": connector or ""})
+            self._add(now, envelope_id, "replay", (by, connector))
 
     def _attempt(self, at: float, envelope_id: str, route: str, connector: str, attempt: int, result: Any,
                  mode: str) -> None:
@@ -227,18 +237,18 @@ class Provenance:
         else:
             outcome = "ok"
             answer = f"reply {result.status}" if isinstance(result, Reply) else ""
-        self._add(at, envelope_id, "attempt", {"route": route, "connector": connector, "attempt": attempt,
-                                               "outcome": outcome, "answer": answer, "mode": mode,
-                                               "ms": round((time.time() - at) * 1000, 1)})
+        self._add(at, envelope_id, "attempt", (route, connector, attempt, outcome, answer, mode, time.time() - at))
 
-    def _add(self, at: float, envelope_id: str, kind: str, fields: dict[str, Any],
-             keys: list[tuple[str, str]] | None = None) -> None:
-        self._buf.append((at, envelope_id, kind, fields, keys))
+    def _add(self, at: float, envelope_id: str, kind: str, values: tuple[Any, ...]) -> None:
+        self._buf.append((at, envelope_id, kind, values, None))
         if self._flush_timer is None:
-            try:
-                self._flush_timer = asyncio.get_running_loop().call_later(_FLUSH_AFTER, self._flush)
-            except RuntimeError:  # no loop (a test calling from outside one): hand it over now
-                self._flush()
+            self._schedule()
+
+    def _schedule(self) -> None:
+        try:
+            self._flush_timer = asyncio.get_running_loop().call_later(_FLUSH_AFTER, self._flush)
+        except RuntimeError:  # no loop (a test calling from outside one): hand it over now
+            self._flush()
 
     def _flush(self) -> None:
         self._flush_timer = None
@@ -299,18 +309,26 @@ class Provenance:
         db = self._db
         if db is None:
             raise RuntimeError("the provenance store is not open")
-        events: list[tuple[str, float, str, str]] = []
+        # One row per envelope and group: a message's received, route and attempt events mostly
+        # come within one flush, and one row costs a third of three (insert, index, encoding).
+        grouped: dict[str, list[Any]] = {}
         keys: list[tuple[str, str, str, float]] = []
         for rows in batches:
-            for at, envelope_id, kind, fields, row_keys in rows:
-                events.append((envelope_id, at, kind, json.dumps(fields, ensure_ascii=False, default=str)))
+            for at, envelope_id, kind, values, row_keys in rows:
+                found = grouped.get(envelope_id)
+                if found is None:
+                    grouped[envelope_id] = [(at, kind, values)]
+                else:
+                    found.append((at, kind, values))
                 if row_keys:
                     keys.extend((value, k, envelope_id, at) for k, value in row_keys)
-        if not events:  # an empty group: a lookup waiting for what came before it
+        if not grouped:  # an empty group: a lookup waiting for what came before it
             return [None] * len(batches)
+        dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+        events = [(envelope_id, min(e[0] for e in found), dumps(found)) for envelope_id, found in grouped.items()]
         db.execute("BEGIN")
         try:
-            db.executemany("INSERT INTO event (envelope_id, at, kind, data) VALUES (?,?,?,?)", events)
+            db.executemany("INSERT INTO event (envelope_id, at, data) VALUES (?,?,?)", events)
             if keys:
                 db.executemany("INSERT INTO key (value, kind, envelope_id, at) VALUES (?,?,?,?)", keys)
             db.execute("COMMIT")
@@ -423,20 +441,32 @@ def read(path: str, key: str) -> list[dict[str, Any]]:
         out = []
         for envelope_id in ids[:MAX_ENVELOPES]:
             events = []
-            for at, kind, data in db.execute("SELECT at, kind, data FROM event WHERE envelope_id=? "
-                                             "ORDER BY at, seq LIMIT ?", (envelope_id, MAX_EVENTS)):
+            for (data,) in db.execute("SELECT data FROM event WHERE envelope_id=? ORDER BY seq LIMIT ?",
+                                      (envelope_id, MAX_EVENTS)):
                 try:
-                    fields = json.loads(data)
+                    found = json.loads(data)
                 except ValueError:
-                    fields = {"data": data}
-                events.append({"time": datetime.fromtimestamp(at, UTC).isoformat(), "at": at, "kind": kind,
-                               **fields})
+                    continue
+                for at, kind, values in found:
+                    events.append({"time": datetime.fromtimestamp(at, UTC).isoformat(), "at": at, "kind": kind,
+                                   **_fields(kind, values)})
+            events.sort(key=lambda e: e["at"])  # stable: events of one instant keep their order
+            del events[MAX_EVENTS:]
             if events:  # (a key outlives its events by up to an hour)
                 out.append({"envelope_id": envelope_id, "events": events})
         return out
     finally:
         with contextlib.suppress(sqlite3.Error):
             db.close()
+
+
+def _fields(kind: str, values: list[Any]) -> dict[str, Any]:
+    out = {name: v for name, v in zip(FIELDS.get(kind, ()), values, strict=False) if v is not None and v != ""}
+    if "ids" in out:
+        out["ids"] = dict(out["ids"])
+    if "ms" in out:
+        out["ms"] = round(out["ms"] * 1000, 1)
+    return out
 
 
 def timeline(records: list[dict[str, Any]]) -> str:

@@ -98,7 +98,7 @@ async def test_the_store_keeps_to_max_size_by_deleting_the_oldest(tmp_path: Path
         prov.received(env, Outcome.accepted(env.id))
         ids.append(env.id)
         if i % 500 == 0:
-            await prov.lookup("")  # let the thread write what came so far, as the 20 ms flushes would
+            await prov.lookup("")  # let the thread write what came so far, as the 100 ms flushes would
     await prov.close()
     path = str(tmp_path / "provenance.db")
     db = sqlite3.connect(path)
