@@ -161,6 +161,10 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
             print(f"error: {args.to!r} is not an outbound connector in {args.config}", file=sys.stderr)
             return 1
 
+    trail = ""  # the provenance store, when the config names one (not with --spool alone)
+    if cfg is not None and cfg.model.gateway.provenance.enabled:
+        trail = cfg.model.gateway.provenance_path()
+
     async def go() -> int:
         await spool.open()
         try:
@@ -182,7 +186,12 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
                     return 1
                 print(json.dumps(item.as_dict(), indent=2, ensure_ascii=False))
             elif args.action == "replay":
+                # which messages these are, for their provenance (read before they leave the dead letters)
+                known = ([d for d in [await spool.dead_letter_by_id(i) for i in ids] if d is not None] if ids
+                         else await spool.dead_letters(selected, dl.MAX_IDS)) if trail else []
                 targets = await spool.replay(ids, selected, connector=args.to)
+                if trail:
+                    _record_replay(trail, [d.envelope_id for d in known if args.to or d.connector], args.to)
                 print(f"replayed {len(targets)} dead letter(s)"
                       + ("" if args.to else " (unmatched ones need --to CONNECTOR)"))
             elif args.action == "purge":
@@ -195,6 +204,19 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
             await spool.close()
 
     return asyncio.run(go())
+
+
+def _record_replay(path: str, envelope_ids: list[str], to: str | None) -> None:
+    """The replay in the messages' provenance, as ``cli:<user>``; best-effort, as in the gateway."""
+    import getpass
+    import sqlite3
+
+    from gateway.delivery.provenance import record_replay
+
+    try:
+        record_replay(path, envelope_ids, by=f"cli:{getpass.getuser()}", connector=to)
+    except (sqlite3.Error, OSError, KeyError) as exc:
+        print(f"warning: the replay is not in the messages' provenance: {exc}", file=sys.stderr)
 
 
 def _dead_letter_filters(p: argparse.ArgumentParser) -> None:

@@ -296,12 +296,7 @@ class Provenance:
 
     def _open(self) -> sqlite3.Connection:
         assert self.path
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=5000")
-        db.executescript(_SCHEMA)
+        db = _connect(self.path)
         self._maintain_db(db)
         return db
 
@@ -309,32 +304,8 @@ class Provenance:
         db = self._db
         if db is None:
             raise RuntimeError("the provenance store is not open")
-        # One row per envelope and group: a message's received, route and attempt events mostly
-        # come within one flush, and one row costs a third of three (insert, index, encoding).
-        grouped: dict[str, list[Any]] = {}
-        keys: list[tuple[str, str, str, float]] = []
-        for rows in batches:
-            for at, envelope_id, kind, values, row_keys in rows:
-                found = grouped.get(envelope_id)
-                if found is None:
-                    grouped[envelope_id] = [(at, kind, values)]
-                else:
-                    found.append((at, kind, values))
-                if row_keys:
-                    keys.extend((value, k, envelope_id, at) for k, value in row_keys)
-        if not grouped:  # an empty group: a lookup waiting for what came before it
-            return [None] * len(batches)
-        dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
-        events = [(envelope_id, min(e[0] for e in found), dumps(found)) for envelope_id, found in grouped.items()]
-        db.execute("BEGIN")
-        try:
-            db.executemany("INSERT INTO event (envelope_id, at, data) VALUES (?,?,?)", events)
-            if keys:
-                db.executemany("INSERT INTO key (value, kind, envelope_id, at) VALUES (?,?,?,?)", keys)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        if not _insert(db, [row for rows in batches for row in rows]):
+            return [None] * len(batches)  # an empty group: a lookup waiting for what came before it
         if time.monotonic() - self._maintained >= _MAINTAIN_EVERY or _live_bytes(db) > self.max_size:
             self._maintain()
         return [None] * len(batches)
@@ -363,6 +334,57 @@ class Provenance:
         _delete_before(db, "key", _first_seq_at(db, "key", (oldest[0] if oldest else time.time()) - _RECEIVED_SLACK))
         if self.metrics is not None:
             self.metrics.bytes.set(_live_bytes(db))
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA busy_timeout=5000")
+    db.executescript(_SCHEMA)
+    return db
+
+
+def _insert(db: sqlite3.Connection, rows: Iterable[_Row]) -> bool:
+    """Write ``rows`` in one transaction, one row per envelope: a message's received, route and
+    attempt events mostly come within one flush, and one row costs a third of three (insert,
+    index, encoding). False when there was nothing to write."""
+    grouped: dict[str, list[Any]] = {}
+    keys: list[tuple[str, str, str, float]] = []
+    for at, envelope_id, kind, values, row_keys in rows:
+        found = grouped.get(envelope_id)
+        if found is None:
+            grouped[envelope_id] = [(at, kind, values)]
+        else:
+            found.append((at, kind, values))
+        if row_keys:
+            keys.extend((value, k, envelope_id, at) for k, value in row_keys)
+    if not grouped:
+        return False
+    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+    events = [(envelope_id, min(e[0] for e in found), dumps(found)) for envelope_id, found in grouped.items()]
+    db.execute("BEGIN")
+    try:
+        db.executemany("INSERT INTO event (envelope_id, at, data) VALUES (?,?,?)", events)
+        if keys:
+            db.executemany("INSERT INTO key (value, kind, envelope_id, at) VALUES (?,?,?,?)", keys)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return True
+
+
+def record_replay(path: str, envelope_ids: Iterable[str], *, by: str, connector: str | None) -> None:
+    """Add ``replay`` events to the store at ``path`` from another process (the CLI's replay):
+    SQLite's lock lets it write beside the running gateway."""
+    now = time.time()
+    db = _connect(path)
+    try:
+        _insert(db, [(now, envelope_id, "replay", (by, connector), None) for envelope_id in envelope_ids])
+    finally:
+        db.close()
 
 
 def _live_bytes(db: sqlite3.Connection) -> int:

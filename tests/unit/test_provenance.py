@@ -200,3 +200,39 @@ async def test_direct_sends_unmatched_messages_and_duplicates_are_recorded(tmp_p
     received = [e for e in k["events"] if e["kind"] == "received"]
     assert len(received) == 2 and received[1]["reason"].startswith("duplicate")
 
+
+
+def test_a_replay_from_the_command_line_joins_the_record(tmp_path: Path) -> None:
+    """``gateway dead-letters replay`` (no gateway running) records who replayed, as the admin API does."""
+    import asyncio
+    import getpass
+
+    from gateway.cli import main
+    from gateway.delivery.spool import Spool
+    from gateway.delivery.store import Job
+
+    env = _env()
+
+    async def one_dead_letter() -> None:
+        spool = Spool(str(tmp_path / "spool.db"), min_free_bytes=0)
+        await spool.open()
+        job = Job(envelope_id=env.id, route="orders", connector="out", envelope=env.to_json(), options="{}",
+                  policy="{}")
+        await spool.put([], dead=[(job, "permanent", "HTTP 400")])
+        await spool.close()
+
+    asyncio.run(one_dead_letter())
+    config = tmp_path / "routes.yaml"
+    config.write_text(f"""
+gateway:
+  spool: {{path: "{tmp_path / 'spool.db'}", min_free_bytes: 0}}
+connectors:
+  api: {{type: rest, listen: "127.0.0.1:1", auth: {{type: none}}}}
+  out: {{type: file, path: "{tmp_path / 'out.jsonl'}"}}
+routes:
+  - {{name: orders, from: api, to: [{{connector: out}}]}}
+""")
+    assert main(["dead-letters", "--config", str(config), "replay", "--all"]) == 0
+    [record] = read(str(tmp_path / "provenance.db"), env.id)
+    [replay] = record["events"]
+    assert (replay["kind"], replay["by"]) == ("replay", f"cli:{getpass.getuser()}")
