@@ -80,7 +80,7 @@ CREATE INDEX IF NOT EXISTS key_value ON key (value);
 _Row = tuple[float, str, str, tuple[Any, ...], list[tuple[str, str]] | None]
 
 #: The fields of each kind of event, in the order they are stored: positional, the encoding and
-#: the bytes on disk are a third of named ones (``ids`` is a list of (kind, value); ``ms`` seconds).
+#: the bytes on disk are a third of named ones (``ids`` is a list of (kind, value); ``ms`` in µs).
 FIELDS = {
     "received": ("connector", "protocol", "subject", "status", "reason", "ids", "duplicate_of"),
     "route": ("route", "outcome", "detail"),
@@ -237,7 +237,8 @@ class Provenance:
         else:
             outcome = "ok"
             answer = f"reply {result.status}" if isinstance(result, Reply) else ""
-        self._add(at, envelope_id, "attempt", (route, connector, attempt, outcome, answer, mode, time.time() - at))
+        self._add(at, envelope_id, "attempt", (route, connector, attempt, outcome, answer, mode,
+                                               int((time.time() - at) * 1e6)))
 
     def _add(self, at: float, envelope_id: str, kind: str, values: tuple[Any, ...]) -> None:
         self._buf.append((at, envelope_id, kind, values, None))
@@ -353,17 +354,18 @@ def _insert(db: sqlite3.Connection, rows: Iterable[_Row]) -> bool:
     grouped: dict[str, list[Any]] = {}
     keys: list[tuple[str, str, str, float]] = []
     for at, envelope_id, kind, values, row_keys in rows:
+        event = (int(at * 1000), kind, values)  # milliseconds: an integer encodes at a third of a float's cost
         found = grouped.get(envelope_id)
         if found is None:
-            grouped[envelope_id] = [(at, kind, values)]
+            grouped[envelope_id] = [event]
         else:
-            found.append((at, kind, values))
+            found.append(event)
         if row_keys:
             keys.extend((value, k, envelope_id, at) for k, value in row_keys)
     if not grouped:
         return False
     dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
-    events = [(envelope_id, min(e[0] for e in found), dumps(found)) for envelope_id, found in grouped.items()]
+    events = [(envelope_id, min(e[0] for e in found) / 1000, dumps(found)) for envelope_id, found in grouped.items()]
     db.execute("BEGIN")
     try:
         db.executemany("INSERT INTO event (envelope_id, at, data) VALUES (?,?,?)", events)
@@ -469,10 +471,13 @@ def read(path: str, key: str) -> list[dict[str, Any]]:
                     found = json.loads(data)
                 except ValueError:
                     continue
-                for at, kind, values in found:
-                    events.append({"time": datetime.fromtimestamp(at, UTC).isoformat(), "at": at, "kind": kind,
-                                   **_fields(kind, values)})
-            events.sort(key=lambda e: e["at"])  # stable: events of one instant keep their order
+                for ms, kind, values in found:
+                    at = ms / 1000
+                    events.append({"time": datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds"),
+                                   "at": at, "kind": kind, **_fields(kind, values)})
+            # stable: events of one millisecond keep their order, but for the reception (recorded
+            # with the answer, after the routes it led to)
+            events.sort(key=lambda e: (e["at"], e["kind"] != "received"))
             del events[MAX_EVENTS:]
             if events:  # (a key outlives its events by up to an hour)
                 out.append({"envelope_id": envelope_id, "events": events})
@@ -486,8 +491,8 @@ def _fields(kind: str, values: list[Any]) -> dict[str, Any]:
     out = {name: v for name, v in zip(FIELDS.get(kind, ()), values, strict=False) if v is not None and v != ""}
     if "ids" in out:
         out["ids"] = dict(out["ids"])
-    if "ms" in out:
-        out["ms"] = round(out["ms"] * 1000, 1)
+    if "ms" in out:  # stored in microseconds
+        out["ms"] = round(out["ms"] / 1000, 1)
     return out
 
 
