@@ -125,6 +125,7 @@ def _ago(value: str) -> float:
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     from gateway.delivery import deadletters as dl
+    from gateway.delivery.provenance import replayed_ids
     from gateway.delivery.spool import Spool
     from gateway.delivery.spools import make_spool
     from gateway.delivery.store import DeadLetterFilter, SpoolBackend, SpoolError
@@ -187,11 +188,10 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
                 print(json.dumps(item.as_dict(), indent=2, ensure_ascii=False))
             elif args.action == "replay":
                 # which messages these are, for their provenance (read before they leave the dead letters)
-                known = ([d for d in [await spool.dead_letter_by_id(i) for i in ids] if d is not None] if ids
-                         else await spool.dead_letters(selected, dl.MAX_IDS)) if trail else []
+                known = await replayed_ids(spool, ids, selected, args.to) if trail else []
                 targets = await spool.replay(ids, selected, connector=args.to)
                 if trail:
-                    _record_replay(trail, [d.envelope_id for d in known if args.to or d.connector], args.to)
+                    _record_replay(trail, known, args.to)
                 print(f"replayed {len(targets)} dead letter(s)"
                       + ("" if args.to else " (unmatched ones need --to CONNECTOR)"))
             elif args.action == "purge":

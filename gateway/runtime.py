@@ -30,10 +30,9 @@ from gateway.admin import ConnectorStatus, mount_admin
 from gateway.config.loader import LoadedConfig, load_config
 from gateway.config.yamlsrc import ConfigError
 from gateway.contract import Connector, Outcome
-from gateway.delivery.deadletters import MAX_IDS
 from gateway.delivery.engine import Delivery, DeliveryOptions, RoutingState
 from gateway.delivery.options import DeliveryMetrics
-from gateway.delivery.provenance import Provenance
+from gateway.delivery.provenance import Provenance, replayed_ids
 from gateway.delivery.spools import make_spool
 from gateway.delivery.store import DeadLetter, DeadLetterFilter
 from gateway.envelope import Envelope
@@ -319,15 +318,10 @@ class RuntimeAdmin:
     async def replay_dead_letters(self, ids: Sequence[int] | None, flt: DeadLetterFilter | None, *,
                                   connector: str | None, by: str = "") -> int:
         spool, prov = self._rt.spool, self._rt.provenance
-        selected: list[DeadLetter] = []
-        if prov.on:  # which messages these are, for their records (read before they leave the dead letters)
-            if ids is not None:
-                selected = [d for d in [await spool.dead_letter_by_id(i) for i in ids] if d is not None]
-            else:
-                selected = await spool.dead_letters(flt, MAX_IDS)
+        replayed = await replayed_ids(spool, ids, flt, connector) if prov.on else []
         targets = await spool.replay(ids, flt, connector=connector)
         await self._rt.delivery.replayed(targets)
-        prov.replayed((d.envelope_id for d in selected if connector or d.connector), by=by, connector=connector)
+        prov.replayed(replayed, by=by, connector=connector)
         return len(targets)
 
     async def message_records(self, key: str) -> list[dict[str, Any]]:

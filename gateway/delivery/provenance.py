@@ -47,7 +47,7 @@ from gateway.logs import event
 from gateway.metrics import Counter, Gauge
 
 if TYPE_CHECKING:
-    from gateway.delivery.store import Job
+    from gateway.delivery.store import DeadLetterFilter, Job, SpoolBackend
     from gateway.envelope import Envelope
     from gateway.routing.router import Planned
 
@@ -376,6 +376,27 @@ def _insert(db: sqlite3.Connection, rows: Iterable[_Row]) -> bool:
         db.execute("ROLLBACK")
         raise
     return True
+
+
+#: Dead letters a replay by filter records its event for at most (the newest), as the dead-letter
+#: listing shows at most: each is read whole (its envelope) to learn its envelope id.
+MAX_REPLAY_RECORDS = 1000
+
+
+async def replayed_ids(spool: SpoolBackend, ids: Sequence[int] | None, flt: DeadLetterFilter | None,
+                       connector: str | None) -> list[str]:
+    """The envelope ids a replay of these dead letters puts back (read before the replay: they
+    leave the dead letters). By ids: all of them, read one at a time; by filter: the newest
+    :data:`MAX_REPLAY_RECORDS`. A dead letter without a target (unmatched) goes back only with
+    ``connector``."""
+    out: list[str] = []
+    if ids is not None:
+        for dl_id in ids:
+            d = await spool.dead_letter_by_id(dl_id)
+            if d is not None and (connector or d.connector):
+                out.append(d.envelope_id)
+        return out
+    return [d.envelope_id for d in await spool.dead_letters(flt, MAX_REPLAY_RECORDS) if connector or d.connector]
 
 
 def record_replay(path: str, envelope_ids: Iterable[str], *, by: str, connector: str | None) -> None:
