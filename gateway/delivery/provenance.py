@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import sqlite3
+import string
 import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -472,15 +473,17 @@ def read(path: str, key: str) -> list[dict[str, Any]]:
         return []
     ctx = tracecontext.parse(key.strip())
     value = ctx.trace_id if ctx is not None else _key(key)
+    if len(value) == 32 and all(c in string.hexdigits for c in value):
+        value = value.lower()  # a trace id (kept in lowercase, as W3C writes it)
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         db.execute("PRAGMA busy_timeout=5000")
         ids: list[str] = []
         if db.execute("SELECT 1 FROM event WHERE envelope_id=? LIMIT 1", (value,)).fetchone():
             ids.append(value)
-        for (envelope_id,) in db.execute("SELECT envelope_id FROM key WHERE value=? OR value=? "
-                                         "GROUP BY envelope_id ORDER BY max(at) DESC LIMIT ?",
-                                         (value, value.lower(), MAX_ENVELOPES)):
+        # newest first, a bounded read however many messages share the key (a busy correlation id)
+        for (envelope_id,) in db.execute("SELECT envelope_id FROM key WHERE value=? ORDER BY seq DESC LIMIT ?",
+                                         (value, 10 * MAX_ENVELOPES)):
             if envelope_id not in ids:
                 ids.append(envelope_id)
         out = []
