@@ -77,7 +77,8 @@ class Runtime:
         )
         prov = settings.provenance
         self.provenance = Provenance(settings.provenance_path() if prov.enabled else None, retention=prov.retention,
-                                     max_size=prov.max_size, registry=self.metrics.registry)
+                                     max_size=prov.max_size, min_free_bytes=settings.spool.min_free_bytes,
+                                     registry=self.metrics.registry)
         self.delivery.provenance = self.provenance
         self.supervisor = Supervisor(http=self.http, delivery=self.delivery, spool=self.spool,
                                      accepting=self.accepting, log=self.log)

@@ -92,12 +92,23 @@ FIELDS = {
 }
 
 
+#: Why events were not kept: the write failed, the disk is short of the spool's ``min_free_bytes``,
+#: too many waited for the thread, the store could not be opened.
+FAILURE_REASONS = ("write", "disk", "backlog", "open")
+
+
+class DiskLow(Exception):
+    """The disk has less free space than the spool needs: provenance gives way."""
+
+
 class ProvenanceMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.failures = Counter(
             "gateway_provenance_failures_total",
-            "Provenance events not kept (reason: write, backlog, open); messages flow regardless.",
+            "Provenance events not kept (reason: write, disk, backlog, open); messages flow regardless.",
             ["reason"], registry=registry)
+        for reason in FAILURE_REASONS:  # at 0 from the start, for alerts on increase()
+            self.failures.labels(reason)
         self.bytes = Gauge(
             "gateway_provenance_bytes", "Live data in the provenance store (bounded by gateway.provenance.max_size).",
             registry=registry)
@@ -110,10 +121,16 @@ class Provenance:
     """
 
     def __init__(self, path: str | None, *, retention: float = 7 * 86400.0, max_size: int = 256 * 1024 * 1024,
-                 registry: CollectorRegistry | None = None, log: logging.Logger | None = None):
+                 min_free_bytes: int = 0, registry: CollectorRegistry | None = None,
+                 log: logging.Logger | None = None):
         self.path = path
         self.retention = retention
         self.max_size = max_size
+        #: Write nothing while the store's disk has less free space than this (the spool's
+        #: ``min_free_bytes``: provenance never takes the room the spool needs for messages).
+        self.min_free_bytes = min_free_bytes
+        self._disk_checked = -1.0
+        self._disk_low = False
         self.log = log or logging.getLogger("gateway.provenance")
         self.metrics = ProvenanceMetrics(registry) if registry is not None and path else None
         self._buf: list[_Row] = []
@@ -271,7 +288,8 @@ class Provenance:
     def _written(self, fut: asyncio.Future[None], count: int) -> None:
         self._backlog -= count
         if not fut.cancelled() and fut.exception() is not None:
-            self._failed("write", fut.exception(), count)
+            exc = fut.exception()
+            self._failed("disk" if isinstance(exc, DiskLow) else "write", exc, count)
 
     def _failed(self, reason: str, exc: BaseException | None, count: int) -> None:
         if self.metrics is not None:
@@ -306,11 +324,23 @@ class Provenance:
         db = self._db
         if db is None:
             raise RuntimeError("the provenance store is not open")
+        if self.min_free_bytes and self._short_of_disk():
+            raise DiskLow(f"less than {self.min_free_bytes} bytes free on the store's disk")
         if not _insert(db, [row for rows in batches for row in rows]):
             return [None] * len(batches)  # an empty group: a lookup waiting for what came before it
         if time.monotonic() - self._maintained >= _MAINTAIN_EVERY or _live_bytes(db) > self.max_size:
             self._maintain()
         return [None] * len(batches)
+
+    def _short_of_disk(self) -> bool:
+        """Is the store's disk below ``min_free_bytes``? Measured at most once a second."""
+        now = time.monotonic()
+        if now - self._disk_checked >= 1.0:
+            self._disk_checked = now
+            assert self.path
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+            self._disk_low = st.f_bavail * st.f_frsize < self.min_free_bytes
+        return self._disk_low
 
     def _maintain(self) -> None:
         if self._db is not None:

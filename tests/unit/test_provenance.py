@@ -135,6 +135,20 @@ async def test_a_failing_store_never_stops_a_message(tmp_path: Path) -> None:
     assert (metrics.registry.get_sample_value("gateway_provenance_failures_total", {"reason": "write"}) or 0) >= 2
 
 
+async def test_provenance_gives_way_when_the_disk_is_short_of_what_the_spool_needs(tmp_path: Path) -> None:
+    metrics = Metrics()
+    prov = Provenance(str(tmp_path / "provenance.db"), min_free_bytes=1 << 62, registry=metrics.registry)
+    await prov.open()
+    async with Harness(tmp_path, route()) as h:
+        h.delivery.provenance = prov
+        outcome = await h.send({"n": 1})
+        assert outcome.status is Status.ACCEPTED
+        assert await prov.lookup(outcome.envelope_id) == []
+    await prov.close()
+    assert (metrics.registry.get_sample_value("gateway_provenance_failures_total", {"reason": "disk"}) or 0) >= 2
+    assert metrics.registry.get_sample_value("gateway_provenance_failures_total", {"reason": "backlog"}) == 0
+
+
 # --- through the delivery ------------------------------------------------------------------------
 
 
