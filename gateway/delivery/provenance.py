@@ -242,7 +242,9 @@ class Provenance:
 
     def _attempt(self, at: float, envelope_id: str, route: str, connector: str, attempt: int, result: Any,
                  mode: str) -> None:
-        if isinstance(result, PermanentError):
+        if result is None or isinstance(result, Reply):  # the common case first
+            outcome, answer = "ok", f"reply {result.status}" if result is not None else ""
+        elif isinstance(result, PermanentError):
             outcome, answer = "permanent", _answer(result)
         elif isinstance(result, TransientError):
             outcome, answer = "retry", _answer(result)
@@ -250,11 +252,8 @@ class Provenance:
             outcome, answer = "retry", "no answer within the route's timeout"
         elif isinstance(result, asyncio.CancelledError):
             outcome, answer = "retry", "cancelled: the gateway was stopping"
-        elif isinstance(result, BaseException):
-            outcome, answer = "retry", f"unexpected {type(result).__name__}"
         else:
-            outcome = "ok"
-            answer = f"reply {result.status}" if isinstance(result, Reply) else ""
+            outcome, answer = "retry", f"unexpected {type(result).__name__}"
         self._add(at, envelope_id, "attempt", (route, connector, attempt, outcome, answer, mode,
                                                int((time.time() - at) * 1e6)))
 
