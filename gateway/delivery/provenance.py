@@ -315,7 +315,19 @@ class Provenance:
 
     def _open(self) -> sqlite3.Connection:
         assert self.path
-        db = _connect(self.path)
+        try:
+            db = _connect(self.path)
+        except sqlite3.DatabaseError as exc:
+            if type(exc) is not sqlite3.DatabaseError:  # locked, I/O error...: not the file's fault
+                raise
+            # not a database, or a damaged one: the records are lost either way; keep the file
+            # aside for a look and start a new store, rather than go without provenance
+            aside = f"{self.path}.corrupt-{int(time.time())}"
+            for suffix in ("", "-wal", "-shm"):  # its log must not be applied to the new file
+                if os.path.exists(self.path + suffix):
+                    os.replace(self.path + suffix, aside + suffix)
+            event(self.log, "provenance.corrupt", logging.WARNING, path=self.path, moved_to=aside, error=str(exc))
+            db = _connect(self.path)
         self._maintain_db(db)
         return db
 

@@ -250,3 +250,14 @@ routes:
     [record] = read(str(tmp_path / "provenance.db"), env.id)
     [replay] = record["events"]
     assert (replay["kind"], replay["by"]) == ("replay", f"cli:{getpass.getuser()}")
+
+
+async def test_a_damaged_store_is_moved_aside_and_a_new_one_started(tmp_path: Path) -> None:
+    (tmp_path / "provenance.db").write_bytes(b"this is not a SQLite file, a disk error wrote over it" * 100)
+    prov = await _store(tmp_path)
+    assert prov.on
+    env = _env()
+    prov.received(env, Outcome.accepted(env.id))
+    await prov.close()
+    assert read(str(tmp_path / "provenance.db"), env.id)
+    assert [p.name.split("-")[0] for p in tmp_path.glob("provenance.db.corrupt-*")] == ["provenance.db.corrupt"]
