@@ -1,7 +1,8 @@
 """Follow one message after the fact: a real ``gateway run`` process sends an order to a peer that
 answers 503, 503, then 400; the order is dead-lettered; the gateway restarts; then ``gateway
 trace`` (the CLI, reading the store and asking the admin API) and ``GET /api/messages/{id}``
-show every hop, by the envelope id and by the Idempotency-Key; a replay joins the record."""
+show every hop, by the envelope id and by the Idempotency-Key; a replay joins the record. The
+restart is a ``kill -9``: what was written survives a crash."""
 
 from __future__ import annotations
 
@@ -100,7 +101,12 @@ async def test_gateway_trace_shows_every_hop_of_a_dead_lettered_message_after_a_
                 await wait_for(dead, what="the order dead-lettered")
                 assert peer.requests == 3
 
-            assert await gw.terminate() == 0
+            async def recorded_dead() -> bool:  # read from the file while the gateway runs and writes
+                code, out, _ = await trace(envelope_id, "--config", str(config), "--json")
+                return code == 0 and _kinds(json.loads(out)[0])[-1] == "dead_letter"
+
+            await wait_for(recorded_dead, what="the dead letter in the record")
+            await gw.kill9()  # what was written survives a crash
             await gw.start()  # the record is read back from disk by a new process
 
             code, out, err = await trace(envelope_id, "--config", str(config))
