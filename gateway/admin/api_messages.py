@@ -19,7 +19,7 @@ def messages_api(app: FastAPI, runtime: AdminPort, auth: Any) -> None:
     @app.get("/api/messages/{key}")
     async def message(key: str, _: Principal = Depends(auth)) -> dict[str, Any]:  # noqa: B008
         """The records ``key`` names (envelope id, trace id or traceparent, Message-ID, correlation
-        id, Idempotency-Key), newest message first, each with its events in time order."""
+        id, Idempotency-Key), in the order they arrived, each with its events in time order."""
         import sqlite3
 
         if not key.strip() or len(key) > _MAX_ID:

@@ -130,5 +130,6 @@ class AdminPort(Protocol):
 
     async def message_records(self, key: str) -> list[dict[str, Any]]:
         """The provenance records ``key`` names (an envelope id, a trace id, a Message-ID, a
-        correlation id or an Idempotency-Key), newest first; empty when none (or provenance is off).
+        correlation id or an Idempotency-Key), in the order they arrived; empty when none (or
+        provenance is off).
         See :func:`gateway.delivery.provenance.read`."""

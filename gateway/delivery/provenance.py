@@ -506,10 +506,12 @@ def _answer(exc: GatewayError) -> str:
 
 
 def read(path: str, key: str) -> list[dict[str, Any]]:
-    """The records ``key`` names, newest message first: an envelope id, a trace id (or a whole
-    ``traceparent``), a Message-ID (with or without ``<>``), a correlation id or an
-    Idempotency-Key. Each record: ``{"envelope_id", "events": [{"time", "at", "kind", ...}]}``,
-    events in time order. Empty when nothing is known (or there is no store at ``path``)."""
+    """The records ``key`` names: an envelope id, a trace id (or a whole ``traceparent``), a
+    Message-ID (with or without ``<>``), a correlation id or an Idempotency-Key. Each record:
+    ``{"envelope_id", "events": [{"time", "at", "kind", ...}]}``, events in time order; the
+    records in the order their messages arrived (the hops of a trace, one after the other), the
+    newest :data:`MAX_ENVELOPES` when more share the key. Empty when nothing is known (or there is
+    no store at ``path``)."""
     if not os.path.exists(path):
         return []
     ctx = tracecontext.parse(key.strip())
@@ -527,7 +529,7 @@ def read(path: str, key: str) -> list[dict[str, Any]]:
                                          (value, 10 * MAX_ENVELOPES)):
             if envelope_id not in ids:
                 ids.append(envelope_id)
-        out = []
+        out: list[dict[str, Any]] = []
         for envelope_id in ids[:MAX_ENVELOPES]:
             events = []
             for (data,) in db.execute("SELECT data FROM event WHERE envelope_id=? ORDER BY seq LIMIT ?",
@@ -546,7 +548,8 @@ def read(path: str, key: str) -> list[dict[str, Any]]:
             del events[MAX_EVENTS:]
             if events:  # (a key outlives its events by up to an hour)
                 out.append({"envelope_id": envelope_id, "events": events})
-        return out
+        # read newest first: in arrival order, and one millisecond's messages in the order they were keyed
+        return [r for _, r in sorted(enumerate(out), key=lambda ir: (ir[1]["events"][0]["at"], -ir[0]))]
     finally:
         with contextlib.suppress(sqlite3.Error):
             db.close()

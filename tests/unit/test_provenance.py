@@ -69,7 +69,7 @@ async def test_records_survive_a_reopen_and_a_trace_id_names_every_message_of_th
     prov.received(second, Outcome.accepted(second.id))
     found = await prov.lookup(TRACE)  # the running gateway's lookup: sees what it just recorded
     await prov.close()
-    assert [r["envelope_id"] for r in found] == [second.id, first.id]
+    assert [r["envelope_id"] for r in found] == [first.id, second.id]  # the hops in the order they came
     [record] = read(str(tmp_path / "provenance.db"), "k-1")
     assert [e["kind"] for e in record["events"]] == ["received", "route"]
 
