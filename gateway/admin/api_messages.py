@@ -16,7 +16,7 @@ _MAX_ID = 1000
 def messages_api(app: FastAPI, runtime: AdminPort, auth: Any) -> None:
     """``GET /api/messages/{id}`` (viewer role)."""
 
-    @app.get("/api/messages/{key}")
+    @app.get("/api/messages/{key:path}")  # a Message-ID may hold a "/"
     async def message(key: str, _: Principal = Depends(auth)) -> dict[str, Any]:  # noqa: B008
         """The records ``key`` names (envelope id, trace id or traceparent, Message-ID, correlation
         id, Idempotency-Key), in the order they arrived, each with its events in time order."""

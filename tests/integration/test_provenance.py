@@ -12,14 +12,16 @@ import sys
 import textwrap
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
+import httpx
 import pytest
 from aiohttp import web
 
 from gateway.admin import hash_token
 from tests.faultproxy import HttpSink
-from tests.gwtest import free_port, wait_for
+from tests.gwtest import free_port, running_gateway, wait_for
 from tests.integration.test_crash import GatewayProcess
 
 pytestmark = pytest.mark.integration
@@ -172,3 +174,35 @@ async def test_gateway_trace_shows_every_hop_of_a_dead_lettered_message_after_a_
             assert code == 1 and "401" in err
         finally:
             await gw.ensure_stopped()
+
+
+async def test_the_messages_api_takes_any_id_and_says_when_provenance_is_off(tmp_path: Path) -> None:
+    api = free_port()
+    cfg = f"""
+connectors:
+  api: {{type: rest, listen: "127.0.0.1:{api}", auth: {{type: none}}}}
+  console: {{type: log}}
+routes:
+  - {{name: r, from: api, mode: direct, to: [{{connector: console}}]}}
+"""
+    (tmp_path / "on").mkdir()
+    async with running_gateway(tmp_path / "on", cfg) as rt, httpx.AsyncClient() as http:
+        admin = f"http://{rt.config.model.gateway.admin.listen}"
+        r = await http.post(f"http://127.0.0.1:{api}/x", json={}, headers={"Idempotency-Key": "orders/7 (north)"})
+        envelope_id = r.json()["id"]
+        r = await http.get(f"{admin}/api/messages/{quote('orders/7 (north)', safe='')}")
+        assert r.status_code == 200, r.text
+        [message] = r.json()["messages"]
+        assert message["envelope_id"] == envelope_id
+        assert [(e["kind"], e.get("outcome")) for e in message["events"]] == [
+            ("received", None), ("route", "matched"), ("attempt", "ok")]
+        assert (await http.get(f"{admin}/api/messages/{'x' * 1001}")).status_code == 422
+    off = tmp_path / "off"
+    off.mkdir()
+    gateway = (f'gateway:\n  admin: {{listen: "127.0.0.1:{free_port()}"}}\n'
+               f'  spool: {{path: "{off / "spool.db"}", min_free_bytes: 0}}\n  state_dir: "{off / "state"}"\n'
+               "  provenance: {enabled: false}\n")
+    async with running_gateway(off, gateway + cfg) as rt, httpx.AsyncClient() as http:
+        r = await http.get(f"http://{rt.config.model.gateway.admin.listen}/api/messages/{envelope_id}")
+        assert r.status_code == 404 and "provenance is off" in r.json()["detail"]
+        assert not (off / "provenance.db").exists()
