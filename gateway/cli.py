@@ -5,6 +5,7 @@
     gateway schema
     gateway routes test FILE (--message SAMPLE | --tests TESTS)
     gateway dead-letters list|show|replay|purge [--config FILE | --spool PATH]  (filters, --to, --all)
+    gateway trace ID [--config FILE | --db PATH | --url URL] [--json]  (what happened to a message)
     gateway token hash            (reads a token on stdin, prints its sha256 for gateway.admin.tokens)
 
 Exit codes: 0 success, 1 failure (invalid config, failed route tests), 2 usage error.
@@ -143,6 +144,7 @@ def _ago(value: str) -> float:
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     from gateway.delivery import deadletters as dl
+    from gateway.delivery.provenance import replayed_ids
     from gateway.delivery.spool import Spool
     from gateway.delivery.spools import make_spool
     from gateway.delivery.store import DeadLetterFilter, SpoolBackend, SpoolError
@@ -179,6 +181,10 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
             print(f"error: {args.to!r} is not an outbound connector in {args.config}", file=sys.stderr)
             return 1
 
+    trail = ""  # the provenance store, when the config names one (not with --spool alone)
+    if cfg is not None and cfg.model.gateway.provenance.enabled:
+        trail = cfg.model.gateway.provenance_path()
+
     async def go() -> int:
         await spool.open()
         try:
@@ -200,7 +206,11 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
                     return 1
                 print(json.dumps(item.as_dict(), indent=2, ensure_ascii=False))
             elif args.action == "replay":
+                # which messages these are, for their provenance (read before they leave the dead letters)
+                known = await replayed_ids(spool, ids, selected, args.to) if trail else []
                 targets = await spool.replay(ids, selected, connector=args.to)
+                if trail:
+                    _record_replay(trail, known, args.to)
                 print(f"replayed {len(targets)} dead letter(s)"
                       + ("" if args.to else " (unmatched ones need --to CONNECTOR)"))
             elif args.action == "purge":
@@ -215,6 +225,19 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def _record_replay(path: str, envelope_ids: list[str], to: str | None) -> None:
+    """The replay in the messages' provenance, as ``cli:<user>``; best-effort, as in the gateway."""
+    import getpass
+    import sqlite3
+
+    from gateway.delivery.provenance import record_replay
+
+    try:
+        record_replay(path, envelope_ids, by=f"cli:{getpass.getuser()}", connector=to)
+    except (sqlite3.Error, OSError, KeyError) as exc:
+        print(f"warning: the replay is not in the messages' provenance: {exc}", file=sys.stderr)
+
+
 def _dead_letter_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--route")
     p.add_argument("--connector", help="the target connector the dead letter was for")
@@ -222,6 +245,71 @@ def _dead_letter_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--envelope-id", dest="envelope_id")
     p.add_argument("--since", type=_ago, help="dead-lettered in the last DURATION (3600, 30m, 1h, 2d)")
     p.add_argument("--until", type=_ago, help="dead-lettered more than DURATION ago")
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """What happened to a message: its provenance, read from the store file (``--config`` or
+    ``--db``; works while the gateway runs, and when it is down) or asked of a running gateway's
+    admin API (``--url``, with ``--token`` or ``$GATEWAY_TOKEN``)."""
+    from gateway.delivery import provenance
+
+    if args.url:
+        records = _trace_from_api(args.url, args.id, args.token or os.environ.get("GATEWAY_TOKEN", ""))
+        if isinstance(records, str):
+            print(f"error: {records}", file=sys.stderr)
+            return 1
+    else:
+        path = args.db
+        if not path:
+            try:
+                cfg = load_config(args.config)
+            except ConfigError as exc:
+                _print_issues(exc, False)
+                return 1
+            if not cfg.model.gateway.provenance.enabled:
+                print(f"error: provenance is off in {args.config} (gateway.provenance.enabled: false)", file=sys.stderr)
+                return 1
+            path = cfg.model.gateway.provenance_path()
+        if not os.path.exists(path):
+            print(f"error: no provenance store at {path}", file=sys.stderr)
+            return 1
+        records = provenance.read(path, args.id)
+    if args.json:
+        print(json.dumps(records, indent=2, ensure_ascii=False))
+    elif records:
+        print(provenance.timeline(records))
+    if not records:
+        print(f"no message known by {args.id!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _trace_from_api(url: str, key: str, token: str) -> list[dict[str, Any]] | str:
+    """The records from ``GET {url}/api/messages/{key}``, or why not."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    if not url.startswith(("http://", "https://")):
+        return f"--url must be http:// or https://, not {url!r}"
+    full = url.rstrip("/") + "/api/messages/" + urllib.parse.quote(key, safe="")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(full, headers=headers)  # noqa: S310 - the scheme is checked above
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - the scheme is checked above
+            body = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return []
+        try:
+            detail = json.loads(exc.read()).get("detail", "")
+        except ValueError:
+            detail = ""
+        return f"{url} answered {exc.code}" + (f": {detail}" if detail else "")
+    except (OSError, ValueError) as exc:
+        return f"cannot ask {url}: {exc}"
+    messages = body.get("messages") if isinstance(body, dict) else None
+    return messages if isinstance(messages, list) else f"{url} gave an unexpected answer"
 
 
 def cmd_token_hash(args: argparse.Namespace) -> int:
@@ -283,6 +371,15 @@ def build_parser() -> argparse.ArgumentParser:
     _dead_letter_filters(pg)
     pg.add_argument("--all", action="store_true")
     dl.set_defaults(fn=cmd_dead_letters)
+
+    tr = sub.add_parser("trace", help="what happened to a message: received, routes, attempts, dead letter, replay")
+    tr.add_argument("id", help="envelope id, trace id (or traceparent), Message-ID, correlation id or Idempotency-Key")
+    tr.add_argument("--config", "-c", default=_default_config(), help="read the store this config names")
+    tr.add_argument("--db", help="the provenance file itself (default: from the config)")
+    tr.add_argument("--url", help="ask a running gateway's admin API instead (http://host:8081)")
+    tr.add_argument("--token", help="admin token for --url (default: $GATEWAY_TOKEN)")
+    tr.add_argument("--json", action="store_true", help="the records as JSON")
+    tr.set_defaults(fn=cmd_trace)
 
     tok = sub.add_parser("token", help="admin token helpers")
     tsub = tok.add_subparsers(dest="token_command", required=True)

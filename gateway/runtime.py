@@ -34,6 +34,7 @@ from gateway.config.yamlsrc import ConfigError
 from gateway.contract import Connector, Outcome
 from gateway.delivery.engine import Delivery, DeliveryOptions, RoutingState
 from gateway.delivery.options import DeliveryMetrics
+from gateway.delivery.provenance import Provenance, replayed_ids
 from gateway.delivery.spools import make_spool
 from gateway.delivery.store import DeadLetter, DeadLetterFilter
 from gateway.envelope import Envelope
@@ -98,6 +99,11 @@ class Runtime:
             connector=self._connector_for_send, spool=self.spool, metrics=self.metrics,
             log=logging.getLogger("gateway.delivery"), options=DeliveryOptions.from_settings(settings.spool),
         )
+        prov = settings.provenance
+        self.provenance = Provenance(settings.provenance_path() if prov.enabled else None, retention=prov.retention,
+                                     max_size=prov.max_size, min_free_bytes=settings.spool.min_free_bytes,
+                                     registry=self.metrics.registry)
+        self.delivery.provenance = self.provenance
         self.supervisor = Supervisor(http=self.http, delivery=self.delivery, spool=self.spool,
                                      accepting=self.accepting, log=self.log,
                                      worker=worker.index if worker else 0, workers=worker.count if worker else 1)
@@ -184,6 +190,7 @@ class Runtime:
         self.delivery.tracing = self.delivery.dispatcher.tracing = build_tracing(
             self.config.model.gateway.tracing, self.metrics)
         await self.spool.open()
+        await self.provenance.open()
         from gateway.delivery.stormstore import SqliteStormStore
         from gateway.routing.storm import StormControl
 
@@ -256,6 +263,7 @@ class Runtime:
         if self._gauge_task:
             self._gauge_task.cancel()
         await self.spool.close()
+        await self.provenance.close()
         if self.storm is not None:
             await self.storm.store.close()
         await self.watchdog.stop()
@@ -353,10 +361,16 @@ class RuntimeAdmin:
         return await self._rt.spool.dead_letter_by_id(dl_id)
 
     async def replay_dead_letters(self, ids: Sequence[int] | None, flt: DeadLetterFilter | None, *,
-                                  connector: str | None) -> int:
-        targets = await self._rt.spool.replay(ids, flt, connector=connector)
+                                  connector: str | None, by: str = "") -> int:
+        spool, prov = self._rt.spool, self._rt.provenance
+        replayed = await replayed_ids(spool, ids, flt, connector) if prov.on else []
+        targets = await spool.replay(ids, flt, connector=connector)
         await self._rt.delivery.replayed(targets)
+        prov.replayed(replayed, by=by, connector=connector)
         return len(targets)
+
+    async def message_records(self, key: str) -> list[dict[str, Any]]:
+        return await self._rt.provenance.lookup(key)
 
     async def purge_dead_letters(self, ids: Sequence[int] | None, flt: DeadLetterFilter | None) -> int:
         return await self._rt.spool.purge(ids, flt)

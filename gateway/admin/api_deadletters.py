@@ -61,7 +61,7 @@ def dead_letters_api(app: FastAPI, runtime: AdminPort, auth: Any, editor: Any) -
             if target is None or not target.outbound:
                 raise HTTPException(422, f"connector {to!r} is not a configured outbound connector")
         try:
-            count = await runtime.replay_dead_letters(ids, flt, connector=to)
+            count = await runtime.replay_dead_letters(ids, flt, connector=to, by=p.name)
         except SpoolError as exc:
             raise HTTPException(503, f"the spool cannot take the replay now: {exc}") from None
         event(_log, "dead_letters.replayed", by=p.name, count=count, to=to or "")

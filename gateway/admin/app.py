@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from gateway.admin.api_config import config_api
 from gateway.admin.api_deadletters import dead_letters_api
 from gateway.admin.api_graph import graph_api
+from gateway.admin.api_messages import messages_api
 from gateway.admin.api_overview import overview_api
 from gateway.admin.auth import AuthState, Principal, login_api, make_auth, make_editor
 from gateway.admin.live import LiveLog
@@ -68,6 +69,7 @@ def build_admin(runtime: AdminPort, live: LiveLog | None = None) -> FastAPI:
 
     dead_letters_api(app, runtime, auth, editor)
     graph_api(app, runtime, auth, editor)
+    messages_api(app, runtime, auth)
 
     return app
 

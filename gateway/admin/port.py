@@ -119,9 +119,17 @@ class AdminPort(Protocol):
     async def dead_letter(self, dl_id: int) -> DeadLetter | None: ...
 
     async def replay_dead_letters(self, ids: Sequence[int] | None, flt: DeadLetterFilter | None, *,
-                                  connector: str | None) -> int:
+                                  connector: str | None, by: str = "") -> int:
         """Spool the selected dead letters again (to ``connector`` instead of their own, if
-        given) and wake their deliveries; how many."""
+        given) and wake their deliveries; how many. ``by`` (who asked) goes into their provenance."""
 
     async def purge_dead_letters(self, ids: Sequence[int] | None, flt: DeadLetterFilter | None) -> int:
         """Delete the selected dead letters; how many."""
+
+    # --- provenance ------------------------------------------------------------------------------
+
+    async def message_records(self, key: str) -> list[dict[str, Any]]:
+        """The provenance records ``key`` names (an envelope id, a trace id, a Message-ID, a
+        correlation id or an Idempotency-Key), in the order they arrived; empty when none (or
+        provenance is off).
+        See :func:`gateway.delivery.provenance.read`."""

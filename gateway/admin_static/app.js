@@ -716,7 +716,9 @@ async function inspectDeadLetter(id) {
   $("#dl-detail").replaceChildren(
     el("h3", { text: `Dead letter ${d.id}: ${d.route} → ${d.connector}` }), actions,
     el("table", { class: "kv" }, el("tbody", {},
-      row("envelope id", env.id || d.envelope_id), row("reason", d.reason),
+      row("envelope id", el("span", {}, env.id || d.envelope_id, " ",
+        el("button", { class: "dl-follow", "data-id": env.id || d.envelope_id, text: "Follow this message" }))),
+      row("reason", d.reason),
       row("attempts", `${d.attempts} — the first at ${when(d.first_at)}, dead-lettered at ${when(d.dead_at)}`),
       row("last answer", el("pre", { class: "answer", text: d.last_error || "(none)" })),
       row("source", `${env.source || ""} (${env.protocol || ""})`), row("subject", env.subject || ""),
@@ -801,9 +803,56 @@ function wireDeadLetters() {
   $("#dl-detail").addEventListener("click", (ev) => {
     const b = ev.target.closest("button");
     if (!b) return;
+    if (b.classList.contains("dl-follow")) { $("#follow-id").value = b.dataset.id; showTab("follow"); followMessage(); }
     if (b.classList.contains("dl-replay-one")) replayDeadLetters({ ids: [+b.dataset.id] });
     if (b.classList.contains("dl-purge-one") && confirmed(b, "Click again to purge it")) purgeDeadLetters({ ids: [+b.dataset.id] });
   });
+}
+
+// --- follow a message (provenance) ------------------------------------------------------------------
+
+function describeEvent(e) {
+  const ids = Object.entries(e.ids || {}).map(([k, v]) => `${k} ${v}`).join(", ");
+  switch (e.kind) {
+    case "received":
+      return `from ${e.connector} (${e.protocol}), subject ${e.subject}; answered ${e.status}` +
+        (e.reason ? ` (${e.reason})` : "") + (e.duplicate_of ? `; a repeat, arrived as ${e.duplicate_of}` : "") +
+        (ids ? `; ${ids}` : "");
+    case "route": return `${e.route || "(no route)"}: ${e.outcome}` + (e.detail ? ` (${e.detail})` : "");
+    case "attempt":
+      return `${e.connector} via ${e.route} (${e.mode}): ${e.outcome}` + (e.ms !== undefined ? ` after ${e.ms} ms` : "");
+    case "dead_letter": case "dropped": return `${e.route || "-"} → ${e.connector || "-"}: ${e.reason}`;
+    case "replay": return `by ${e.by || "?"}` + (e.connector ? ` to ${e.connector}` : "");
+    default: return JSON.stringify(e);
+  }
+}
+
+function stamp(at) {  // local time to the millisecond: attempts are often milliseconds apart
+  const d = new Date(at * 1000), p = (n, w = 2) => String(n).padStart(w, "0");
+  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ${p(d.getHours())}:${p(d.getMinutes())}:` +
+    `${p(d.getSeconds())}.${p(d.getMilliseconds(), 3)}`;
+}
+
+function eventLabel(e) {
+  if (e.kind === "attempt") return `attempt ${e.attempt}`;
+  return { dead_letter: "dead letter" }[e.kind] || e.kind;
+}
+
+async function followMessage() {
+  const id = $("#follow-id").value.trim();
+  if (!id) return;
+  const out = $("#follow-result");
+  const r = await api("GET", "/api/messages/" + encodeURIComponent(id));
+  if (!r.ok) { out.replaceChildren(el("p", { class: r.status === 404 ? "hint" : "error", text: detail(r.data) })); return; }
+  out.replaceChildren(...r.data.messages.map((m) => el("div", { class: "follow-record" },
+    el("h3", { text: `Envelope ${m.envelope_id}` }),
+    el("table", { class: "follow-table" },
+      el("thead", {}, el("tr", {}, el("th", { text: "time" }), el("th", { text: "what" }), el("th", { text: "" }),
+        el("th", { text: "answer / error" }))),
+      el("tbody", {}, ...m.events.map((e) => el("tr", { class: `ev-${e.kind} out-${e.outcome || e.status || ""}` },
+        el("td", { class: "when", text: stamp(e.at) }),
+        el("td", { text: eventLabel(e) }), el("td", { text: describeEvent(e) }),
+        el("td", {}, el("pre", { class: "answer", text: e.answer || e.error || "" })))))))));
 }
 
 // --- wiring --------------------------------------------------------------------------------------
@@ -831,5 +880,6 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#file-edited-btn").addEventListener("click", () => replaceFile(false));
   $("#file-errors").addEventListener("click", (ev) => { const li = ev.target.closest("li"); if (li && li.dataset.line) { loadFileText(); goToLine(+li.dataset.line); } });
   wireDeadLetters();
+  $("#follow-form").addEventListener("submit", (ev) => { ev.preventDefault(); followMessage(); });
   if (state.session) enter().catch(() => logout(""));
 });

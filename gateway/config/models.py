@@ -179,6 +179,20 @@ class SpoolSettings(Strict):
             raise ValueError("spool type rabbitmq needs url: \"${SPOOL_AMQP_URL}\"")
 
 
+class ProvenanceSettings(Strict):
+    """What the gateway remembers of each message (``gateway trace ID``, ``GET /api/messages/{id}``):
+    received, routes, every attempt with the peer's answer, dead letter, replay. Best-effort: a
+    full or failing store never refuses a message."""
+
+    enabled: bool = True
+    #: Records older than this are deleted.
+    retention: Duration = Field(default=7 * 86400.0, gt=0)
+    #: Live data in the store at most; past it the oldest records are deleted.
+    max_size: ByteSize = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    #: The SQLite file. Omitted: ``provenance.db`` in the spool file's directory.
+    path: str | None = None
+
+
 class LogSettings(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "text"] = "auto"
@@ -298,6 +312,12 @@ class GatewaySettings(Strict):
         if isinstance(v, int) and not 1 <= v <= 256:
             raise ValueError("workers must be between 1 and 256, or auto")
         return v
+    #: The record of each message's way through the gateway (:class:`ProvenanceSettings`).
+    provenance: ProvenanceSettings = Field(default_factory=ProvenanceSettings)
+
+    def provenance_path(self) -> str:
+        """Where the provenance store is: its own ``path``, else beside the spool file."""
+        return self.provenance.path or os.path.join(os.path.dirname(self.spool.path) or ".", "provenance.db")
 
     @field_validator("http")
     @classmethod

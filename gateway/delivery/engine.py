@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.contract import Connector, Outcome, PermanentError, Reply, Status, TransientError
 from gateway.deadlines import Deadlines
 from gateway.delivery.options import DeliveryMetrics, DeliveryOptions, RoutingState
+from gateway.delivery.provenance import Provenance
 from gateway.delivery.store import Job, Remembered, SpoolBackend, SpoolError, SpoolFull
 from gateway.delivery.workers import Dispatcher, Worker, count_dead, count_failure
 from gateway.envelope import PARSE_INLINE_BYTES, Envelope, is_json_type
@@ -123,6 +124,15 @@ class Delivery:
         self._observers.append(fn)
 
     @property
+    def provenance(self) -> Provenance:
+        """The record of each message's way (:mod:`gateway.delivery.provenance`); off until the runtime sets one."""
+        return self.dispatcher.provenance
+
+    @provenance.setter
+    def provenance(self, recorder: Provenance) -> None:
+        self.dispatcher.provenance = recorder
+
+    @property
     def concurrency(self) -> int:
         return self.options.concurrency
 
@@ -144,6 +154,7 @@ class Delivery:
             self.log.exception("delivery.bug", extra={"fields": {"envelope_id": env.id}})
             outcome = self._answer(env, Outcome.retry(env.id, f"internal error ({type(exc).__name__})"))
         outcome = hop.finish(outcome)
+        self.provenance.received(env, outcome)
         for observe in self._observers:
             try:
                 observe(env, state, outcome)
@@ -247,6 +258,7 @@ class Delivery:
                 dead.append(_Dead(route, "", "parse", env, sel.error))
                 continue
             self.metrics.routed.labels(route.name, "matched").inc()
+            self.provenance.route(env.id, route.name, "matched")
             wants_reply = wants_reply or route.wants_reply
             renv = env
             if route.storm is not None and self.storm is not None:
@@ -257,6 +269,7 @@ class Delivery:
                     continue
                 if decision.action == "suppress":
                     self.metrics.routed.labels(route.name, "suppressed").inc()
+                    self.provenance.route(env.id, route.name, "suppressed", decision.reason)
                     suppressed = decision.reason
                     continue
                 if decision.action == "digest":
@@ -277,6 +290,7 @@ class Delivery:
         for d in dead:
             if d.route is not None and not d.route.dead_letter:
                 self.metrics.routed.labels(d.route.name, "rejected").inc()
+                self.provenance.route(env.id, d.route.name, "rejected", d.error)
                 for undo in undos:
                     undo()
                 return Outcome.rejected(env.id, d.error, code=422)
@@ -288,6 +302,7 @@ class Delivery:
                     if route.storm is not None:
                         await storm.fold(route.storm, fold_key, env)
                     self.metrics.routed.labels(route.name, "digested").inc()
+                    self.provenance.route(env.id, route.name, "digested")
             except Exception as exc:  # the digest store failed: the sender must retry
                 outcome = self._refuse(env, "storm_state", "cannot store the message now", error=str(exc))
         if not outcome.acknowledge:
@@ -374,6 +389,7 @@ class Delivery:
         for d in dead:
             count_dead(self.metrics, self.log, d.envelope.id, d.route.name if d.route else "", d.connector,
                        d.reason, d.error)
+            self.provenance.dead(d.envelope.id, d.route.name if d.route else "", d.connector, d.reason, d.error)
         return None
 
     def _refuse(self, env: Envelope, reason: str, text: str, *, error: str = "", retry_after: float = 5) -> Outcome:
@@ -392,6 +408,7 @@ class Delivery:
 
     async def _unmatched(self, env: Envelope, state: RoutingState, key: str | None) -> Outcome:
         self.metrics.routed.labels("", "unmatched").inc()
+        self.provenance.route(env.id, "", "unmatched", f"unmatched: {state.unmatched}")
         event(self.log, "route.unmatched", envelope_id=env.id, connector=env.source, policy=state.unmatched)
         if state.unmatched == "drop":
             self.metrics.routed.labels("", "dropped").inc()
@@ -411,6 +428,7 @@ class Delivery:
         """Send now. Permanent failures of targets that are not the reply join ``dead``."""
         self._inflight_direct += 1
         tasks: list[asyncio.Future[Reply | None]] = []
+        started = time.time()
         try:
             if len(plans) == 1:
                 results: list[Reply | BaseException | None] = [await self._send_here(plans[0])]
@@ -421,6 +439,7 @@ class Delivery:
         finally:
             self._inflight_direct -= 1
             self._direct_tasks.difference_update(tasks)
+        self.provenance.direct(plans, results, started)
         reply: Reply | None = None
         for plan, result in zip(plans, results, strict=True):
             if isinstance(result, asyncio.CancelledError):
@@ -542,7 +561,9 @@ class Delivery:
         refused = self._check_room(env, ())
         if refused is None:
             refused = await self._store(env, [], [_Dead(None, env.source, reason, env, error)], None)
-        return hop.finish(self._answer(env, refused or Outcome(Status.DEAD_LETTERED, env.id, reason=error)))
+        outcome = hop.finish(self._answer(env, refused or Outcome(Status.DEAD_LETTERED, env.id, reason=error)))
+        self.provenance.received(env, outcome)
+        return outcome
 
     # --- storm control ------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from gateway.contract import Connector, PermanentError, Target, TargetOptions, T
 from gateway.deadlines import Deadlines
 from gateway.delivery.admission import Admission
 from gateway.delivery.options import DeliveryMetrics, DeliveryOptions, RoutingState
+from gateway.delivery.provenance import Provenance
 from gateway.delivery.retry import Admit, CircuitBreaker, CircuitState, backoff
 from gateway.delivery.store import Job, SpoolBackend, SpoolError
 from gateway.envelope import Envelope
@@ -111,6 +112,8 @@ class Dispatcher:
         self._parsed_cache: dict[tuple[type[Any], str], Any] = {}
         #: Each attempt's trace context (and span): set with the engine's.
         self.tracing = Tracing()
+        #: Records each attempt and final failure (:mod:`gateway.delivery.provenance`).
+        self.provenance = Provenance.off()
 
     @property
     def spool(self) -> SpoolBackend:
@@ -500,6 +503,7 @@ class Dispatcher:
         self.metrics.duration.labels(job.connector).observe(time.perf_counter() - started, exemplar)
         self.metrics.delivered.labels(job.connector, job.route).inc()
         w.breaker.success()
+        self.provenance.sent(job, None, started)
 
     def _settled_done(self, job: Job) -> None:
         self.settled(job.connector)
@@ -513,6 +517,7 @@ class Dispatcher:
     async def _failed(self, w: Worker, job: Job, policy: RetryPolicy, spec: Target, started: float,
                       exc: BaseException, probe: bool, exemplar: dict[str, str] | None = None) -> None:
         """A send of ``job`` failed with ``exc``: dead letter (permanent) or retry later."""
+        self.provenance.sent(job, exc, started)
         if isinstance(exc, PermanentError):
             count_failure(self.metrics, spec, "permanent", started, exemplar)
             w.breaker.success()  # the peer is up: it answered, with a no
@@ -557,7 +562,9 @@ class Dispatcher:
             note("gateway.dropped", reason=reason, error=error)
             event(self.log, "delivery.dropped", logging.WARNING, envelope_id=job.envelope_id, route=job.route,
                   connector=job.connector, reason=reason, error=error)
+            self.provenance.dead(job.envelope_id, job.route, job.connector, reason, error, kept=False)
             return
         await self.spool.dead_letter(job, reason, error)
         self.settled(job.connector)
         count_dead(self.metrics, self.log, job.envelope_id, job.route, job.connector, reason, error)
+        self.provenance.dead(job.envelope_id, job.route, job.connector, reason, error)

@@ -13,7 +13,8 @@ from typing import Any
 from gateway.config.loader import LoadedConfig
 
 #: Gateway settings a reload cannot change in a running process (they need a restart).
-_RESTART_ONLY = (("admin", "listen"), ("spool",), ("state_dir",), ("log",), ("http",), ("tracing",), ("workers",))
+_RESTART_ONLY = (("admin", "listen"), ("spool",), ("state_dir",), ("log",), ("http",), ("tracing",), ("workers",),
+                 ("provenance",))
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,8 @@ def readme_first_curl() -> str:
 
 
 def test_run_serves_the_readme_walkthrough_and_exits_0_on_sigterm(tmp_path: Path) -> None:
-    """The README's first steps, on free ports: POST → 202 → file line → counted in /metrics."""
+    """The README's first steps, on free ports: POST → 202 → file line → followed with `gateway trace`
+    → counted in /metrics."""
     api, admin, smtp = free_port(), free_port(), free_port()
     text = (ROOT / "routes.yaml").read_text().replace("127.0.0.1:8080", f"127.0.0.1:{api}").replace(
         "127.0.0.1:8081", f"127.0.0.1:{admin}").replace("127.0.0.1:2525", f"127.0.0.1:{smtp}").replace(
@@ -123,6 +124,20 @@ def test_run_serves_the_readme_walkthrough_and_exits_0_on_sigterm(tmp_path: Path
         while not (out.exists() and env_id in out.read_text()):
             assert time.monotonic() < deadline, "message never reached the file sink"
             time.sleep(0.05)
+        # "Follow it": the envelope id of the answer, looked up with `gateway trace` beside the running gateway.
+        deadline = time.monotonic() + 10
+        while True:
+            trace = subprocess.run([sys.executable, "-m", "gateway.cli", "trace", env_id, "--config", "routes.yaml"],
+                                   check=False, cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+            if trace.stdout.count(": ok") == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert trace.returncode == 0, trace.stderr
+        assert "received   from api (rest) subject '/events/boiler'  answered accepted" in trace.stdout
+        assert "route      urgent-events-to-log: matched" in trace.stdout
+        assert "route      events-to-file: matched" in trace.stdout
+        assert "attempt 1  events-file via events-to-file (spooled): ok" in trace.stdout, trace.stdout
         metrics = httpx.get(f"http://127.0.0.1:{admin}/metrics").text
         assert 'gateway_messages_received_total{connector="api"} 1.0' in metrics
         assert 'gateway_messages_delivered_total{connector="events-file",route="events-to-file"} 1.0' in metrics
