@@ -689,6 +689,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     ap.add_argument("--no-latency", action="store_true", help="skip the runs at a quarter of the ceiling")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="skip the saturation runs; measure latency at this rate (msg/s) for every variant")
     ap.add_argument("--rest-seconds", type=float, default=30.0, help="wrk run of REST → MQTT")
     ap.add_argument("--no-rest", action="store_true", help="skip REST → MQTT beside Node-RED")
     args = ap.parse_args()
@@ -716,12 +718,13 @@ def main() -> None:
               f"bridge {r.cpu_us('bridge')} µs/msg, missing {r.missing}", flush=True)
 
     try:
-        for n in range(1, args.rounds + 1):
+        for n in range(1, args.rounds + 1 if not args.rate else 1):
             k = (n - 1) % len(variants)
             for v in variants[k:] + variants[:k]:
                 run(v, n, 0.0)
         if not args.no_latency:
-            ceiling = {v: statistics.median(r.msgs for r in runs if r.variant == v and not r.rate) for v in variants}
+            ceiling = {v: args.rate * 4 or statistics.median(r.msgs for r in runs if r.variant == v and not r.rate)
+                       for v in variants}
             for n in range(1, args.rounds + 1):
                 k = (n - 1) % len(variants)
                 for v in variants[k:] + variants[:k]:
