@@ -382,3 +382,38 @@ async def test_a_publish_the_broker_never_confirms_fails_at_its_deadline(tmp_pat
             proxy.heal()
             proxy.cut()  # the half-open connection is dropped; the connector reconnects
     assert 0.9 <= waited < 2.0, waited
+
+
+async def test_publishes_that_arrive_together_go_to_the_broker_in_one_write(tmp_path: Path) -> None:
+    """50 sends started in one loop turn (an MQTT read's worth of messages) are queued for the
+    connection's writer as one frame, not 50 — each still answered by its own confirm — and
+    all 50 are in the queue."""
+    queue = unique("gw.q")
+    async with amqp_channel() as ch:
+        await ch.declare_queue(queue, auto_delete=True)
+        yaml = gateway_yaml("""
+  bus: {type: amqp}
+""", "  []")
+        async with running_gateway(tmp_path, yaml) as rt:
+            conn = rt.slots["bus"].connector
+            target = Target(route="r", connector="bus", options=AmqpTarget(routing_key=queue))
+            env = Envelope(source="t", protocol="test", subject="s", body=b"{}", content_type="application/json")
+            assert await conn.send(env, target) is None  # the channel is open
+            write_queue = conn._pub_raw.write_queue
+            writes = 0
+            put = write_queue.put
+
+            async def counting_put(item: Any) -> None:
+                nonlocal writes
+                writes += 1
+                await put(item)
+
+            write_queue.put = counting_put
+            try:
+                answers = await asyncio.gather(*(conn.send(env.evolve(id=f"m-{n}"), target) for n in range(50)))
+            finally:
+                del write_queue.put
+            got = await drain_queue(ch, queue, 51)
+    assert answers == [None] * 50
+    assert writes <= 2, writes
+    assert len(got) == 51
