@@ -55,7 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover
         runner = asyncio.run
-    return int(runner(serve(args.config)))
+    return int(runner(serve(args.config, config=config)))  # not read twice: 10,000 routes take a second
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -205,10 +205,13 @@ class Template:
 
     def render(self, scope: Mapping[str, Any]) -> str:
         limits = self._limits
+        try:
+            tpl = self._compiled()  # before the clock starts: the first render compiles
+        except Exception as exc:  # checked at load, so only MemoryError and the like
+            raise TemplateError(f"template failed to compile: {type(exc).__name__}: {exc}") from None
         budget = Budget(limits, time.monotonic() + limits.render_timeout)
         token = active.set(budget)
         try:
-            tpl = self._compiled()
             chunks = tpl.root_render_func(tpl.new_context(dict(scope)))
             parts: list[str] = []
             size = 0
@@ -267,6 +270,12 @@ class _Compiled:
                 self._items.move_to_end(source)
         return tpl
 
+    def drop(self) -> list[jinja2.Template]:
+        """Every template held, and hold none."""
+        items = list(self._items.values())
+        self._items.clear()
+        return items
+
     def put(self, source: str, tpl: jinja2.Template) -> None:
         self._items[source] = tpl
         self._items.move_to_end(source)
@@ -279,3 +288,21 @@ def _compiled(env: jinja2.Environment) -> _Compiled:
     if cache is None:
         cache = env.__dict__["_gateway_compiled"] = _Compiled(COMPILED_CACHE)
     return cache
+
+
+def forget_compiled(env: jinja2.Environment) -> None:
+    """Drop what ``env`` compiled and break the reference cycles of each compiled template (its
+    module namespace holds its functions, whose globals are that namespace), and the environment's
+    own, so reference counting alone frees them. Only for an environment no render uses any more."""
+    found: list[jinja2.Template] = []
+    cache = env.__dict__.pop("_gateway_compiled", None)
+    if cache is not None:
+        found += cache.drop()
+    found += env.__dict__.pop("_gateway_files", {}).values()
+    if env.cache is not None:
+        found += [t for t in env.cache.values() if isinstance(t, jinja2.Template)]
+        env.cache.clear()
+    for tpl in found:
+        tpl.root_render_func.__globals__.clear()
+    env.__dict__.pop("_gateway_shapes", None)
+    env.globals.clear()  # ``range`` is a bound method of the environment
