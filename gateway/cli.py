@@ -60,14 +60,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     if worker is not None:  # started by a parent: one of its workers
-        code = int(runner(serve(args.config, worker=worker)))
+        code = int(runner(serve(args.config, worker=worker, config=config)))
         return EXIT_START_FAILED if code == 1 else code
     count = resolve_count(args.workers if args.workers is not None else config.model.gateway.workers)
     if count > 1:
         from gateway.workers.parent import run_parent
 
         return int(runner(run_parent(args.config, config, count)))
-    return int(runner(serve(args.config)))
+    return int(runner(serve(args.config, config=config)))  # not read twice: 10,000 routes take a second
 
 
 def _workers_arg(value: str) -> int | str:

@@ -57,10 +57,27 @@ def atomic_write(path: str, text: str) -> None:
         os.close(dir_fd)
 
 
+#: Changed lines (between the lines the two texts start and end with in common) past which the
+#: diff is one line saying which lines differ: difflib's time grows with the lines times the
+#: changed places, and a change to each of 10,000 routes took it minutes of the config worker.
+MAX_DIFF_LINES = 5000
+
+
 def unified_diff(old: str, new: str, old_name: str, new_name: str) -> str:
     """A unified diff of two config texts ('' when equal)."""
-    lines = difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
-                                 fromfile=old_name, tofile=new_name)
+    a, b = old.splitlines(keepends=True), new.splitlines(keepends=True)
+    same = min(len(a), len(b))
+    head = 0
+    while head < same and a[head] == b[head]:
+        head += 1
+    tail = 0
+    while tail < same - head and a[-1 - tail] == b[-1 - tail]:
+        tail += 1
+    changed = max(len(a), len(b)) - head - tail
+    if changed > MAX_DIFF_LINES:
+        return (f"--- {old_name}\n+++ {new_name}\n@@ -{head + 1},{len(a) - head - tail} +{head + 1},"
+                f"{len(b) - head - tail} @@ {changed} lines differ: too many to list line by line\n")
+    lines = difflib.unified_diff(a, b, fromfile=old_name, tofile=new_name)
     out = []
     for line in lines:
         out.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")

@@ -38,6 +38,10 @@ class LiveLog:
 
     def observe(self, env: Envelope, state: Any, outcome: Outcome) -> None:
         """A :meth:`Delivery.add_observer` hook: ``state`` is what the message was routed under."""
+        if self._ring and self._ring[-1][1] is not state:
+            # The first message after a reload: the ring would keep the replaced routing state (a
+            # whole config, 100+ MiB with 10,000 routes) alive until 500 more messages came.
+            self._drain()
         if len(env.body) <= self.max_sample:
             self._ring.append((env, state, None, outcome, time.time()))
         else:  # do not hold large bodies: select now, keep the envelope without its body

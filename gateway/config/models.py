@@ -318,6 +318,11 @@ class GatewaySettings(Strict):
     def provenance_path(self) -> str:
         """Where the provenance store is: its own ``path``, else beside the spool file."""
         return self.provenance.path or os.path.join(os.path.dirname(self.spool.path) or ".", "provenance.db")
+    #: A config with at most this many routes has every per-route counter series exported at 0 from
+    #: the start (about 22 series a route), so an alert's ``increase()`` sees a route's first event. A
+    #: larger config's route series appear with their first event instead: 10,000 routes at 0 would be
+    #: 220,000 series, ~150 MiB, and a /metrics scrape that holds the event loop for seconds.
+    metrics_routes_at_zero: int = Field(default=1000, ge=0)
 
     @field_validator("http")
     @classmethod

@@ -31,7 +31,7 @@ from gateway.logs import event
 from gateway.metrics import Metrics
 from gateway.registry import Registry
 from gateway.reload.plan import plan_reload
-from gateway.reload.worker import ConfigWorker
+from gateway.reload.worker import ConfigWorker, dismantle
 
 if TYPE_CHECKING:
     from gateway.supervisor import Supervisor
@@ -105,6 +105,9 @@ class Reloader:
         self.log = logging.getLogger("gateway.reload")
         self.lock = asyncio.Lock()
         self.worker = ConfigWorker()
+        #: Configs replaced (or never applied) that wait to be taken apart (:meth:`_retire`).
+        self._graves: list[LoadedConfig] = []
+        self._sweeper: asyncio.Task[None] | None = None
         state_dir = host.config.model.gateway.state_dir
         self.history = History(history_dir if history_dir is not None else os.path.join(state_dir, ".history"),
                                log=self.log)
@@ -127,7 +130,8 @@ class Reloader:
         path = self._path()
         async with self.lock:
             try:
-                new = await self.worker.run(functools.partial(load_config, path, self.host.registry), wait=wait)
+                new = await self.worker.run(functools.partial(load_config, path, self.host.registry), wait=wait,
+                                            keep=True)
             except ConfigError as exc:
                 self.record_invalid(exc, by)
                 raise
@@ -166,11 +170,12 @@ class Reloader:
             try:
                 new = await self.worker.run(functools.partial(
                     load_config_text, text, file=path, base_dir=os.path.dirname(os.path.abspath(path)),
-                    registry=self.host.registry))
+                    registry=self.host.registry), keep=True)
             except ConfigError as exc:
                 self.record_invalid(exc, by, candidate)
                 raise
             if new.version == running:
+                self._retire(new)
                 return self._unchanged(new, by)
             try:
                 await asyncio.to_thread(atomic_write, path, text)
@@ -213,7 +218,39 @@ class Reloader:
         host = self.host
         old = host.config
         if new.version == old.version:
+            self._retire(new)
             return self._unchanged(new, by)
+        try:
+            return await self._apply_changed(old, new, by, note)
+        finally:
+            self._retire(old if host.config is new else new)
+
+    def _retire(self, config: LoadedConfig) -> None:
+        """Have ``config`` (replaced, or never applied) taken apart in the config worker once no
+        message uses it any more, instead of freed on the event loop by whichever reference goes
+        last (a quarter second for 10,000 routes). See :func:`~gateway.reload.worker.dismantle`."""
+        self._graves.append(config)
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep(), name="config-sweeper")
+
+    def close(self) -> None:
+        """Stop taking old configs apart (the gateway stops: the process frees them)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    async def _sweep(self) -> None:
+        delay = 0.5
+        while self._graves:
+            await asyncio.sleep(delay)
+            graves, self._graves = self._graves, []
+            try:
+                self._graves += await self.worker.run(functools.partial(dismantle, graves), wait=True)
+            except RuntimeError:  # the worker was closed: the gateway is stopping
+                return
+            delay = min(delay * 2, 2.0)  # a look costs microseconds; a config waiting costs 100+ MiB
+
+    async def _apply_changed(self, old: LoadedConfig, new: LoadedConfig, by: str, note: str) -> dict[str, Any]:
+        host = self.host
         plan = plan_reload(old, new)
         deadline = time.monotonic() + new.model.gateway.drain
         started = time.monotonic()

@@ -45,6 +45,7 @@ from typing import Any, Literal, Protocol, TypeVar
 from gateway.config.models import AlarmSpec, DedupeSpec, DigestSpec, ThrottleSpec
 from gateway.envelope import Envelope, new_id
 from gateway.routing.expr import Fn, compile_expression
+from gateway.routing.template_bounds import BoundedEnvironment
 from gateway.routing.templates import Template, make_environment
 from gateway.tasks import InFlight
 
@@ -80,11 +81,14 @@ class _Compiled:
 
 
 def compile_storm(route: str, dedupe: DedupeSpec | None, throttle: ThrottleSpec | None, digest: DigestSpec | None,
-                  alarm: AlarmSpec | None) -> _Compiled | None:
-    """Compile a route's controls; raises ``ValueError`` (ExpressionError/TemplateError) on bad input."""
+                  alarm: AlarmSpec | None, env: BoundedEnvironment | None = None) -> _Compiled | None:
+    """Compile a route's controls; raises ``ValueError`` (ExpressionError/TemplateError) on bad input.
+
+    ``env``: the environment of the keys' templates, shared by every route of a config (making
+    one per route cost a fifth of a millisecond each); a new one when not given."""
     if not any((dedupe, throttle, digest, alarm)):
         return None
-    env = make_environment()
+    env = env or make_environment()
     c = _Compiled(route)
     if alarm:
         c.alarm = (Template(env, alarm.key), compile_expression(alarm.raise_when), compile_expression(alarm.clear_when))

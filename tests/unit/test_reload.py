@@ -183,6 +183,15 @@ def test_history_falls_back_to_memory_when_the_directory_is_unwritable(tmp_path:
     assert h.text("bbbbbbbbbbbb") == "two\n" and h.text("aaaaaaaaaaaa") == "one\n"
 
 
+def test_a_diff_of_a_change_to_every_route_of_a_large_config_is_bounded() -> None:
+    old = "".join(f"- name: r{i}\n  to: x{i}\n" for i in range(20_000))
+    new = old.replace("  to: x", "  to: y")
+    d = unified_diff(old, new, "old", "new")
+    assert d.splitlines()[2] == "@@ -2,39999 +2,39999 @@ 39999 lines differ: too many to list line by line"
+    one = unified_diff(old, old.replace("to: x77\n", "to: z77\n"), "old", "new")
+    assert "-  to: x77\n+  to: z77\n" in one
+
+
 def test_unified_diff() -> None:
     assert unified_diff("a\nb\n", "a\nb\n", "x", "y") == ""
     d = unified_diff("a\nb\n", "a\nc", "old", "new")
