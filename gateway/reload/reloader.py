@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.config.loader import LoadedConfig, load_config, load_config_text
-from gateway.config.yamlsrc import ConfigError
+from gateway.config.yamlsrc import ConfigError, Issue
 from gateway.history import History, atomic_write
 from gateway.logs import event
 from gateway.metrics import Metrics
@@ -132,6 +132,7 @@ class Reloader:
             try:
                 new = await self.worker.run(functools.partial(load_config, path, self.host.registry), wait=wait,
                                             keep=True)
+                _not_emptied(new, self.host.config, path)
             except ConfigError as exc:
                 self.record_invalid(exc, by)
                 raise
@@ -310,6 +311,18 @@ class Reloader:
         if not self.host.config_path:
             raise ReloadRefused("this gateway was started without a config file", status=409)
         return self.host.config_path
+
+
+def _not_emptied(new: LoadedConfig, running: LoadedConfig, path: str) -> None:
+    """Refuse a file with no connectors and no routes in place of a running config that has some.
+
+    That is what a file being rewritten in place looks like for a moment (an editor or a script
+    that truncates, then writes), and applying it would stop every listener and every route; a
+    gateway meant to do nothing is stopped, not reloaded."""
+    if new.model.connectors or new.model.routes or not (running.model.connectors or running.model.routes):
+        return
+    raise ConfigError([Issue((), "the file has no connectors and no routes (being written?): not applied; "
+                                 "the running config stays", line=1, file=os.path.basename(path))])
 
 
 #: Issues a ``config.invalid`` log line lists (the API and ``gateway validate`` give them all).

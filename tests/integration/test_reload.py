@@ -427,3 +427,32 @@ def test_sighup_and_file_watch_in_a_real_process(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0
+
+
+async def test_a_file_caught_empty_while_being_rewritten_is_not_applied(tmp_path: Path) -> None:
+    """An editor or script that truncates routes.yaml and then writes it leaves an empty file for a
+    moment; the watcher may read it then. Applying it would stop every listener and route."""
+    api, admin = free_port(), free_port()
+    v1 = render(tmp_path, api, admin, 1, target="out-a")
+    path = tmp_path / "routes.yaml"
+    path.write_text(v1)
+    async with running_gateway(tmp_path, v1) as rt:
+        rt.config_path = str(path)
+        watcher = asyncio.create_task(watch(rt.reloader, rt.config_path, debounce_ms=50, poll_seconds=0.5))
+        try:
+            await asyncio.sleep(0.3)
+            before = reloads(rt, "invalid")
+            path.write_text("")
+            await wait_for(lambda: reloads(rt, "invalid") == before + 1, timeout=10, what="the empty file refused")
+            assert rt.config.version == version_of(v1)
+            assert rt.reloader.status.errors[0]["message"].startswith("the file has no connectors and no routes")
+            async with httpx.AsyncClient() as client:  # still listening, still routing
+                r = await client.post(f"http://127.0.0.1:{api}/events/x", json={"n": 1})
+            assert r.status_code == 202, r.text
+            v2 = render(tmp_path, api, admin, 2, target="out-b")
+            path.write_text(v2)  # the rest of the write arrives
+            await wait_for(lambda: applied(rt, version_of(v2)), timeout=10, what="the whole file applied")
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
