@@ -95,7 +95,9 @@ routes:
     # the trace context: a fetched message's Traceparent, and the caller's trace id carried
     # REST → SMTP → MTA → Dovecot → POP3
     by_subject = {rec["attributes"]["email"]["subject"]: rec for rec in lines}
-    assert by_subject["appended"]["attributes"]["traceparent"] == APPENDED_TRACE
+    # the file sink writes what the attempt sent: the same trace, the attempt's own span
+    appended = by_subject["appended"]["attributes"]["traceparent"].split("-")
+    assert appended[1] == APPENDED_TRACE.split("-")[1] and appended[2] != APPENDED_TRACE.split("-")[2]
     assert by_subject["Invoice 42"]["attributes"]["traceparent"].split("-")[1] == CALLER_TRACE_ID
 
 
