@@ -1,7 +1,7 @@
 """A 10,000-route config beside a 10-route one (the baseline), same run: validate, start, serve,
 reload under load.
 
-    .venv/bin/python bench/bench_bigconfig.py [--rounds 3] [--reloads 20]
+    .venv/bin/python -m bench.bench_bigconfig [--rounds 3] [--reloads 20]
 
 For each size (rounds interleaved: 10, 10,000, 10, 10,000, ...) a config from
 :mod:`bench.bigconfig` is

@@ -1,6 +1,6 @@
 """Per-message cost of mail authentication: verifying inbound, sealing outbound.
 
-    .venv/bin/python bench/bench_mailauth.py
+    .venv/bin/python -m bench.bench_mailauth
 
 Inbound: ``Verifier.verify`` (SPF + DKIM + DMARC through a stub DNS server on 127.0.0.1, its
 answers cached after the first message), one at a time and 16 at once, beside the baseline of a

@@ -1,7 +1,7 @@
 """IMAP in, POP3 in and XMPP out: what the at-least-once bookkeeping costs, against a baseline
 doing the same transfer without it, in the same run on the same real servers.
 
-    .venv/bin/python bench/bench_mailbox.py [--messages 300]
+    .venv/bin/python -m bench.bench_mailbox [--messages 300]
 
 * IMAP in: the connector (per message: FETCH size+flags, FETCH BODY.PEEK, the outcome, STORE
   \\Seen, an fsync'd checkpoint) vs. a bare aioimaplib loop that does one UID FETCH + one STORE

@@ -1,6 +1,6 @@
 """The cost of provenance: REST in → spool → file out with ``gateway.provenance`` on and off.
 
-    .venv/bin/python bench/bench_provenance.py [--seconds 8] [--rounds 3] [--rate 800] [--connections 32]
+    .venv/bin/python -m bench.bench_provenance [--seconds 8] [--rounds 3] [--rate 800] [--connections 32]
 
 Two gateway processes with the same route, one with provenance on (the default) and one with
 ``enabled: false``, loaded in turn with the same JSON POST; the order alternates (off first in

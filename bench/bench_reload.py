@@ -1,6 +1,6 @@
 """What a reload costs, and what the editor's live view costs per message.
 
-    .venv/bin/python bench/bench_reload.py
+    .venv/bin/python -m bench.bench_reload
 
 1. Reload: validate (the baseline: what `gateway validate` does) and then validate + apply a
    route-only change to a running gateway, for 10 and 1,000 routes. Apply adds the swap, the

@@ -1,6 +1,6 @@
 """Replicas sharing the RabbitMQ spool: 1, 2 and 3 gateway processes beside one on SQLite, one run.
 
-    .venv/bin/python bench/bench_replicas.py [--seconds 10] [--connections 32]
+    .venv/bin/python -m bench.bench_replicas [--seconds 10] [--connections 32]
 
 Every set-up is real ``gateway run`` processes with one ``routes.yaml``: REST in → spooled route →
 a file out per replica. The baseline is one replica on the default SQLite spool. The load (an

@@ -1,6 +1,6 @@
 """REST in → file out through the gateway, beside a bare FastAPI endpoint that answers 202.
 
-    .venv/bin/python bench/bench_rest.py [--seconds 10] [--connections 64]
+    .venv/bin/python -m bench.bench_rest [--seconds 10] [--connections 64]
 
 Both servers run as their own process on uvicorn with uvloop + httptools, one worker, and are
 loaded by `wrk` (Debian package) with the same JSON POST in the same run. The gateway's route

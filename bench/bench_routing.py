@@ -1,6 +1,6 @@
 """Per-message cost of select + reshape with 10, 1,000 and 10,000 routes, side by side.
 
-    .venv/bin/python bench/bench_routing.py
+    .venv/bin/python -m bench.bench_routing
 
 Each route reads from one REST source with its own path pattern and a `when:` condition, and
 renders a body template; the message matches exactly one route. The baseline is the 10-route

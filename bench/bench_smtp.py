@@ -1,6 +1,6 @@
 """SMTP inbound messages/s: the gateway beside a bare aiosmtpd server that only counts.
 
-    .venv/bin/python bench/bench_smtp.py [--messages 8000] [--connections 8]
+    .venv/bin/python -m bench.bench_smtp [--messages 8000] [--connections 8]
 
 Every server runs in its own process (uvloop when installed, as `gateway run` uses it) and is
 loaded in the same run by the same client: 8 parallel SMTP sessions over real sockets, each

@@ -1,6 +1,6 @@
 """REST → SOAP request/reply through the gateway, beside zeep calling the SOAP service directly.
 
-    .venv/bin/python bench/bench_soap.py [--requests 1000] [--concurrency 16]
+    .venv/bin/python -m bench.bench_soap [--requests 1000] [--concurrency 16]
 
 The legacy SOAP service (tests/legacy: spyne behind uvicorn) and the gateway (`gateway run`) each
 run as their own process on 127.0.0.1. In the same run, two clients call Calculator.Add:

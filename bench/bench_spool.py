@@ -1,6 +1,6 @@
 """Spooled vs direct delivery, REST in → file out, in one gateway process and one run.
 
-    .venv/bin/python bench/bench_spool.py [--seconds 8] [--connections 64] [--probes 300]
+    .venv/bin/python -m bench.bench_spool [--seconds 8] [--connections 64] [--probes 300]
 
 The baseline is the direct route: its 202 waits for the file sink's fsync'd append. The spooled
 route's 202 waits for the spool's fsync'd group commit instead, and the append happens after.

@@ -1,6 +1,6 @@
 """An alert storm over MQTT into a digest route, beside the same storm into a plain file route.
 
-    .venv/bin/python bench/bench_storm.py [--alerts 1000] [--seconds 5] [--steps 1200,2400,3600,4800]
+    .venv/bin/python -m bench.bench_storm [--alerts 1000] [--seconds 5] [--steps 1200,2400,3600,4800]
 
 The storm: 3 sensors × ``--alerts`` alerts in ``--seconds`` (3 × 1,000 in 5 s = 600 alerts/s),
 published at QoS 1 by a separate publisher process (paho) to our own Mosquitto with its default

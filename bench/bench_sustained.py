@@ -1,7 +1,7 @@
 """REST → file, spooled, over minutes: does delivery keep up with intake, and at what rate?
 
-    .venv/bin/python bench/bench_sustained.py [--seconds 300] [--baseline-seconds 30] [--connections 64]
-    .venv/bin/python bench/bench_sustained.py --short          # 60 s spooled, 15 s baselines
+    .venv/bin/python -m bench.bench_sustained [--seconds 300] [--baseline-seconds 30] [--connections 64]
+    .venv/bin/python -m bench.bench_sustained --short          # 60 s spooled, 15 s baselines
 
 One gateway process (a child), one load generator process (``wrk``; ``apt-get install -y wrk``)
 posting the same JSON body. Measured in the same run against the same process:
@@ -35,14 +35,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench.bench_rest import LUA
 from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-LUA = textwrap.dedent("""
-    wrk.method = "POST"
-    wrk.body = '{"sensor": "boiler-7", "temperature": 97.5, "site": "north", "severity": "critical"}'
-    wrk.headers["Content-Type"] = "application/json"
-""")
 TICK = os.sysconf("SC_CLK_TCK")
 
 

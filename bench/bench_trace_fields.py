@@ -1,6 +1,6 @@
 """What carrying the W3C trace context costs each outbound message, per protocol mapping.
 
-    .venv/bin/python bench/bench_trace_fields.py [--count 100000] [--rounds 3]
+    .venv/bin/python -m bench.bench_trace_fields [--count 100000] [--rounds 3]
 
 Once the delivery gives every attempt its own context, every message sent carries a
 ``traceparent`` that differs from the previous message's. For each protocol this measures the

@@ -1,7 +1,7 @@
 """What OpenTelemetry tracing costs: REST → file and MQTT → AMQP, each with tracing off, on with a
 no-op exporter, and on exporting over OTLP/HTTP to a local receiver, in the same run.
 
-    .venv/bin/python bench/bench_tracing.py [--seconds 5] [--count 5000] [--rounds 3]
+    .venv/bin/python -m bench.bench_tracing [--seconds 5] [--count 5000] [--rounds 3]
 
 Three ``gateway run`` processes per flow, one per variant, identical but for ``gateway.tracing``:
 

@@ -1,6 +1,6 @@
 """One worker against two (``gateway run --workers``), same run, rounds interleaved.
 
-    .venv/bin/python bench/bench_workers.py [--seconds 10] [--rounds 3] [--connections 64] [--pin-load CPU]
+    .venv/bin/python -m bench.bench_workers [--seconds 10] [--rounds 3] [--connections 64] [--pin-load CPU]
 
 Two scenarios, each with a 1-worker and a 2-worker gateway running side by side (idle while the
 other is loaded):
@@ -24,38 +24,20 @@ import argparse
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.bench_rest import LUA, wait_port
 from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY = str(Path(sys.executable).with_name("gateway"))
-
-LUA = textwrap.dedent("""
-    wrk.method = "POST"
-    wrk.body = '{"sensor": "boiler-7", "temperature": 97.5, "site": "north", "severity": "critical"}'
-    wrk.headers["Content-Type"] = "application/json"
-""")
-
-
-def wait_port(port: int, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise SystemExit(f"nothing listens on {port}")
-
 
 def tree_cpu(pid: int) -> float:
     """CPU seconds of ``pid`` and its children (the workers), from /proc."""
