@@ -50,7 +50,6 @@ def to_envelope(scope: Scope, headers: Mapping[str, str], body: bytes, *, source
         if len(idem) > 200:
             raise ValueError("Idempotency-Key is longer than 200 characters")
         attributes["idempotency_key"] = idem
-    attributes.update(tracecontext.inbound_attributes(headers))
     kept = {k: v for k, v in headers.items() if (k.startswith("x-") or k.startswith("ce-"))
             and k not in secret_headers}
     mt = media_type(content_type)
