@@ -12,6 +12,7 @@ properties, MQTT 5 user properties) build on :data:`CE_ATTRIBUTES`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import json
@@ -353,6 +354,44 @@ def parse_json(body: bytes) -> Any:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:
         raise ParseError(f"invalid JSON: {exc}") from None
+
+
+#: A mapping's "parse the body yourself" default for a structured CloudEvent it was not handed
+#: parsed (small bodies; tests): connectors parse large ones with :func:`json_or_none` first.
+UNPARSED: Any = type("Unparsed", (), {"__repr__": lambda self: "UNPARSED"})()
+
+
+async def json_or_none(body: bytes) -> Any:
+    """``body`` as JSON, or None when it is not JSON (or breaks the depth and value bounds), parsed
+    without holding the event loop: in one go up to :data:`PARSE_INLINE_BYTES`, above that in steps
+    of :data:`PARSE_STEP_BYTES` with the loop running between them (``json.loads`` keeps the GIL
+    for the whole document, so a thread would not help). For a connector that must read a body
+    as JSON before it has an envelope (a structured CloudEvent)."""
+    if len(body) <= PARSE_INLINE_BYTES:
+        try:
+            return parse_json(body)
+        except ParseError:
+            return None
+    if len(body) > MAX_PARSE_BYTES:
+        return None
+    steps = json_steps(body)
+    try:
+        while True:
+            next(steps)
+            await asyncio.sleep(0)
+    except StopIteration as done:
+        return done.value
+    except ParseError:
+        return None
+
+
+async def structured_event(body: bytes, content_type: str) -> Any:
+    """The JSON of a structured CloudEvent (``application/cloudevents+json``), by
+    :func:`json_or_none`, for a connector's mapping to take as ``event``; :data:`UNPARSED` for
+    any other content type (the mapping does not read it then)."""
+    if media_type(content_type) != "application/cloudevents+json":
+        return UNPARSED
+    return await json_or_none(body)
 
 
 class _suppress_parse_error:

@@ -14,6 +14,7 @@ The surface
   rules :class:`SubstitutionCheck`, :class:`TemplateText`, :data:`ONE_LINE`, :func:`one_line`.
 * The envelope (:mod:`gateway.envelope`): :class:`Envelope`, :func:`from_cloudevent`,
   :func:`media_type`, :func:`is_json_type`, :func:`is_xml_type`, :func:`json_depth_exceeds`,
+  :func:`json_or_none` (a body as JSON without holding the loop), :func:`structured_event`,
   :data:`PARSE_INLINE_BYTES`.
 * Config field types (:mod:`gateway.config.models`): :data:`Duration` (``"30s"``),
   :data:`ByteSize` (``"10MiB"``), :data:`Secret` (``${ENV}`` or ``{file: …}``, never logged),
@@ -67,12 +68,15 @@ from gateway.contract import (
 from gateway.deadlines import Deadlines
 from gateway.envelope import (
     PARSE_INLINE_BYTES,
+    UNPARSED,
     Envelope,
     from_cloudevent,
     is_json_type,
     is_xml_type,
     json_depth_exceeds,
+    json_or_none,
     media_type,
+    structured_event,
 )
 from gateway.groupthread import Closed, GroupThread
 from gateway.http import (
@@ -92,6 +96,7 @@ from gateway.tls import RenewingTls
 __all__ = [
     "ONE_LINE",
     "PARSE_INLINE_BYTES",
+    "UNPARSED",
     "Backoff",
     "BodyTooLarge",
     "ByteSize",
@@ -131,11 +136,13 @@ __all__ = [
     "is_json_type",
     "is_xml_type",
     "json_depth_exceeds",
+    "json_or_none",
     "media_type",
     "one_line",
     "read_body",
     "retrieve",
     "send_problem",
+    "structured_event",
     "tracecontext",
     "within",
 ]

@@ -26,7 +26,7 @@ from aiormq.abc import DeliveredMessage
 from connectors.amqp.connection import AmqpConnection
 from connectors.amqp.mapping import Delivery, to_envelope
 from connectors.broker_common.connection import describe
-from gateway.sdk import ConnectorConfig, ConnectorContext, Deliver, InFlight, Status, event
+from gateway.sdk import ConnectorConfig, ConnectorContext, Deliver, InFlight, Status, event, structured_event
 
 _ATTEMPTS_REMEMBERED = 10_000
 
@@ -110,8 +110,11 @@ class AmqpInbound(AmqpConnection):
 
     async def _handle(self, message: DeliveredMessage, entry: _InFlight) -> None:
         delivery = _delivery(message)
-        env = to_envelope(self.name, delivery, self.cfg.content_type)
-        if len(delivery.body) > self.cfg.max_body:
+        too_large = len(delivery.body) > self.cfg.max_body
+        document = None if too_large else await structured_event(delivery.body,
+                                                                  delivery.content_type or self.cfg.content_type)
+        env = to_envelope(self.name, delivery, self.cfg.content_type, event=document)
+        if too_large:
             await self._reject(entry, env.id, "too_large",
                                f"body of {len(delivery.body)} bytes is over max_body {self.cfg.max_body}")
             return

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from connectors.amqp.config import _EXCHANGE_NAME, AmqpTarget
-from gateway.sdk import Envelope, PermanentError, from_cloudevent, media_type, tracecontext
+from gateway.sdk import UNPARSED, Envelope, PermanentError, from_cloudevent, media_type, tracecontext
 
 _CE_PREFIXES = ("cloudEvents:", "cloudEvents_")
 _MAX_ID = 200
@@ -69,7 +69,7 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def to_envelope(source: str, msg: Delivery, default_content_type: str) -> Envelope:
+def to_envelope(source: str, msg: Delivery, default_content_type: str, *, event: Any = UNPARSED) -> Envelope:
     """The envelope for one consumed message.
 
     Subject is the routing key. Attributes ``amqp.exchange``, ``amqp.routing_key``,
@@ -111,7 +111,8 @@ def to_envelope(source: str, msg: Delivery, default_content_type: str) -> Envelo
         kwargs["id"] = msg.message_id[:_MAX_ID]
     if media_type(content_type) == "application/cloudevents+json":
         try:
-            event = json.loads(msg.body)
+            if event is UNPARSED:  # the inbound parses it first (json_or_none): here only small ones
+                event = json.loads(msg.body)
             env = from_cloudevent(event, source=source, protocol="amqp") if isinstance(event, dict) else None
         except ValueError:
             env = None

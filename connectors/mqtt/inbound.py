@@ -27,7 +27,18 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from connectors.mqtt.client import Received
 from connectors.mqtt.connection import MqttConnection
 from connectors.mqtt.mapping import Incoming, to_envelope
-from gateway.sdk import Backoff, ConnectorConfig, ConnectorContext, Deliver, Envelope, InFlight, Outcome, Status, event
+from gateway.sdk import (
+    Backoff,
+    ConnectorConfig,
+    ConnectorContext,
+    Deliver,
+    Envelope,
+    InFlight,
+    Outcome,
+    Status,
+    event,
+    structured_event,
+)
 
 _REFUSE_GENERIC = 0x83  # implementation specific error: valid, but the receiver will not take it
 _REFUSE_QUOTA = 0x97
@@ -151,13 +162,14 @@ class MqttInbound(MqttConnection):
                 pending.outcome = await self._dead_letter(env, "invalid_topic", "the topic is not valid UTF-8")
                 return
             if len(incoming.payload) > self.cfg.max_payload:
-                env = to_envelope(self.name, incoming, self.cfg.content_type)
+                env = to_envelope(self.name, incoming, self.cfg.content_type, event=None)
                 pending.envelope_id = env.id
                 pending.outcome = await self._dead_letter(
                     env, "too_large", f"payload of {len(incoming.payload)} bytes is over max_payload "
                     f"{self.cfg.max_payload}")
                 return
-            env = to_envelope(self.name, incoming, self.cfg.content_type)
+            document = await structured_event(incoming.payload, incoming.content_type or self.cfg.content_type)
+            env = to_envelope(self.name, incoming, self.cfg.content_type, event=document)
             pending.envelope_id = env.id
             assert deliver is not None
             pending.outcome = await self._deliver_until_decided(deliver, env, pending)

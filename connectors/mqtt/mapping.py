@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from connectors.mqtt.config import MqttTarget, topic_error
-from gateway.sdk import Envelope, PermanentError, from_cloudevent, media_type, tracecontext
+from gateway.sdk import UNPARSED, Envelope, PermanentError, from_cloudevent, media_type, tracecontext
 
 #: CloudEvents context attributes carried as MQTT 5 user properties (binary mode).
 CE_CONTEXT = ("specversion", "id", "source", "type", "subject", "time", "dataschema")
@@ -46,7 +46,7 @@ class Incoming:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
-def to_envelope(source: str, msg: Incoming, default_content_type: str) -> Envelope:
+def to_envelope(source: str, msg: Incoming, default_content_type: str, *, event: Any = UNPARSED) -> Envelope:
     """The envelope for one MQTT message.
 
     Subject is the topic. Attributes: ``mqtt.topic``, ``mqtt.qos``, ``mqtt.retain``, ``mqtt.dup``
@@ -71,12 +71,13 @@ def to_envelope(source: str, msg: Incoming, default_content_type: str) -> Envelo
     content_type = msg.content_type or default_content_type
     correlation = _correlation(msg.correlation_data)
     if media_type(content_type) == "application/cloudevents+json":
-        import json
+        if event is UNPARSED:  # the inbound parses it first (json_or_none): here only small ones
+            import json
 
-        try:
-            event = json.loads(msg.payload)
-        except ValueError:
-            event = None
+            try:
+                event = json.loads(msg.payload)
+            except ValueError:
+                event = None
         if isinstance(event, dict):
             try:
                 ce = from_cloudevent(event, source=source, protocol="mqtt")

@@ -39,6 +39,7 @@ from gateway.sdk import (
     media_type,
     read_body,
     send_problem,
+    structured_event,
     tracecontext,
 )
 
@@ -138,7 +139,9 @@ class RestInbound(Connector):
         except ClientDisconnected:
             return  # nothing delivered, nothing acknowledged
         try:
-            env = to_envelope(scope, headers, body, source=self.name, secret_headers=self._secret_headers)
+            document = await structured_event(body, headers.get("content-type", ""))
+            env = to_envelope(scope, headers, body, source=self.name, secret_headers=self._secret_headers,
+                              event=document)
         except ValueError as exc:
             await self._refuse(send, scope, 400, "Bad Request", str(exc)[:300])
             return

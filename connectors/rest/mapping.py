@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
-from gateway.sdk import Envelope, Scope, from_cloudevent, media_type, tracecontext
+from gateway.sdk import UNPARSED, Envelope, Scope, from_cloudevent, media_type, tracecontext
 
 __all__ = ["http_headers", "request_headers", "to_envelope"]
 
@@ -29,7 +29,7 @@ def http_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
 
 
 def to_envelope(scope: Scope, headers: Mapping[str, str], body: bytes, *, source: str,
-                secret_headers: set[str]) -> Envelope:
+                secret_headers: set[str], event: Any = UNPARSED) -> Envelope:
     """The envelope of a received request: subject = path, ``x-*`` and ``ce-*`` headers kept
     (not ``secret_headers``), a CloudEvent (binary or structured mode) read as one, a valid
     ``traceparent``/``tracestate`` pair as the envelope's trace context attributes (an invalid one
@@ -54,10 +54,15 @@ def to_envelope(scope: Scope, headers: Mapping[str, str], body: bytes, *, source
             and k not in secret_headers}
     mt = media_type(content_type)
     if mt == "application/cloudevents+json":
-        try:
-            event_obj = json.loads(body)
-        except ValueError:
-            raise ValueError("the structured CloudEvent is not valid JSON") from None
+        if event is UNPARSED:  # the inbound parses it first (json_or_none): here only small ones
+            try:
+                event = json.loads(body)
+            except ValueError:
+                event = None
+        if event is None:
+            raise ValueError("the structured CloudEvent is not JSON the gateway reads: invalid, or past the nesting or "
+                             "value bounds (see Limits)")
+        event_obj = event
         if not isinstance(event_obj, dict):
             raise ValueError("a structured CloudEvent must be a JSON object")
         ce = from_cloudevent(event_obj, source=source, protocol="rest")
